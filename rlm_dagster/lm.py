@@ -1,0 +1,364 @@
+"""Model calls through the official ``anthropic`` SDK, with usage and USD accounting.
+
+    >>> lm = LM(api_key="sk-...", root_model="claude-sonnet-4-5", sub_model="claude-haiku-4-5")
+    >>> reply = lm.complete(role="sub", model=lm.sub_model, system="Be brief.",
+    ...                     messages=[{"role": "user", "content": "2+2?"}])  # doctest: +SKIP
+    >>> reply.text, reply.record.cost_usd  # doctest: +SKIP
+    ('4', 1.3e-05)
+
+Root turns use the sync client; fan-out (``llm_query_batched``, ``llm_where``) uses the async
+client on one background event loop owned by the ``LM``, bounded by ``max_concurrency``.
+Retries with backoff that honours ``retry-after`` are the SDK's own (``max_retries``). Every
+completed call becomes a :class:`CallRecord` in :attr:`LM.accounting`. This module knows
+nothing about Dagster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import anthropic
+
+from rlm_dagster.errors import ModelError
+from rlm_dagster.prices import cost_usd
+
+T = TypeVar("T")
+
+ROLES = ("root", "sub", "where")
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts of one or more calls."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.input_tokens + other.input_tokens,
+            self.output_tokens + other.output_tokens,
+            self.cache_creation_input_tokens + other.cache_creation_input_tokens,
+            self.cache_read_input_tokens + other.cache_read_input_tokens,
+        )
+
+    @property
+    def total_tokens(self) -> int:
+        return (
+            self.input_tokens
+            + self.output_tokens
+            + self.cache_creation_input_tokens
+            + self.cache_read_input_tokens
+        )
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """One completed model call: who made it, what it used and what it cost."""
+
+    role: str
+    model: str
+    usage: Usage
+    cost_usd: float | None
+    latency_s: float
+    stop_reason: str | None = None
+
+
+@dataclass
+class ModelTotals:
+    """Totals of one model across a run."""
+
+    calls: int = 0
+    usage: Usage = field(default_factory=Usage)
+    cost_usd: float = 0.0
+    cost_known: bool = True
+
+
+class Accounting:
+    """Thread-safe list of completed calls with per-model and per-role totals."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._records: list[CallRecord] = []
+
+    def add(self, record: CallRecord) -> None:
+        with self._lock:
+            self._records.append(record)
+
+    @property
+    def records(self) -> list[CallRecord]:
+        with self._lock:
+            return list(self._records)
+
+    def calls(self, role: str | None = None) -> int:
+        return sum(1 for r in self.records if role is None or r.role == role)
+
+    @property
+    def cost_usd(self) -> float:
+        """Known spend; models with unknown prices contribute nothing (see :meth:`by_model`)."""
+        return sum(r.cost_usd or 0.0 for r in self.records)
+
+    @property
+    def usage(self) -> Usage:
+        total = Usage()
+        for r in self.records:
+            total = total + r.usage
+        return total
+
+    def by_model(self) -> dict[str, ModelTotals]:
+        out: dict[str, ModelTotals] = {}
+        for r in self.records:
+            t = out.setdefault(r.model, ModelTotals())
+            t.calls += 1
+            t.usage = t.usage + r.usage
+            if r.cost_usd is None:
+                t.cost_known = False
+            else:
+                t.cost_usd += r.cost_usd
+        return out
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The parts of a Messages API reply the engine uses."""
+
+    text: str
+    stop_reason: str | None
+    record: CallRecord
+    tool_input: dict[str, Any] | None = None
+
+
+def _model_error(err: anthropic.AnthropicError, model: str, base_url: str) -> ModelError:
+    if isinstance(err, anthropic.AuthenticationError):
+        return ModelError(
+            f"The model endpoint {base_url} rejected the API key (401). Set a valid "
+            "ANTHROPIC_API_KEY or pass RLMResource(api_key=...)."
+        )
+    if isinstance(err, anthropic.PermissionDeniedError):
+        return ModelError(f"The API key may not use model {model!r} (403): {err.message}")
+    if isinstance(err, anthropic.NotFoundError):
+        return ModelError(
+            f"Model {model!r} was not found at {base_url} (404). Check root_model/sub_model "
+            "on RLMResource."
+        )
+    if isinstance(err, anthropic.BadRequestError):
+        return ModelError(f"The request to {model!r} was rejected (400): {err.message}")
+    if isinstance(err, anthropic.APIStatusError):
+        return ModelError(
+            f"{model!r} kept failing with HTTP {err.status_code} after retries: {err.message}. "
+            "The provider is overloaded or rate limiting; the run can be retried.",
+            retryable=True,
+        )
+    if isinstance(err, anthropic.APITimeoutError):
+        return ModelError(
+            f"{model!r} timed out after retries. Raise RLMResource(request_timeout_s=...) "
+            "or retry the run.",
+            retryable=True,
+        )
+    if isinstance(err, anthropic.APIConnectionError):
+        return ModelError(
+            f"Could not reach the model endpoint {base_url}: {err}. Check base_url and the "
+            "network; the run can be retried.",
+            retryable=True,
+        )
+    return ModelError(f"{model!r} call failed: {err}")
+
+
+def _usage(raw: Any) -> Usage:
+    return Usage(
+        input_tokens=raw.input_tokens or 0,
+        output_tokens=raw.output_tokens or 0,
+        cache_creation_input_tokens=getattr(raw, "cache_creation_input_tokens", None) or 0,
+        cache_read_input_tokens=getattr(raw, "cache_read_input_tokens", None) or 0,
+    )
+
+
+class LM:
+    """Anthropic Messages API client pair with routing, concurrency and accounting.
+
+    ``before_call(role)`` is called before every request and may raise (the host's budget
+    uses it to refuse a call that would cross a limit).
+    """
+
+    def __init__(
+        self,
+        *,
+        api_key: str,
+        root_model: str,
+        sub_model: str,
+        base_url: str | None = None,
+        max_concurrency: int = 8,
+        request_timeout_s: float = 120.0,
+        max_retries: int = 4,
+        root_max_tokens: int = 4096,
+        sub_max_tokens: int = 1024,
+        provider: str = "anthropic",
+    ) -> None:
+        self.root_model = root_model
+        self.sub_model = sub_model
+        self.base_url = base_url or "https://api.anthropic.com"
+        self.provider = provider
+        self.max_concurrency = max_concurrency
+        self.root_max_tokens = root_max_tokens
+        self.sub_max_tokens = sub_max_tokens
+        self.accounting = Accounting()
+        self.before_call: Callable[[str], None] | None = None
+        self._client_kwargs: dict[str, Any] = {
+            "api_key": api_key,
+            "base_url": base_url,
+            "timeout": request_timeout_s,
+            "max_retries": max_retries,
+        }
+        self._client = anthropic.Anthropic(**self._client_kwargs)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._aclient: anthropic.AsyncAnthropic | None = None
+        self._semaphore: asyncio.Semaphore | None = None
+        self._loop_lock = threading.Lock()
+
+    # -- sync ---------------------------------------------------------------------------
+
+    def complete(
+        self,
+        *,
+        role: str,
+        model: str,
+        system: str | list[dict[str, Any]],
+        messages: Iterable[dict[str, Any]],
+        max_tokens: int | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: dict[str, Any] | None = None,
+    ) -> Completion:
+        """One blocking call (the root loop's turns and single sub-calls)."""
+        kwargs = self._request(role, model, system, messages, max_tokens, tools, tool_choice)
+        started = time.monotonic()
+        try:
+            message = self._client.messages.create(**kwargs)
+        except anthropic.AnthropicError as err:
+            raise _model_error(err, model, self.base_url) from err
+        return self._completion(role, model, message, time.monotonic() - started)
+
+    # -- async --------------------------------------------------------------------------
+
+    async def acomplete(
+        self,
+        *,
+        role: str,
+        model: str,
+        system: str | list[dict[str, Any]],
+        messages: Iterable[dict[str, Any]],
+        max_tokens: int | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: dict[str, Any] | None = None,
+    ) -> Completion:
+        """One call on the LM's event loop, bounded by ``max_concurrency``."""
+        assert self._aclient is not None and self._semaphore is not None, "use LM.run_async"
+        async with self._semaphore:
+            kwargs = self._request(role, model, system, messages, max_tokens, tools, tool_choice)
+            started = time.monotonic()
+            try:
+                message = await self._aclient.messages.create(**kwargs)
+            except anthropic.AnthropicError as err:
+                raise _model_error(err, model, self.base_url) from err
+        return self._completion(role, model, message, time.monotonic() - started)
+
+    def run_async(self, coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        """Run ``coro_fn()`` on the LM's background event loop and wait for its result."""
+        loop = self._ensure_loop()
+        return asyncio.run_coroutine_threadsafe(coro_fn(), loop).result()
+
+    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
+        with self._loop_lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                ready = threading.Event()
+
+                def serve() -> None:
+                    asyncio.set_event_loop(loop)
+                    self._aclient = anthropic.AsyncAnthropic(**self._client_kwargs)
+                    self._semaphore = asyncio.Semaphore(self.max_concurrency)
+                    ready.set()
+                    loop.run_forever()
+
+                self._loop_thread = threading.Thread(target=serve, name="rlm-lm-loop", daemon=True)
+                self._loop_thread.start()
+                ready.wait()
+                self._loop = loop
+            return self._loop
+
+    def close(self) -> None:
+        """Close both HTTP clients and stop the background loop."""
+        self._client.close()
+        with self._loop_lock:
+            loop, self._loop = self._loop, None
+        if loop is not None:
+            if self._aclient is not None:
+                asyncio.run_coroutine_threadsafe(self._aclient.close(), loop).result(timeout=10)
+            loop.call_soon_threadsafe(loop.stop)
+            if self._loop_thread is not None:
+                self._loop_thread.join(timeout=10)
+
+    # -- shared -------------------------------------------------------------------------
+
+    def _request(
+        self,
+        role: str,
+        model: str,
+        system: str | list[dict[str, Any]],
+        messages: Iterable[dict[str, Any]],
+        max_tokens: int | None,
+        tools: list[dict[str, Any]] | None,
+        tool_choice: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, not {role!r}")
+        if self.before_call is not None:
+            self.before_call(role)
+        if max_tokens is None:
+            max_tokens = self.root_max_tokens if role == "root" else self.sub_max_tokens
+        kwargs: dict[str, Any] = {
+            "model": model,
+            "max_tokens": max_tokens,
+            "system": system,
+            "messages": list(messages),
+        }
+        if tools:
+            kwargs["tools"] = tools
+        if tool_choice:
+            kwargs["tool_choice"] = tool_choice
+        return kwargs
+
+    def _completion(self, role: str, model: str, message: Any, latency: float) -> Completion:
+        usage = _usage(message.usage)
+        record = CallRecord(
+            role=role,
+            model=model,
+            usage=usage,
+            cost_usd=cost_usd(model, usage),
+            latency_s=latency,
+            stop_reason=message.stop_reason,
+        )
+        self.accounting.add(record)
+        texts = [b.text for b in message.content if getattr(b, "type", None) == "text"]
+        tool_input = next(
+            (dict(b.input) for b in message.content if getattr(b, "type", None) == "tool_use"),
+            None,
+        )
+        return Completion(
+            text="".join(texts),
+            stop_reason=message.stop_reason,
+            record=record,
+            tool_input=tool_input,
+        )
+
+
+def cached_system(text: str) -> list[dict[str, Any]]:
+    """A system prompt as one text block marked for prompt caching (a stable prefix)."""
+    return [{"type": "text", "text": text, "cache_control": {"type": "ephemeral"}}]
