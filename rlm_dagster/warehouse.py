@@ -1,0 +1,247 @@
+"""The tables an RLM run reasons over: a read-only, in-memory DuckDB snapshot.
+
+    >>> import pandas as pd
+    >>> wh = Warehouse.from_frames({"tickets": pd.DataFrame({"id": [1, 2], "body": ["a", "b"]})})
+    >>> wh.query("SELECT count(*) AS n FROM tickets").to_pydict()
+    {'n': [2]}
+
+``Warehouse.snapshot`` attaches the warehouse file READ_ONLY, copies the bound tables into an
+in-memory database, detaches, and then switches off DuckDB's external access for good
+(``enable_external_access=false`` + ``lock_configuration``). So the file lock is held for
+seconds rather than for the whole run (other assets can write the file meanwhile), the run
+sees one consistent snapshot, and model SQL has no path to any file even if it slipped past
+the sqlglot policy in :mod:`rlm_dagster.sql_policy`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+
+from rlm_dagster.errors import QueryError, UnknownTableError
+from rlm_dagster.sql_policy import check_sql
+
+_LOCK_MARKERS = ("Could not set lock", "Conflicting lock", "lock on file")
+
+
+def quote_ident(name: str) -> str:
+    """``name`` as a double-quoted DuckDB identifier."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    """Name, schema and size of a table the REPL can see."""
+
+    name: str
+    columns: tuple[str, ...]
+    types: tuple[str, ...]
+    rows: int
+    scratch: bool = False
+
+    def describe(self) -> str:
+        cols = ", ".join(f"{c} {t}" for c, t in zip(self.columns, self.types, strict=True))
+        kind = "scratch result" if self.scratch else "table"
+        return f"{self.name} ({kind}, {self.rows:,} rows): {cols}"
+
+
+class Warehouse:
+    """An in-memory DuckDB database holding the bound tables and scratch results."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, source: str) -> None:
+        self._con = con
+        self.source = source
+        self._tables: dict[str, TableInfo] = {}
+        self._scratch_ids = itertools.count(1)
+
+    # -- construction -------------------------------------------------------------------
+
+    @classmethod
+    def snapshot(
+        cls,
+        database: str,
+        tables: Sequence[str],
+        *,
+        filters: Mapping[str, str] | None = None,
+        lock_timeout_s: float = 60.0,
+    ) -> Warehouse:
+        """Copy ``tables`` out of the DuckDB file ``database``; ``filters`` maps a table to a
+        trusted SQL predicate applied while copying (e.g. a partition filter)."""
+        con = duckdb.connect(":memory:")
+        _attach_read_only(con, database, lock_timeout_s)
+        try:
+            existing = con.sql(
+                "SELECT schema_name, table_name FROM duckdb_tables() WHERE database_name = '__wh' "
+                "UNION ALL SELECT schema_name, view_name FROM duckdb_views() "
+                "WHERE database_name = '__wh' AND NOT internal"
+            ).fetchall()
+            wh = cls(con, source=database)
+            for requested in tables:
+                schema, table = _resolve(requested, existing, database)
+                bound = table
+                predicate = (filters or {}).get(requested) or (filters or {}).get(bound)
+                where = f" WHERE {predicate}" if predicate else ""
+                con.execute(
+                    f"CREATE TABLE {quote_ident(bound)} AS SELECT * FROM "
+                    f"__wh.{quote_ident(schema)}.{quote_ident(table)}{where}"
+                )
+                wh._register(bound, scratch=False)
+        finally:
+            con.execute("DETACH __wh")
+        wh._lock_down()
+        return wh
+
+    @classmethod
+    def from_frames(cls, frames: Mapping[str, pd.DataFrame | pa.Table]) -> Warehouse:
+        """A warehouse from in-memory frames (the plain-Python API and tests)."""
+        con = duckdb.connect(":memory:")
+        wh = cls(con, source="memory")
+        for name, frame in frames.items():
+            con.register("__frame", frame)
+            con.execute(f"CREATE TABLE {quote_ident(name)} AS SELECT * FROM __frame")
+            con.unregister("__frame")
+            wh._register(name, scratch=False)
+        wh._lock_down()
+        return wh
+
+    def _lock_down(self) -> None:
+        self._con.execute("SET enable_external_access = false")
+        self._con.execute("SET lock_configuration = true")
+
+    def _register(self, name: str, *, scratch: bool) -> TableInfo:
+        rel = self._con.table(quote_ident(name))
+        rows = self._con.sql(f"SELECT count(*) FROM {quote_ident(name)}").fetchall()[0][0]
+        info = TableInfo(
+            name=name,
+            columns=tuple(rel.columns),
+            types=tuple(str(t) for t in rel.types),
+            rows=int(rows),
+            scratch=scratch,
+        )
+        self._tables[name] = info
+        return info
+
+    # -- reading ------------------------------------------------------------------------
+
+    @property
+    def tables(self) -> dict[str, TableInfo]:
+        return dict(self._tables)
+
+    def bound_tables(self) -> list[TableInfo]:
+        return [t for t in self._tables.values() if not t.scratch]
+
+    def info(self, name: str) -> TableInfo:
+        try:
+            return self._tables[name]
+        except KeyError:
+            raise UnknownTableError(
+                f"No table named {name!r} in this run. Tables: {', '.join(sorted(self._tables))}."
+            ) from None
+
+    def describe(self) -> str:
+        """One line per bound table, for the root model's prompt."""
+        return "\n".join(f"- {t.describe()}" for t in self.bound_tables())
+
+    def query(self, sql: str, *, max_rows: int = 100_000) -> pa.Table:
+        """Run model-written ``sql`` under the read-only policy; at most ``max_rows`` rows."""
+        check_sql(sql, allowed_tables=self._tables.keys())
+        try:
+            table = self._con.sql(sql).limit(max_rows + 1).to_arrow_table()
+        except duckdb.Error as err:
+            raise QueryError(f"sql() failed: {_short(err)}") from None
+        if table.num_rows > max_rows:
+            raise QueryError(
+                f"sql() result has more than {max_rows:,} rows. Aggregate in SQL, add a LIMIT, "
+                "or pass the table handle to llm_where() instead of fetching rows."
+            )
+        return table
+
+    def trusted_arrow(self, sql: str) -> pa.Table:
+        """Run host-built SQL (no policy): for engines that compose their own queries."""
+        return self._con.sql(sql).to_arrow_table()
+
+    def input_query(self, source: str) -> str:
+        """A bound/scratch table name or a model-written SELECT as a policy-checked subquery."""
+        if source in self._tables:
+            return f"SELECT * FROM {quote_ident(source)}"
+        if source.lstrip()[:6].upper() in ("SELECT", "WITH", "FROM") or source.lstrip().startswith(
+            "("
+        ):
+            check_sql(source, allowed_tables=self._tables.keys())
+            return source
+        raise UnknownTableError(
+            f"{source!r} is neither a table of this run nor a SELECT. Tables: "
+            f"{', '.join(sorted(self._tables))}."
+        )
+
+    # -- scratch results (written by the host only) ---------------------------------------
+
+    def create_scratch(self, prefix: str, data: pa.Table) -> TableInfo:
+        """Store ``data`` as a new scratch table named ``{prefix}_{n}`` and return its info."""
+        name = f"{prefix}_{next(self._scratch_ids)}"
+        while name in self._tables:
+            name = f"{prefix}_{next(self._scratch_ids)}"
+        self._con.register("__scratch", data)
+        try:
+            self._con.execute(f"CREATE TABLE {quote_ident(name)} AS SELECT * FROM __scratch")
+        finally:
+            self._con.unregister("__scratch")
+        return self._register(name, scratch=True)
+
+    def close(self) -> None:
+        self._con.close()
+
+
+def _attach_read_only(con: duckdb.DuckDBPyConnection, database: str, timeout_s: float) -> None:
+    path = database.replace("'", "''")
+    deadline = time.monotonic() + timeout_s
+    delay = 0.05
+    while True:
+        try:
+            con.execute(f"ATTACH '{path}' AS __wh (READ_ONLY)")
+            return
+        except duckdb.IOException as err:
+            if not any(m in str(err) for m in _LOCK_MARKERS) or time.monotonic() > deadline:
+                raise QueryError(
+                    f"Could not open the warehouse {database!r} read-only: {_short(err)}. If "
+                    "another process holds the write lock, put the assets that write this file "
+                    "in one Dagster pool."
+                ) from None
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+def _resolve(requested: str, existing: list[tuple[str, str]], database: str) -> tuple[str, str]:
+    wanted_schema, _, wanted_table = requested.rpartition(".")
+    hits = [
+        (s, t)
+        for s, t in existing
+        if t.lower() == wanted_table.lower()
+        and (not wanted_schema or s.lower() == wanted_schema.lower())
+    ]
+    if len(hits) > 1:
+        hits = [h for h in hits if h[0] == "main"] or hits
+    if len(hits) == 1:
+        return hits[0]
+    names = sorted(t if s == "main" else f"{s}.{t}" for s, t in existing)
+    if not hits:
+        raise UnknownTableError(
+            f"Table {requested!r} does not exist in the warehouse {database!r}. Tables that exist: "
+            f"{', '.join(names) or '(none)'}. Fix tables= on the RLM asset, or materialize the "
+            "asset that creates it first."
+        )
+    raise UnknownTableError(
+        f"Table name {requested!r} is ambiguous in {database!r} ({', '.join(f'{s}.{t}' for s, t in hits)}); "
+        "qualify it as schema.table in tables=."
+    )
+
+
+def _short(err: BaseException, limit: int = 500) -> str:
+    text = str(err).strip()
+    return text if len(text) <= limit else text[:limit] + "..."
