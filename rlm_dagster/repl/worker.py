@@ -1,0 +1,339 @@
+"""The REPL worker: runs model-written code in a persistent namespace, in its own process.
+
+Started by :class:`rlm_dagster.repl.host.Worker` as ``python -m rlm_dagster.repl.worker``
+with a scrubbed environment. It holds no API key and no database handle: every namespace
+function (``sql``, ``llm_query``, ``llm_where`` ...) is a stub that sends an RPC to the host
+and waits for the reply. The protocol runs on private duplicates of fds 0 and 1; the real
+fds 0 and 1 are pointed at /dev/null so model code cannot corrupt the channel.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import itertools
+import linecache
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+
+from rlm_dagster.repl.protocol import FrameReader, decode_arrow, encode_arrow, write_frame
+
+_WORKER_FILES = {os.path.abspath(__file__)}
+_ERROR_TYPES: dict[str, type[Exception]] = {}
+
+
+class RemoteError(Exception):
+    """Base of errors raised by the host in reply to a namespace call."""
+
+
+def _error_type(name: str) -> type[Exception]:
+    if name not in _ERROR_TYPES:
+        _ERROR_TYPES[name] = type(name, (RemoteError,), {})
+    return _ERROR_TYPES[name]
+
+
+class _Capture(io.TextIOBase):
+    """A stdout stand-in that keeps at most ``limit`` characters and counts the rest."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.parts: list[str] = []
+        self.kept = 0
+        self.dropped = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        if not isinstance(s, str):
+            raise TypeError(f"write() argument must be str, not {type(s).__name__}")
+        room = self.limit - self.kept
+        if room > 0:
+            self.parts.append(s[:room])
+            self.kept += min(len(s), room)
+        self.dropped += max(0, len(s) - max(room, 0))
+        return len(s)
+
+    def getvalue(self) -> str:
+        return "".join(self.parts)
+
+
+class Channel:
+    """The worker's end of the RPC channel."""
+
+    def __init__(self, reader: FrameReader, out_fd: int) -> None:
+        self.reader = reader
+        self.out_fd = out_fd
+        self._ids = itertools.count(1)
+
+    def send(self, message: dict[str, Any]) -> None:
+        write_frame(self.out_fd, message)
+
+    def call(self, fn: str, **args: Any) -> Any:
+        call_id = next(self._ids)
+        self.send({"op": "call", "id": call_id, "fn": fn, "args": args})
+        reply = self.reader.read()
+        if reply.get("op") != "reply" or reply.get("id") != call_id:
+            raise RuntimeError(
+                f"RPC protocol error: expected reply {call_id}, got {reply.get('op')}"
+            )
+        if not reply.get("ok"):
+            err = reply.get("error") or {}
+            raise _error_type(str(err.get("type", "HostError")))(str(err.get("message", "")))
+        return reply.get("value")
+
+
+class Table:
+    """A handle on a table of this run. ``str(handle)`` is its name, so it works in SQL:
+
+    ``sql(f"SELECT count(*) FROM {tickets}")``.
+    """
+
+    def __init__(
+        self, repl: Repl, name: str, columns: Sequence[str], types: Sequence[str], rows: int
+    ) -> None:
+        self._repl = repl
+        self.name = name
+        self.columns = list(columns)
+        self.types = list(types)
+        self._rows = rows
+
+    def __len__(self) -> int:
+        return self._rows
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:
+        cols = ", ".join(f"{c} {t}" for c, t in zip(self.columns, self.types, strict=True))
+        return f"<table {self.name}: {self._rows:,} rows; {cols}>"
+
+    def head(self, n: int = 5) -> pd.DataFrame:
+        return self._repl.sql(f'SELECT * FROM "{self.name}" LIMIT {int(n)}')
+
+    def df(self) -> pd.DataFrame:
+        return self._repl.sql(f'SELECT * FROM "{self.name}"')
+
+
+class Repl:
+    """The persistent namespace and the functions bound in it."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.max_capture = 1_000_000
+        self.cells = itertools.count(1)
+        self.namespace: dict[str, Any] = {"__name__": "__repl__", "__builtins__": __builtins__}
+        self.reserved: set[str] = set()
+
+    # -- namespace ------------------------------------------------------------------------
+
+    def init(self, tables: list[dict[str, Any]], max_capture: int, context: Any = None) -> None:
+        self.max_capture = max_capture
+        ns = self.namespace
+        functions: dict[str, Callable[..., Any]] = {
+            "sql": self.sql,
+            "llm_query": self.llm_query,
+            "llm_query_batched": self.llm_query_batched,
+            "llm_where": self.llm_where,
+            "FINAL": self.final,
+            "FINAL_VAR": self.final_var,
+            "SHOW_VARS": self.show_vars,
+        }
+        ns.update(functions)
+        ns["answer"] = {"content": "", "ready": False}
+        ns["pd"] = pd
+        for name in (
+            "SQLPolicyError",
+            "QueryError",
+            "BudgetExceeded",
+            "ModelError",
+            "UnknownTableError",
+        ):
+            ns[name] = _error_type(name)
+        for t in tables:
+            ns[t["name"]] = self._handle(t)
+        if context is not None:
+            ns["context"] = context
+        self.reserved = set(ns)
+
+    def _handle(self, info: dict[str, Any]) -> Table:
+        return Table(self, info["name"], info["columns"], info["types"], info["rows"])
+
+    def sql(self, query: str) -> pd.DataFrame:
+        """Run read-only SQL over the bound tables and scratch results; returns a DataFrame."""
+        value = self.channel.call("sql", query=str(query))
+        return decode_arrow(value["arrow"]).to_pandas()
+
+    def llm_query(self, prompt: str, model: str | None = None) -> str:
+        """One sub-model call; returns its text."""
+        return str(self.channel.call("llm_query", prompt=str(prompt), model=model))
+
+    def llm_query_batched(self, prompts: Sequence[str], model: str | None = None) -> list[str]:
+        """Concurrent sub-calls, in order; a failed item is the string 'ERROR: <reason>'."""
+        if isinstance(prompts, str):
+            raise TypeError("llm_query_batched takes a list of prompts, not one string")
+        return [
+            str(r)
+            for r in self.channel.call(
+                "llm_query_batched", prompts=[str(p) for p in prompts], model=model
+            )
+        ]
+
+    def llm_where(
+        self,
+        table: Any,
+        predicate: str,
+        *,
+        columns: Sequence[str] | None = None,
+        where: str | None = None,
+        limit: int | None = None,
+    ) -> Table:
+        """Rows of ``table`` for which the natural-language ``predicate`` holds, as a table."""
+        source = table.name if isinstance(table, Table) else str(table)
+        info = self.channel.call(
+            "llm_where",
+            table=source,
+            predicate=str(predicate),
+            columns=list(columns) if columns is not None else None,
+            where=where,
+            limit=limit,
+        )
+        summary = info.pop("summary", None)
+        if summary:
+            print(summary)
+        return self._handle(info)
+
+    def final(self, value: Any) -> None:
+        """End the run with ``value``: text, a DataFrame or a table handle."""
+        self.channel.call("final", value=encode_value(value))
+
+    def final_var(self, name: str) -> None:
+        """End the run with the variable called ``name``."""
+        if name not in self.namespace:
+            raise NameError(f"FINAL_VAR: no variable named {name!r}; SHOW_VARS() lists them")
+        self.final(self.namespace[name])
+
+    def show_vars(self) -> dict[str, str]:
+        """The variables you defined, with their types."""
+        return {
+            k: type(v).__name__
+            for k, v in self.namespace.items()
+            if k not in self.reserved and not k.startswith("_")
+        }
+
+    # -- running cells --------------------------------------------------------------------
+
+    def execute(self, code: str) -> dict[str, Any]:
+        cell = next(self.cells)
+        filename = f"<cell {cell}>"
+        linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+        capture = _Capture(self.max_capture)
+        error = None
+        old_out, old_err = sys.stdout, sys.stderr
+        sys.stdout = sys.stderr = capture
+        try:
+            tree = ast.parse(code, filename=filename)
+            last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+            exec(compile(tree, filename, "exec"), self.namespace)
+            if isinstance(last, ast.Expr):
+                value = eval(compile(ast.Expression(last.value), filename, "eval"), self.namespace)
+                if value is not None:
+                    print(repr(value))
+        except BaseException as exc:  # model code may raise anything, SystemExit included
+            error = format_error(exc)
+        finally:
+            sys.stdout, sys.stderr = old_out, old_err
+        result: dict[str, Any] = {
+            "op": "done",
+            "stdout": capture.getvalue(),
+            "dropped_chars": capture.dropped,
+            "error": error,
+        }
+        answer = self.namespace.get("answer")
+        if isinstance(answer, dict) and answer.get("ready") is True:
+            answer["ready"] = False
+            try:
+                result["answer"] = encode_value(answer.get("content", ""))
+            except Exception as exc:
+                result["error"] = (error or "") + format_error(exc)
+        return result
+
+    def get_var(self, name: str) -> dict[str, Any]:
+        if name not in self.namespace:
+            return {"op": "var", "error": f"no variable named {name!r}"}
+        try:
+            return {"op": "var", "value": encode_value(self.namespace[name])}
+        except Exception as exc:
+            return {"op": "var", "error": format_error(exc)}
+
+
+def encode_value(value: Any) -> dict[str, Any]:
+    """A final answer in wire form: text, a frame (Arrow) or a table name."""
+    if isinstance(value, Table):
+        return {"kind": "table", "name": value.name}
+    if isinstance(value, pd.Series):
+        value = value.to_frame()
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        value = pd.DataFrame(value)
+    if isinstance(value, pd.DataFrame):
+        try:
+            table = pa.Table.from_pandas(value, preserve_index=False)
+        except (pa.ArrowException, ValueError, TypeError) as exc:
+            raise TypeError(
+                f"FINAL could not convert the DataFrame ({exc}); make each column one plain type"
+            ) from None
+        return {"kind": "frame", "arrow": encode_arrow(table)}
+    return {"kind": "text", "text": value if isinstance(value, str) else str(value)}
+
+
+def format_error(exc: BaseException, max_lines: int = 12) -> str:
+    """The last lines of the traceback, without the worker's own frames."""
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if os.path.abspath(f.filename) not in _WORKER_FILES
+    ]
+    lines = traceback.format_list(frames)
+    lines += traceback.format_exception_only(type(exc), exc)
+    text = "".join(lines).rstrip().splitlines()
+    if len(text) > max_lines:
+        text = ["...", *text[-max_lines:]]
+    return "Traceback (most recent call last):\n" + "\n".join(text) if frames else "\n".join(text)
+
+
+def main() -> None:
+    in_fd, out_fd = os.dup(0), os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    sys.stdin = open(os.devnull)  # noqa: SIM115 - lives as long as the process
+    reader = FrameReader(in_fd)
+    channel = Channel(reader, out_fd)
+    repl = Repl(channel)
+    pd.set_option("display.max_rows", 40)
+    pd.set_option("display.width", 200)
+    pd.set_option("display.max_colwidth", 80)
+    while True:
+        message = reader.read()
+        op = message.get("op")
+        if op == "init":
+            repl.init(message["tables"], int(message["max_capture"]), message.get("context"))
+            channel.send({"op": "ready", "pid": os.getpid()})
+        elif op == "exec":
+            channel.send(repl.execute(str(message["code"])))
+        elif op == "get_var":
+            channel.send(repl.get_var(str(message["name"])))
+        elif op == "shutdown":
+            return
+        else:
+            channel.send({"op": "error", "message": f"unknown op {op!r}"})
+
+
+if __name__ == "__main__":
+    main()
