@@ -1,0 +1,465 @@
+"""The root loop of a Recursive Language Model. No Dagster here.
+
+    >>> wh = Warehouse.from_frames({"tickets": tickets_df})  # doctest: +SKIP
+    >>> result = run_rlm("How many tickets mention a refund?", warehouse=wh, lm=lm)  # doctest: +SKIP
+    >>> result.answer_text  # doctest: +SKIP
+    '42 tickets mention a refund.'
+
+Each turn: the root model replies; every ```repl``` / ```python``` block in the reply runs in
+the REPL worker, in order; the real outputs (truncated, with a note) go back as the next user
+message. The run ends when code calls ``FINAL(value)`` (or ``FINAL_VAR``, or sets
+``answer["ready"] = True``), or when the reply's text outside code says ``FINAL(...)`` /
+``FINAL_VAR(name)``. After ``max_iterations`` turns one last call asks for the answer; if
+none comes, :class:`NoFinalAnswer` carries the trajectory.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from rlm_dagster.budget import Budget, Limits
+from rlm_dagster.errors import BudgetExceeded, NoFinalAnswer, RLMError
+from rlm_dagster.lm import LM, Accounting, cached_system
+from rlm_dagster.output import AnswerRejected, OutputSchema
+from rlm_dagster.prompts import render
+from rlm_dagster.repl import CellResult, Worker
+from rlm_dagster.repl.protocol import decode_arrow, encode_arrow
+from rlm_dagster.semantic import Semantic
+from rlm_dagster.warehouse import Warehouse
+
+Event = dict[str, Any]
+
+_CODE_BLOCK = re.compile(r"^```[ \t]*(repl|python|py)[ \t]*\n(.*?)^[ \t]*```[ \t]*$", re.M | re.S)
+_ANY_FENCE = re.compile(r"^```.*?^[ \t]*```[ \t]*$", re.M | re.S)
+_FINAL_VAR = re.compile(r"^[ \t]*FINAL_VAR\(\s*[\"']?([A-Za-z_]\w*)[\"']?\s*\)", re.M)
+_FINAL = re.compile(r"^[ \t]*FINAL\(", re.M)
+
+
+# -- parsing replies --------------------------------------------------------------------------
+
+
+def extract_code_blocks(text: str) -> list[str]:
+    """The code of every fenced block tagged ``repl``, ``python`` or ``py``, in order.
+
+    >>> extract_code_blocks("look:\\n```repl\\nprint(1)\\n```\\n```sql\\nSELECT 1\\n```")
+    ['print(1)\\n']
+    """
+    return [m.group(2) for m in _CODE_BLOCK.finditer(text)]
+
+
+def find_text_final(text: str) -> tuple[str, str] | None:
+    """A ``FINAL(...)`` or ``FINAL_VAR(name)`` written as text outside code blocks.
+
+    >>> find_text_final("Done.\\nFINAL(42 tickets)")
+    ('FINAL', '42 tickets')
+    >>> find_text_final("```repl\\nFINAL(x)\\n```") is None
+    True
+    """
+    prose = _ANY_FENCE.sub("", text)
+    if m := _FINAL_VAR.search(prose):
+        return "FINAL_VAR", m.group(1)
+    if m := _FINAL.search(prose):
+        body = prose[m.end() :].rstrip()
+        close = body.rfind(")")
+        body = body[:close] if close >= 0 else body
+        body = body.strip()
+        if len(body) >= 2 and body[0] == body[-1] and body[0] in "\"'":
+            body = body[1:-1]
+        return "FINAL", body
+    return None
+
+
+def truncate(text: str, limit: int, dropped: int = 0) -> str:
+    """``text`` cut to ``limit`` characters, with a note saying how much was not shown.
+
+    >>> truncate("abcdef", 3)
+    'abc\\n[output truncated: 3 more characters not shown. Print less: counts, summaries, .head().]'
+    """
+    hidden = dropped + max(0, len(text) - limit)
+    if not hidden:
+        return text
+    return (
+        text[:limit]
+        + f"\n[output truncated: {hidden:,} more characters not shown. Print less: counts, "
+        "summaries, .head().]"
+    )
+
+
+# -- results ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Answer:
+    """A final answer: text, a table, or both (a table's text is its preview)."""
+
+    text: str
+    table: pa.Table | None = None
+    form: str = "FINAL"
+
+
+@dataclass
+class Turn:
+    """One root-model turn: its reply, the cells it ran, and the spend after it."""
+
+    iteration: int
+    reply: str
+    cells: list[CellResult] = field(default_factory=list)
+    note: str = ""
+    sub_calls: int = 0
+    cost_usd: float = 0.0
+    seconds: float = 0.0
+
+
+@dataclass
+class RLMResult:
+    """What a run produced and what it cost."""
+
+    question: str
+    answer: Answer
+    turns: list[Turn]
+    accounting: Accounting
+    duration_s: float
+    limits: Limits
+
+    @property
+    def answer_text(self) -> str:
+        return self.answer.text
+
+    @property
+    def iterations(self) -> int:
+        return len(self.turns)
+
+    def trajectory_markdown(self, max_chars: int = 1_500) -> str:
+        return render_trajectory(self.turns, max_chars)
+
+
+def render_trajectory(turns: list[Turn], max_chars: int = 1_500) -> str:
+    """The trajectory as Markdown: each turn's reply, code and (clipped) output."""
+    parts: list[str] = []
+    for t in turns:
+        parts.append(
+            f"### Turn {t.iteration} · {t.seconds:.1f} s · {t.sub_calls} sub-calls · "
+            f"${t.cost_usd:.4f} so far"
+        )
+        prose = _ANY_FENCE.sub("", t.reply).strip()
+        if prose:
+            parts.append(_clip(prose, max_chars))
+        for i, cell in enumerate(t.cells, 1):
+            parts.append(
+                f"**cell {i}** ({cell.seconds:.2f} s)\n```python\n{_clip(cell.code, max_chars)}\n```"
+            )
+            shown = (cell.output + (f"\n{cell.error}" if cell.error else "")).strip()
+            if shown:
+                parts.append(f"```text\n{_clip(shown, max_chars)}\n```")
+        if t.note:
+            parts.append(f"_{t.note}_")
+    return "\n\n".join(parts)
+
+
+def _clip(text: str, n: int) -> str:
+    return text if len(text) <= n else text[:n] + f" …[{len(text) - n:,} more chars]"
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+
+class RLMRun:
+    """One run: a worker, a budget, the semantic engine, and the root loop over them."""
+
+    def __init__(
+        self,
+        question: str,
+        *,
+        warehouse: Warehouse,
+        lm: LM,
+        limits: Limits | None = None,
+        output: OutputSchema | None = None,
+        on_event: Callable[[Event], None] | None = None,
+    ) -> None:
+        self.question = question
+        self.warehouse = warehouse
+        self.lm = lm
+        self.limits = limits or Limits()
+        self.output = output
+        self.on_event = on_event or (lambda event: None)
+        self.budget = Budget(self.limits, lm.accounting)
+        lm.before_call = self.budget.before_call
+        self.semantic = Semantic(lm, warehouse, self.budget)
+        self.turns: list[Turn] = []
+        self.final: Answer | None = None
+        self.worker = Worker(
+            {
+                "sql": self._sql,
+                "llm_query": lambda a: self.semantic.query(a["prompt"], a.get("model")),
+                "llm_query_batched": lambda a: self.semantic.query_batched(
+                    a["prompts"], a.get("model")
+                ),
+                "llm_where": self._llm_where,
+                "final": lambda a: self._accept(a["value"], "FINAL"),
+            },
+            tables=self._table_infos,
+            cell_timeout_s=self.limits.cell_timeout_s,
+            max_capture_chars=max(4 * self.limits.max_observation_chars, 100_000),
+        )
+
+    # -- handlers the worker calls ----------------------------------------------------------
+
+    def _table_infos(self) -> list[dict[str, Any]]:
+        return [
+            {"name": t.name, "columns": list(t.columns), "types": list(t.types), "rows": t.rows}
+            for t in self.warehouse.tables.values()
+        ]
+
+    def _sql(self, args: dict[str, Any]) -> dict[str, Any]:
+        table = self.warehouse.query(str(args["query"]), max_rows=self.limits.max_sql_rows)
+        return {"arrow": encode_arrow(table)}
+
+    def _llm_where(self, args: dict[str, Any]) -> dict[str, Any]:
+        info, stats = self.semantic.where(
+            str(args["table"]),
+            str(args["predicate"]),
+            columns=args.get("columns"),
+            where=args.get("where"),
+            limit=args.get("limit"),
+        )
+        summary = (
+            f"[llm_where: {stats.rows_in:,} rows -> {stats.distinct:,} distinct -> "
+            f"{stats.requests} requests; {stats.matches:,} match"
+            + (f", {stats.failed} failed (NULL)" if stats.failed else "")
+            + f". Result: {info.name}]"
+        )
+        self.on_event({"type": "llm_where", "summary": summary, **stats.__dict__})
+        return {
+            "name": info.name,
+            "columns": list(info.columns),
+            "types": list(info.types),
+            "rows": info.rows,
+            "summary": summary,
+        }
+
+    def _accept(self, value: dict[str, Any], form: str) -> None:
+        """Validate a final value against the output schema; raise to tell the model why not."""
+        kind = value.get("kind")
+        table: pa.Table | None = None
+        if kind == "table":
+            name = str(value["name"])
+            self.warehouse.info(name)
+            table = self.warehouse.trusted_arrow(f'SELECT * FROM "{name}"')
+        elif kind == "frame":
+            table = decode_arrow(str(value["arrow"]))
+        if self.output is not None:
+            if table is None:
+                raise AnswerRejected(
+                    f"FINAL rejected: this asset needs a table with columns ({self.output.describe()}), "
+                    "not text. Build a DataFrame or use a table handle and call FINAL(df)."
+                )
+            table = self.output.conform(table)
+        text = str(value.get("text", "")) if table is None else table_preview(table)
+        self.final = Answer(text=text, table=table, form=form)
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def run(self) -> RLMResult:
+        started = time.monotonic()
+        output_instructions = (
+            f"\n## Your answer\nEnd with FINAL(df) where df is a DataFrame (or table handle) with "
+            f"exactly these columns: {self.output.describe()}."
+            if self.output
+            else "\n## Your answer\nEnd with FINAL(text): a complete, self-contained answer."
+        )
+        system = cached_system(
+            render(
+                "system.md",
+                tables=self.warehouse.describe(),
+                sub_model=self.lm.sub_model,
+                max_sub_calls=f"{self.limits.max_sub_calls:,}",
+                max_cost="unlimited"
+                if self.limits.max_cost_usd is None
+                else f"${self.limits.max_cost_usd:.2f}",
+                max_iterations=self.limits.max_iterations,
+                output_instructions=output_instructions,
+            )
+        )
+        messages: list[dict[str, Any]] = [
+            {
+                "role": "user",
+                "content": f"Question: {self.question}\n\nTurn 1 of {self.limits.max_iterations}.",
+            }
+        ]
+        try:
+            for iteration in range(1, self.limits.max_iterations + 1):
+                self._turn(iteration, system, messages)
+                if self.final is not None:
+                    break
+            if self.final is None:
+                messages[-1]["content"] += "\n\n" + render(
+                    "final_answer.md",
+                    max_iterations=self.limits.max_iterations,
+                    output_instructions=output_instructions.replace("## Your answer\n", ""),
+                )
+                self._turn(self.limits.max_iterations + 1, system, messages, last=True)
+        except BudgetExceeded as err:
+            err.partial = self._partial(started)
+            raise
+        finally:
+            self.worker.close()
+        if self.final is None:
+            raise NoFinalAnswer(
+                f"No final answer after {self.limits.max_iterations} iterations (and one last "
+                "call asking for it). Raise max_iterations, or make the question narrower; the "
+                "trajectory is attached.",
+                trajectory=self._partial(started),
+            )
+        return self._partial(started)
+
+    def _partial(self, started: float) -> RLMResult:
+        return RLMResult(
+            question=self.question,
+            answer=self.final or Answer(text=""),
+            turns=list(self.turns),
+            accounting=self.lm.accounting,
+            duration_s=time.monotonic() - started,
+            limits=self.limits,
+        )
+
+    def _turn(
+        self,
+        iteration: int,
+        system: list[dict[str, Any]],
+        messages: list[dict[str, Any]],
+        last: bool = False,
+    ) -> None:
+        t0 = time.monotonic()
+        self.budget.check()
+        reply = self.lm.complete(
+            role="root",
+            model=self.lm.root_model,
+            system=system,
+            messages=_with_cache_mark(messages),
+        )
+        turn = Turn(iteration=iteration, reply=reply.text)
+        self.turns.append(turn)
+        notes: list[str] = []
+        observations: list[str] = []
+        blocks = extract_code_blocks(reply.text)
+        for i, code in enumerate(blocks, 1):
+            cell = self.worker.execute(code)
+            turn.cells.append(cell)
+            observations.append(self._observation(i, len(blocks), cell))
+            if cell.answer is not None and self.final is None:
+                self._try_accept(cell.answer, "answer dict", notes)
+            if self.final is not None:
+                break
+            self.budget.check()
+        if self.final is None and (text_final := find_text_final(reply.text)):
+            code_failed = any(c.error for c in turn.cells)
+            if code_failed:
+                notes.append("text FINAL ignored: the code in the same reply failed")
+            else:
+                self._text_final(*text_final, notes)
+        if reply.stop_reason == "max_tokens":
+            notes.append(
+                "your reply was cut off at the output-token limit; write shorter replies and code"
+            )
+        if not blocks and self.final is None and not notes:
+            notes.append(render("nudge.md").strip())
+        turn.note = "; ".join(notes)
+        turn.sub_calls = self.budget.sub_calls_started
+        turn.cost_usd = self.lm.accounting.cost_usd
+        turn.seconds = time.monotonic() - t0
+        self.on_event(
+            {
+                "type": "iteration",
+                "iteration": iteration,
+                "max_iterations": self.limits.max_iterations,
+                "cells": len(turn.cells),
+                "code_lines": sum(len(c.code.splitlines()) for c in turn.cells),
+                "output_chars": sum(len(c.output) for c in turn.cells),
+                "errors": sum(1 for c in turn.cells if c.error),
+                "sub_calls": turn.sub_calls,
+                "cost_usd": turn.cost_usd,
+                "final": self.final is not None,
+                "note": turn.note,
+            }
+        )
+        if self.final is None and not last:
+            remaining = self.limits.max_iterations - iteration
+            status = (
+                f"Turn {iteration + 1} of {self.limits.max_iterations} ({remaining} left). "
+                f"Sub-calls used: {turn.sub_calls:,} of {self.limits.max_sub_calls:,}. "
+                f"Spend so far: ${turn.cost_usd:.4f}."
+            )
+            body = "\n\n".join(
+                observations + ([f"[note] {turn.note}"] if turn.note else []) + [status]
+            )
+            messages += [
+                {"role": "assistant", "content": reply.text or "(empty reply)"},
+                {"role": "user", "content": body},
+            ]
+
+    def _observation(self, i: int, n: int, cell: CellResult) -> str:
+        out = truncate(cell.output, self.limits.max_observation_chars, cell.dropped_chars)
+        head = f"[cell {i} of {n} · {cell.seconds:.2f} s]"
+        body = out if out.strip() else "(no output)"
+        if cell.error:
+            body = (out + "\n" if out.strip() else "") + cell.error
+        return f"{head}\n{body}"
+
+    def _try_accept(self, value: dict[str, Any], form: str, notes: list[str]) -> None:
+        try:
+            self._accept(value, form)
+        except (AnswerRejected, RLMError) as err:
+            notes.append(str(err))
+
+    def _text_final(self, form: str, arg: str, notes: list[str]) -> None:
+        if form == "FINAL_VAR":
+            try:
+                value = self.worker.get_var(arg)
+            except NameError as err:
+                notes.append(f"FINAL_VAR({arg}) rejected: {err}")
+                return
+            self._try_accept(value, "FINAL_VAR (text)", notes)
+        else:
+            self._try_accept({"kind": "text", "text": arg}, "FINAL (text)", notes)
+
+
+def _with_cache_mark(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages with the last one marked as a prompt-cache breakpoint, so the next turn
+    re-reads this whole conversation at cache price."""
+    *head, last = messages
+    marked = {
+        "role": last["role"],
+        "content": [
+            {"type": "text", "text": last["content"], "cache_control": {"type": "ephemeral"}}
+        ],
+    }
+    return [*head, marked]
+
+
+def table_preview(table: pa.Table, rows: int = 20) -> str:
+    """The first ``rows`` rows as fixed-width text."""
+    text = table.slice(0, rows).to_pandas().to_string(index=False, max_colwidth=60)
+    more = table.num_rows - rows
+    return text + (f"\n… {more:,} more rows" if more > 0 else "")
+
+
+def run_rlm(
+    question: str,
+    *,
+    warehouse: Warehouse,
+    lm: LM,
+    limits: Limits | None = None,
+    output: OutputSchema | dict[str, str] | None = None,
+    on_event: Callable[[Event], None] | None = None,
+) -> RLMResult:
+    """Run one RLM over ``warehouse`` and return its answer, trajectory and usage."""
+    schema = OutputSchema.parse(output) if isinstance(output, dict) else output
+    return RLMRun(
+        question, warehouse=warehouse, lm=lm, limits=limits, output=schema, on_event=on_event
+    ).run()
