@@ -1,0 +1,72 @@
+"""How an RLM run becomes Dagster metadata.
+
+    >>> usage_metadata(accounting)  # doctest: +SKIP
+    {'anthropic.claude-haiku-4-5.input_tokens': 1234, ...}
+
+Usage is keyed with the model name (``anthropic.{model}.{field}``), as dagster-openai does,
+so Dagster+ Insights can aggregate tokens and cost per model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dagster as dg
+import pyarrow as pa
+
+from rlm_dagster.engine import RLMResult
+from rlm_dagster.lm import LM, Accounting
+
+
+def usage_metadata(accounting: Accounting) -> dict[str, Any]:
+    """Per-model calls, tokens and USD; a model with an unknown price has no cost key."""
+    out: dict[str, Any] = {}
+    for model, t in sorted(accounting.by_model().items()):
+        prefix = f"anthropic.{model}"
+        out[f"{prefix}.calls"] = t.calls
+        out[f"{prefix}.input_tokens"] = t.usage.input_tokens
+        out[f"{prefix}.output_tokens"] = t.usage.output_tokens
+        out[f"{prefix}.cache_creation_input_tokens"] = t.usage.cache_creation_input_tokens
+        out[f"{prefix}.cache_read_input_tokens"] = t.usage.cache_read_input_tokens
+        out[f"{prefix}.total_tokens"] = t.usage.total_tokens
+        if t.cost_known:
+            out[f"{prefix}.cost_usd"] = round(t.cost_usd, 6)
+    return out
+
+
+def unknown_price_models(accounting: Accounting) -> list[str]:
+    return sorted(m for m, t in accounting.by_model().items() if not t.cost_known)
+
+
+def run_metadata(result: RLMResult, lm: LM) -> dict[str, Any]:
+    """Metadata common to successful and failed runs."""
+    acc = result.accounting
+    unknown = unknown_price_models(acc)
+    meta: dict[str, Any] = {
+        "rlm/provider": lm.provider,
+        "rlm/root_model": lm.root_model,
+        "rlm/sub_model": lm.sub_model,
+        "rlm/question": result.question,
+        "rlm/iterations": result.iterations,
+        "rlm/root_calls": acc.calls("root"),
+        "rlm/sub_calls": acc.calls("sub") + acc.calls("where"),
+        "rlm/total_tokens": acc.usage.total_tokens,
+        "rlm/cost_usd": round(acc.cost_usd, 6),
+        "rlm/duration_s": round(result.duration_s, 3),
+        "rlm/trajectory": dg.MetadataValue.md(result.trajectory_markdown() or "(no turns)"),
+    }
+    if unknown:
+        meta["rlm/cost_unknown_models"] = ", ".join(unknown)
+    if lm.provider == "demo":
+        meta["rlm/note"] = (
+            "Answered by the offline DEMO model (scripted programs and keyword rules, not an LLM). "
+            "Set ANTHROPIC_API_KEY to use Claude."
+        )
+    meta.update(usage_metadata(acc))
+    return meta
+
+
+def column_schema(table: pa.Table) -> dg.TableSchema:
+    return dg.TableSchema(
+        columns=[dg.TableColumn(name=f.name, type=str(f.type)) for f in table.schema]
+    )

@@ -1,0 +1,100 @@
+"""``RLMResource``: how RLM assets reach a model.
+
+    >>> import dagster as dg
+    >>> rlm = RLMResource(api_key=dg.EnvVar("ANTHROPIC_API_KEY"),
+    ...                   root_model="claude-sonnet-5-5", sub_model="claude-haiku-5-5")
+    >>> demo = RLMResource(provider="demo")   # offline scripted model, labelled as such
+
+``provider="anthropic"`` (the default) talks to ``base_url`` (Anthropic, or any
+Anthropic-compatible endpoint: a proxy, vLLM, llama.cpp's server, Ollama) through the
+official SDK. ``provider="demo"`` starts the offline demo model on 127.0.0.1 for the run; it
+is never chosen implicitly when a key is configured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import dagster as dg
+from pydantic import Field
+
+from rlm_dagster.errors import ConfigError, MissingAPIKey
+from rlm_dagster.lm import LM
+
+PROVIDERS = ("anthropic", "demo")
+
+
+class RLMResource(dg.ConfigurableResource):
+    """Model access for RLM assets: credentials, endpoint, models and concurrency."""
+
+    api_key: str | None = Field(
+        default=None, description="Anthropic API key; use dg.EnvVar('ANTHROPIC_API_KEY')."
+    )
+    base_url: str | None = Field(
+        default=None, description="Anthropic-compatible endpoint; default api.anthropic.com."
+    )
+    provider: str = Field(
+        default="anthropic", description="'anthropic' (real models) or 'demo' (offline demo model)."
+    )
+    root_model: str = Field(
+        default="claude-sonnet-5-5", description="Model that writes the REPL code."
+    )
+    sub_model: str = Field(
+        default="claude-haiku-5-5", description="Model for llm_query / llm_where."
+    )
+    max_concurrency: int = Field(default=8, description="Concurrent sub-calls per run.")
+    request_timeout_s: float = Field(default=120.0, description="Timeout of one HTTP request.")
+    max_retries: int = Field(
+        default=4, description="SDK retries (429/529/5xx, honouring retry-after)."
+    )
+
+    @contextmanager
+    def open_lm(self) -> Iterator[LM]:
+        """An ``LM`` for one run; for the demo provider, with its fake server running."""
+        if self.provider not in PROVIDERS:
+            raise ConfigError(f"RLMResource(provider={self.provider!r}): use one of {PROVIDERS}.")
+        if self.max_concurrency < 1:
+            raise ConfigError("RLMResource(max_concurrency=...) must be at least 1.")
+        if self.provider == "demo":
+            from rlm_dagster.demo import DEMO_ROOT_MODEL, DEMO_SUB_MODEL, demo_server
+
+            with demo_server() as fake:
+                lm = LM(
+                    api_key="demo-no-key",
+                    base_url=fake.base_url,
+                    root_model=DEMO_ROOT_MODEL,
+                    sub_model=DEMO_SUB_MODEL,
+                    max_concurrency=self.max_concurrency,
+                    request_timeout_s=self.request_timeout_s,
+                    max_retries=self.max_retries,
+                    provider="demo",
+                )
+                try:
+                    yield lm
+                finally:
+                    lm.close()
+            return
+        key = self.api_key
+        if not key:
+            if not self.base_url:
+                raise MissingAPIKey(
+                    "No Anthropic API key: set the ANTHROPIC_API_KEY environment variable and pass "
+                    "RLMResource(api_key=dg.EnvVar('ANTHROPIC_API_KEY')), or use "
+                    "RLMResource(provider='demo') for the offline demo model."
+                )
+            key = "not-needed"  # local Anthropic-compatible servers usually take no key
+        lm = LM(
+            api_key=key,
+            base_url=self.base_url,
+            root_model=self.root_model,
+            sub_model=self.sub_model,
+            max_concurrency=self.max_concurrency,
+            request_timeout_s=self.request_timeout_s,
+            max_retries=self.max_retries,
+            provider="anthropic",
+        )
+        try:
+            yield lm
+        finally:
+            lm.close()
