@@ -1,0 +1,71 @@
+"""Shared fixtures: the sample data, a DuckDB warehouse file, and LMs on the fake server."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from rlm_dagster.lm import LM
+from rlm_dagster.testing import FakeAnthropic
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+SOURCE_TABLES = ("customers", "orders", "tickets")
+
+
+def load_sample(con: duckdb.DuckDBPyConnection) -> None:
+    for table in SOURCE_TABLES:
+        con.execute(
+            f"CREATE OR REPLACE TABLE {table} AS SELECT * FROM read_csv(?, header = true)",
+            [str(DATA / "source" / f"{table}.csv")],
+        )
+
+
+@pytest.fixture
+def warehouse_file(tmp_path: Path) -> str:
+    """A DuckDB file holding the sample tables (as definitions.py loads them)."""
+    path = tmp_path / "warehouse.duckdb"
+    con = duckdb.connect(str(path))
+    load_sample(con)
+    con.close()
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def churn_labels() -> dict[int, bool]:
+    """Ground truth kept outside the warehouse: ticket_id -> threatens to cancel."""
+    with open(DATA / "ground_truth" / "ticket_labels.csv", newline="") as f:
+        return {int(r["ticket_id"]): r["threatens_cancel"] == "true" for r in csv.DictReader(f)}
+
+
+@pytest.fixture(scope="session")
+def churn_by_body(churn_labels: dict[int, bool]) -> dict[str, bool]:
+    """Ground truth by ticket body, for fake judges that see only projected columns."""
+    with open(DATA / "source" / "tickets.csv", newline="") as f:
+        return {r["body"]: churn_labels[int(r["ticket_id"])] for r in csv.DictReader(f)}
+
+
+@pytest.fixture
+def make_lm() -> Iterator[Callable[..., LM]]:
+    """Build LMs pointed at a fake server; all are closed after the test."""
+    made: list[LM] = []
+
+    def make(fake: FakeAnthropic, **kwargs: object) -> LM:
+        options: dict[str, object] = {
+            "api_key": "test-key",
+            "base_url": fake.base_url,
+            "root_model": fake.root_model,
+            "sub_model": "claude-haiku-4-5",
+            "max_retries": 2,
+        }
+        options.update(kwargs)
+        lm = LM(**options)  # type: ignore[arg-type]
+        made.append(lm)
+        return lm
+
+    yield make
+    for lm in made:
+        lm.close()

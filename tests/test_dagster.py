@@ -1,0 +1,294 @@
+"""RLM assets in Dagster: the CLI end to end, metadata, and clear failures."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import duckdb
+import pytest
+from dagster_duckdb import DuckDBResource
+
+from rlm_dagster import RLMResource, rlm_asset
+from rlm_dagster.errors import ConfigError, MissingAPIKey, OutputSchemaError
+from rlm_dagster.testing import FakeAnthropic, FakeRequest
+
+REPO = Path(__file__).resolve().parents[1]
+
+ROOT_SCRIPT = [
+    "Let me look.\n```repl\nprint(len(tickets), len(customers))\n"
+    'print(sql("SELECT plan, count(*) AS n FROM customers GROUP BY plan ORDER BY plan"))\n```',
+    "```repl\n"
+    'window = "SELECT t.ticket_id, t.customer_id, t.body FROM tickets t JOIN customers c USING (customer_id) '
+    "WHERE c.plan = 'enterprise'\"\n"
+    "threats = llm_where(window, 'The customer threatens to cancel', columns=['body'])\n"
+    "top = threats.df().sort_values('ticket_id').head(3)\n"
+    "why = llm_query('Why are these customers unhappy? ' + ' | '.join(top['body']))\n"
+    "print(len(threats), why)\n```",
+    "```repl\n"
+    "df = sql(f'SELECT customer_id, ticket_id, _verdict_reason AS reason FROM {threats} ORDER BY ticket_id')\n"
+    "FINAL(df)\n```",
+]
+
+
+def judge_from(churn_by_body: dict[str, bool]) -> Any:
+    def judge(predicate: str, row: dict[str, Any]) -> tuple[bool, str]:
+        hit = churn_by_body[row["body"]]
+        return hit, "threatens to leave" if hit else "no threat"
+
+    return judge
+
+
+def materialization_metadata(dagster_home: Path, key: str) -> dict[str, Any]:
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        event = instance.get_latest_materialization_event(dg.AssetKey(key))
+        assert event is not None and event.asset_materialization is not None
+        return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+
+
+def test_cli_materialize_end_to_end(
+    tmp_path: Path,
+    warehouse_file: str,
+    churn_labels: dict[int, bool],
+    churn_by_body: dict[str, bool],
+) -> None:
+    """`dagster asset materialize` in a subprocess, real DuckDB file, real SDK, fake server."""
+    dagster_home = tmp_path / "dagster_home"
+    dagster_home.mkdir()
+    with FakeAnthropic(
+        root=ROOT_SCRIPT, sub=lambda r: "pricing and outages", where=judge_from(churn_by_body)
+    ) as fake:
+        defs_file = tmp_path / "defs.py"
+        defs_file.write_text(
+            textwrap.dedent(
+                f"""
+                import dagster as dg
+                from dagster_duckdb import DuckDBResource
+                from rlm_dagster import RLMResource, rlm_asset
+
+                churn = rlm_asset(
+                    name="churn",
+                    question="Which enterprise customers threatened to cancel, and why?",
+                    tables=["tickets", "customers"],
+                    output={{"customer_id": "BIGINT", "ticket_id": "BIGINT", "reason": "VARCHAR"}},
+                    max_iterations=6,
+                )
+                defs = dg.Definitions(
+                    assets=[churn],
+                    resources={{
+                        "duckdb": DuckDBResource(database={warehouse_file!r}),
+                        "rlm": RLMResource(api_key="test-key", base_url={fake.base_url!r},
+                                           root_model="fake-root", sub_model="claude-haiku-4-5"),
+                    }},
+                )
+                """
+            )
+        )
+        env = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
+        env["DAGSTER_HOME"] = str(dagster_home)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "dagster",
+                "asset",
+                "materialize",
+                "-f",
+                str(defs_file),
+                "--select",
+                "churn",
+            ],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        counts = {k: fake.count(k) for k in ("root", "sub", "where")}
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    log = proc.stdout + proc.stderr
+    assert "iteration 1/6: ran 1 cell(s)" in log and "llm_where:" in log
+    assert "'fake-root' is unknown, so its cost is reported as unknown" in log
+
+    con = duckdb.connect(warehouse_file, read_only=True)
+    rows = con.sql("SELECT customer_id, ticket_id, reason FROM churn ORDER BY ticket_id").fetchall()
+    enterprise = {
+        r[0]
+        for r in con.sql("SELECT customer_id FROM customers WHERE plan = 'enterprise'").fetchall()
+    }
+    expected = {
+        t
+        for t, c in con.sql("SELECT ticket_id, customer_id FROM tickets").fetchall()
+        if c in enterprise and churn_labels[t]
+    }
+    con.close()
+    assert {r[1] for r in rows} == expected and expected
+    assert all(r[2] == "threatens to leave" for r in rows)
+
+    meta = materialization_metadata(dagster_home, "churn")
+    assert meta["rlm/provider"] == "anthropic"
+    assert meta["rlm/iterations"] == 3 and counts["root"] == 3
+    assert meta["rlm/root_calls"] == 3
+    assert meta["rlm/sub_calls"] == counts["sub"] + counts["where"] == 1 + counts["where"]
+    assert meta["dagster/row_count"] == len(rows)
+    assert meta["dagster/table_name"] == "main.churn"
+    assert meta["anthropic.claude-haiku-4-5.calls"] == meta["rlm/sub_calls"]
+    assert meta["anthropic.claude-haiku-4-5.cost_usd"] > 0
+    assert meta["anthropic.fake-root.input_tokens"] > 0
+    assert "anthropic.fake-root.cost_usd" not in meta  # unknown price: no made-up number
+    assert meta["rlm/cost_unknown_models"] == "fake-root"
+    assert "llm_where" in meta["rlm/trajectory"] and "### Turn 3" in meta["rlm/trajectory"]
+    assert str(rows[0][1]) in meta["rlm/answer"]
+
+
+# -- in-process: failures are clear and keep what was paid for ------------------------------------
+
+
+def run_asset(
+    asset: dg.AssetsDefinition, rlm: RLMResource, database: str
+) -> dg.ExecuteInProcessResult:
+    return dg.materialize(
+        [asset],
+        resources={"rlm": rlm, "duckdb": DuckDBResource(database=database)},
+        raise_on_error=False,
+    )
+
+
+def step_failure(result: dg.ExecuteInProcessResult) -> tuple[str, dict[str, Any]]:
+    failures = [e for e in result.all_events if e.is_step_failure]
+    assert failures, "expected the step to fail"
+    data = failures[0].step_failure_data
+    user_failure = data.user_failure_data
+    meta = {k: v.value for k, v in (user_failure.metadata if user_failure else {}).items()}
+    if user_failure is not None:
+        return str(user_failure.description), meta
+    error = data.error
+    messages = []
+    while error is not None:  # the user's exception is the cause of Dagster's wrapper
+        messages.append(error.message)
+        error = error.cause
+    return "\n".join(messages), meta
+
+
+def test_no_final_answer_fails_with_trajectory_in_metadata(warehouse_file: str) -> None:
+    asset = rlm_asset(name="stuck", question="q?", tables=["tickets"], max_iterations=2)
+    with FakeAnthropic(root=lambda r: "```repl\nprint('thinking')\n```") as fake:
+        result = run_asset(
+            asset,
+            RLMResource(api_key="k", base_url=fake.base_url, root_model="fake-root"),
+            warehouse_file,
+        )
+    message, meta = step_failure(result)
+    assert "No final answer after 2 iterations" in message
+    assert meta["rlm/iterations"] == 3 and "thinking" in meta["rlm/trajectory"]
+    assert meta["anthropic.fake-root.calls"] == 3
+
+
+def test_unknown_table_lists_the_tables_that_exist(warehouse_file: str) -> None:
+    asset = rlm_asset(name="typo", question="q?", tables=["tikets"])
+    with FakeAnthropic(root=["FINAL(x)"]) as fake:
+        result = run_asset(
+            asset,
+            RLMResource(api_key="k", base_url=fake.base_url, root_model="fake-root"),
+            warehouse_file,
+        )
+        assert fake.count() == 0  # nothing paid before the error
+    message, _ = step_failure(result)
+    assert "Table 'tikets' does not exist" in message
+    assert "Tables that exist: customers, orders, tickets" in message
+
+
+def test_missing_api_key_names_the_variable(warehouse_file: str) -> None:
+    asset = rlm_asset(name="nokey", question="q?", tables=["tickets"])
+    result = run_asset(asset, RLMResource(), warehouse_file)
+    message, _ = step_failure(result)
+    assert "ANTHROPIC_API_KEY" in message and "provider='demo'" in message
+    with pytest.raises(MissingAPIKey), RLMResource().open_lm():
+        pass
+
+
+@pytest.mark.parametrize(
+    ("output", "needle"),
+    [
+        ({"customer_id": "BIGINT", "reason": "TEXTT"}, "column 'reason' has type 'TEXTT'"),
+        ({"customer id": "BIGINT"}, "column name 'customer id' is not a plain identifier"),
+        ({"n": 5}, "column 'n' needs a DuckDB type as a string"),
+        ({}, "non-empty dict"),
+    ],
+)
+def test_malformed_output_schema_is_refused_at_definition(
+    output: dict[str, Any], needle: str
+) -> None:
+    with pytest.raises(OutputSchemaError, match=None) as err:
+        rlm_asset(name="bad", question="q?", tables=["tickets"], output=output)
+    assert needle in str(err.value)
+
+
+def test_definition_errors_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="tables= must be a non-empty list"):
+        rlm_asset(name="x", question="q?", tables="tickets")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="question="):
+        rlm_asset(name="x", question=" ", tables=["tickets"])
+
+
+def test_asset_spec_deps_kinds_and_key_prefix(warehouse_file: str) -> None:
+    asset = rlm_asset(
+        name="themes",
+        question="q?",
+        tables=["tickets", "customers"],
+        key_prefix="insights",
+        output={"theme": "VARCHAR", "n": "BIGINT"},
+    )
+    spec = next(iter(asset.specs))
+    assert spec.key == dg.AssetKey(["insights", "themes"])
+    assert {d.asset_key for d in spec.deps} == {dg.AssetKey("tickets"), dg.AssetKey("customers")}
+    assert spec.kinds == {"rlm", "anthropic", "duckdb"}
+    script = [
+        "```repl\nFINAL(sql('SELECT subject AS theme, count(*) AS n FROM tickets GROUP BY 1 ORDER BY 2 DESC LIMIT 3'))\n```"
+    ]
+    with FakeAnthropic(root=script) as fake:
+        result = run_asset(
+            asset,
+            RLMResource(api_key="k", base_url=fake.base_url, root_model="fake-root"),
+            warehouse_file,
+        )
+    assert result.success
+    con = duckdb.connect(warehouse_file, read_only=True)
+    assert con.sql("SELECT count(*) FROM insights.themes").fetchall() == [(3,)]
+    con.close()
+
+
+def test_demo_provider_is_labelled(warehouse_file: str) -> None:
+    asset = rlm_asset(
+        name="anything", question="How many customers are there?", tables=["customers"]
+    )
+    result = run_asset(asset, RLMResource(provider="demo"), warehouse_file)
+    assert result.success
+    meta = {
+        k: v.value
+        for k, v in result.get_asset_materialization_events()[0].materialization.metadata.items()
+    }
+    assert meta["rlm/provider"] == "demo" and "DEMO" in meta["rlm/note"]
+    assert meta["rlm/root_model"] == "demo-root"
+
+
+def test_retryable_model_error_is_raised_for_dagster_retry(warehouse_file: str) -> None:
+    from rlm_dagster.testing import Fault
+
+    asset = rlm_asset(name="flaky", question="q?", tables=["tickets"])
+
+    def always_overloaded(req: FakeRequest) -> Fault:
+        return Fault(status=529, retry_after_s=0.01)
+
+    with FakeAnthropic(root=always_overloaded) as fake:
+        rlm = RLMResource(
+            api_key="k", base_url=fake.base_url, root_model="fake-root", max_retries=1
+        )
+        result = run_asset(asset, rlm, warehouse_file)
+    message, _ = step_failure(result)
+    assert "529" in message and "can be retried" in message
