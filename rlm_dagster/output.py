@@ -43,7 +43,7 @@ class OutputSchema:
                 '{"customer_id": "BIGINT", "reason": "VARCHAR"}; omit it for a free-text answer.'
             )
         con = duckdb.connect(":memory:")
-        columns = []
+        columns: list[tuple[str, str]] = []
         try:
             for name, type_ in spec.items():
                 if not isinstance(name, str) or not _IDENT.match(name) or name.startswith("__"):
@@ -55,6 +55,11 @@ class OutputSchema:
                     raise OutputSchemaError(
                         f"output= column {name!r} needs a DuckDB type as a string, got {type_!r}; "
                         "e.g. 'VARCHAR', 'BIGINT', 'DOUBLE', 'DATE', 'BOOLEAN'."
+                    )
+                if any(name.lower() == seen.lower() for seen, _ in columns):
+                    raise OutputSchemaError(
+                        f"output= column {name!r} repeats another column's name (names are "
+                        "case-insensitive in DuckDB); give each column a distinct name."
                     )
                 try:
                     normalised = con.sql(f"SELECT CAST(NULL AS {type_}) AS x").types[0]

@@ -16,6 +16,7 @@ the sqlglot policy in :mod:`rlm_dagster.sql_policy`.
 from __future__ import annotations
 
 import itertools
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -24,9 +25,10 @@ import duckdb
 import pandas as pd
 import pyarrow as pa
 
-from rlm_dagster.errors import QueryError, UnknownTableError
+from rlm_dagster.errors import ConfigError, QueryError, UnknownTableError
 from rlm_dagster.sql_policy import check_sql
 
+_BARE_NAME = re.compile(r"^[A-Za-z_][\w.]*$")
 _LOCK_MARKERS = ("Could not set lock", "Conflicting lock", "lock on file")
 
 
@@ -73,8 +75,19 @@ class Warehouse:
     ) -> Warehouse:
         """Copy ``tables`` out of the DuckDB file ``database``; ``filters`` maps a table to a
         trusted SQL predicate applied while copying (e.g. a partition filter)."""
+        names = [t.rpartition(".")[2].lower() for t in tables]
+        clashes = sorted({n for n in names if names.count(n) > 1})
+        if clashes:
+            raise ConfigError(
+                f"tables= binds the name(s) {clashes} twice ({', '.join(tables)}); each table is a "
+                "REPL variable named after its table, so bind only one of them."
+            )
         con = duckdb.connect(":memory:")
-        _attach_read_only(con, database, lock_timeout_s)
+        try:
+            _attach_read_only(con, database, lock_timeout_s)
+        except BaseException:
+            con.close()
+            raise
         try:
             existing = con.sql(
                 "SELECT schema_name, table_name FROM duckdb_tables() WHERE database_name = '__wh' "
@@ -84,15 +97,17 @@ class Warehouse:
             wh = cls(con, source=database)
             for requested in tables:
                 schema, table = _resolve(requested, existing, database)
-                bound = table
-                predicate = (filters or {}).get(requested) or (filters or {}).get(bound)
+                predicate = (filters or {}).get(requested) or (filters or {}).get(table)
                 where = f" WHERE {predicate}" if predicate else ""
                 con.execute(
-                    f"CREATE TABLE {quote_ident(bound)} AS SELECT * FROM "
+                    f"CREATE TABLE {quote_ident(table)} AS SELECT * FROM "
                     f"__wh.{quote_ident(schema)}.{quote_ident(table)}{where}"
                 )
-                wh._register(bound, scratch=False)
-        finally:
+                wh._register(table, scratch=False)
+        except BaseException:
+            con.close()
+            raise
+        else:
             con.execute("DETACH __wh")
         wh._lock_down()
         return wh
@@ -167,18 +182,16 @@ class Warehouse:
         return self._con.sql(sql).to_arrow_table()
 
     def input_query(self, source: str) -> str:
-        """A bound/scratch table name or a model-written SELECT as a policy-checked subquery."""
+        """A bound/scratch table name or a model-written query as a policy-checked subquery."""
         if source in self._tables:
             return f"SELECT * FROM {quote_ident(source)}"
-        if source.lstrip()[:6].upper() in ("SELECT", "WITH", "FROM") or source.lstrip().startswith(
-            "("
-        ):
-            check_sql(source, allowed_tables=self._tables.keys())
-            return source
-        raise UnknownTableError(
-            f"{source!r} is neither a table of this run nor a SELECT. Tables: "
-            f"{', '.join(sorted(self._tables))}."
-        )
+        if _BARE_NAME.match(source.strip()):
+            raise UnknownTableError(
+                f"{source.strip()!r} is not a table of this run. Tables: "
+                f"{', '.join(sorted(self._tables))}."
+            )
+        # Normalised by sqlglot: no trailing ';', comments made safe for wrapping in (...).
+        return check_sql(source, allowed_tables=self._tables.keys()).sql(dialect="duckdb")
 
     # -- scratch results (written by the host only) ---------------------------------------
 

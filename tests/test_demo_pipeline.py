@@ -19,7 +19,17 @@ def test_readme_main_command_runs_offline_with_demo_model(tmp_path: Path) -> Non
     env["RLM_WAREHOUSE"] = str(tmp_path / "warehouse.duckdb")
     Path(env["DAGSTER_HOME"]).mkdir()
     proc = subprocess.run(
-        [sys.executable, "-m", "dagster", "asset", "materialize", "-f", "definitions.py", "--select", "*"],
+        [
+            sys.executable,
+            "-m",
+            "dagster",
+            "asset",
+            "materialize",
+            "-f",
+            "definitions.py",
+            "--select",
+            "*",
+        ],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -31,7 +41,9 @@ def test_readme_main_command_runs_offline_with_demo_model(tmp_path: Path) -> Non
     assert "ANTHROPIC_API_KEY is not set: RLM assets use the offline DEMO model" in log
     assert "Using the offline DEMO model" in log  # in each RLM asset's run log
     con = duckdb.connect(env["RLM_WAREHOUSE"], read_only=True)
-    churn = con.sql("SELECT customer_id, customer_name, ticket_id, reason FROM churn_reasons").fetchall()
+    churn = con.sql(
+        "SELECT customer_id, customer_name, ticket_id, reason FROM churn_reasons"
+    ).fetchall()
     themes = con.sql("SELECT answer FROM urgent_ticket_themes").fetchall()
     con.close()
     assert churn and all(r[1] and r[3] for r in churn)

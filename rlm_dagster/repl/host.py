@@ -182,7 +182,10 @@ class Worker:
                     "and was stopped.",
                 )
             except (ChannelClosed, ValueError) as exc:
-                returncode = self._proc.poll() if self._proc else None
+                returncode = None
+                if self._proc is not None:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        returncode = self._proc.wait(timeout=2)
                 return self._restart_after(
                     code,
                     started,
@@ -233,7 +236,10 @@ class Worker:
                 "value": handler(message.get("args") or {}),
             }
         except RLMError as exc:
-            return _error_reply(call_id, type(exc).__name__, str(exc))
+            reply = _error_reply(call_id, type(exc).__name__, str(exc))
+            if rule := getattr(exc, "rule", None):
+                reply["error"]["rule"] = rule
+            return reply
         except (TypeError, ValueError) as exc:
             return _error_reply(call_id, type(exc).__name__, str(exc))
         except Exception as exc:

@@ -10,6 +10,7 @@ fds 0 and 1 are pointed at /dev/null so model code cannot corrupt the channel.
 from __future__ import annotations
 
 import ast
+import builtins
 import io
 import itertools
 import linecache
@@ -17,7 +18,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 import pyarrow as pa
@@ -33,8 +34,14 @@ class RemoteError(Exception):
 
 
 def _error_type(name: str) -> type[Exception]:
+    """The class model code sees for a host error called ``name``; a builtin name (ValueError,
+    TypeError...) stays catchable as that builtin."""
     if name not in _ERROR_TYPES:
-        _ERROR_TYPES[name] = type(name, (RemoteError,), {})
+        builtin = getattr(builtins, name, None)
+        bases: tuple[type, ...] = (RemoteError,)
+        if isinstance(builtin, type) and issubclass(builtin, Exception):
+            bases = (RemoteError, builtin)
+        _ERROR_TYPES[name] = type(name, bases, {})
     return _ERROR_TYPES[name]
 
 
@@ -53,6 +60,8 @@ class _Capture(io.TextIOBase):
     def write(self, s: str) -> int:
         if not isinstance(s, str):
             raise TypeError(f"write() argument must be str, not {type(s).__name__}")
+        # Lone surrogates (e.g. from surrogateescape) cannot be encoded for the channel.
+        s = s.encode("utf-8", "backslashreplace").decode("utf-8")
         room = self.limit - self.kept
         if room > 0:
             self.parts.append(s[:room])
@@ -85,7 +94,10 @@ class Channel:
             )
         if not reply.get("ok"):
             err = reply.get("error") or {}
-            raise _error_type(str(err.get("type", "HostError")))(str(err.get("message", "")))
+            exc = _error_type(str(err.get("type", "HostError")))(str(err.get("message", "")))
+            if err.get("rule"):
+                exc.rule = err["rule"]  # type: ignore[attr-defined]
+            raise exc
         return reply.get("value")
 
 
@@ -238,7 +250,8 @@ class Repl:
         old_out, old_err = sys.stdout, sys.stderr
         sys.stdout = sys.stderr = capture
         try:
-            tree = ast.parse(code, filename=filename)
+            # compile() rather than ast.parse(): a SyntaxError then carries no stdlib frame
+            tree = cast(ast.Module, compile(code, filename, "exec", ast.PyCF_ONLY_AST))
             last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
             exec(compile(tree, filename, "exec"), self.namespace)
             if isinstance(last, ast.Expr):
