@@ -114,6 +114,7 @@ def rlm_asset(
                     limits=limits,
                     output=schema,
                     on_event=lambda event: _log_event(context, event),
+                    sandbox=rlm.sandbox,
                 )
                 try:
                     result = run.run()

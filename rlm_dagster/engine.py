@@ -181,6 +181,7 @@ class RLMRun:
         limits: Limits | None = None,
         output: OutputSchema | None = None,
         on_event: Callable[[Event], None] | None = None,
+        sandbox: str = "auto",
     ) -> None:
         self.question = question
         self.warehouse = warehouse
@@ -206,6 +207,7 @@ class RLMRun:
             tables=self._table_infos,
             cell_timeout_s=self.limits.cell_timeout_s,
             max_capture_chars=max(4 * self.limits.max_observation_chars, 100_000),
+            sandbox=sandbox,
         )
 
     # -- handlers the worker calls ----------------------------------------------------------
@@ -457,9 +459,16 @@ def run_rlm(
     limits: Limits | None = None,
     output: OutputSchema | dict[str, str] | None = None,
     on_event: Callable[[Event], None] | None = None,
+    sandbox: str = "auto",
 ) -> RLMResult:
     """Run one RLM over ``warehouse`` and return its answer, trajectory and usage."""
     schema = OutputSchema.parse(output) if isinstance(output, dict) else output
     return RLMRun(
-        question, warehouse=warehouse, lm=lm, limits=limits, output=schema, on_event=on_event
+        question,
+        warehouse=warehouse,
+        lm=lm,
+        limits=limits,
+        output=schema,
+        on_event=on_event,
+        sandbox=sandbox,
     ).run()

@@ -45,6 +45,10 @@ class RLMResource(dg.ConfigurableResource):
     )
     max_concurrency: int = Field(default=8, description="Concurrent sub-calls per run.")
     request_timeout_s: float = Field(default=120.0, description="Timeout of one HTTP request.")
+    sandbox: str = Field(
+        default="auto",
+        description="REPL worker isolation: 'auto' picks the strongest level this machine has.",
+    )
     max_retries: int = Field(
         default=4, description="SDK retries (429/529/5xx, honouring retry-after)."
     )

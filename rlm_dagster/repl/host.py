@@ -62,8 +62,10 @@ class Worker:
         cell_timeout_s: float = 300.0,
         max_capture_chars: int = 1_000_000,
         context: Any = None,
+        sandbox: str = "auto",
     ) -> None:
         self.handlers = dict(handlers)
+        self.sandbox = sandbox
         self.tables = tables
         self.cell_timeout_s = cell_timeout_s
         self.max_capture_chars = max_capture_chars
