@@ -107,6 +107,7 @@ def rlm_asset(
                         "LLM) because RLMResource(provider='demo'). Set ANTHROPIC_API_KEY for Claude."
                     )
                 warehouse = Warehouse.snapshot(duckdb.database, tables)
+                cache = rlm.open_cache()
                 run = RLMRun(
                     question,
                     warehouse=warehouse,
@@ -115,6 +116,8 @@ def rlm_asset(
                     output=schema,
                     on_event=lambda event: _log_event(context, event),
                     sandbox=rlm.sandbox,
+                    cache=cache,
+                    where_config=rlm.where_config(),
                 )
                 try:
                     result = run.run()
@@ -132,6 +135,7 @@ def rlm_asset(
                     ) from err
                 finally:
                     warehouse.close()
+                    cache.close()
                 for model in unknown_price_models(lm.accounting):
                     context.log.warning(
                         f"The price of model {model!r} is unknown, so its cost is reported as "
@@ -177,7 +181,7 @@ def _log_event(context: dg.AssetExecutionContext, event: Event) -> None:
             + ("; final answer received" if event["final"] else "")
             + (f" [{event['note'][:200]}]" if event["note"] else "")
         )
-    elif event["type"] == "llm_where":
+    elif event["type"] in ("llm_where", "llm_where_progress"):
         context.log.info(str(event["summary"]))
 
 

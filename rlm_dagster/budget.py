@@ -70,10 +70,25 @@ class Budget:
         """Refuse up front a fan-out of ``n`` sub-calls that cannot fit in the budget."""
         if n > self.sub_calls_left:
             raise BudgetExceeded(
-                f"{n} sub-calls requested but only {self.sub_calls_left} of "
+                f"{n:,} sub-calls requested but only {self.sub_calls_left:,} of "
                 f"max_sub_calls={self.limits.max_sub_calls} are left. Narrow the input "
                 "(filter with sql() first) or raise max_sub_calls on the asset.",
                 limit="max_sub_calls",
+            )
+
+    def check_plan(self, what: str, requests: int, est_cost_usd: float | None) -> None:
+        """Refuse, before the first request, a plan whose estimate cannot fit the budget."""
+        self.reserve_sub_calls(requests)
+        limit = self.limits.max_cost_usd
+        if limit is None or est_cost_usd is None:
+            return
+        left = limit - self.accounting.cost_usd
+        if est_cost_usd > left:
+            raise BudgetExceeded(
+                f"{what} would cost about ${est_cost_usd:.4f} ({requests:,} requests) but only "
+                f"${left:.4f} of max_cost_usd=${limit:.2f} is left. Narrow it (where=, columns=, "
+                "limit=) or raise max_cost_usd on the asset; dry_run=True shows the plan.",
+                limit="max_cost_usd",
             )
 
     def before_call(self, role: str) -> None:

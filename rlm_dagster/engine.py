@@ -18,20 +18,21 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
 from rlm_dagster.budget import Budget, Limits
+from rlm_dagster.cache import Cache
 from rlm_dagster.errors import BudgetExceeded, NoFinalAnswer, RLMError
 from rlm_dagster.lm import LM, Accounting, cached_system
 from rlm_dagster.output import AnswerRejected, OutputSchema
 from rlm_dagster.prompts import render
 from rlm_dagster.repl import CellResult, Worker
 from rlm_dagster.repl.protocol import decode_arrow, encode_arrow
-from rlm_dagster.semantic import Semantic
-from rlm_dagster.warehouse import Warehouse
+from rlm_dagster.semantic import Semantic, WhereConfig
+from rlm_dagster.warehouse import TableInfo, Warehouse
 
 Event = dict[str, Any]
 
@@ -182,6 +183,8 @@ class RLMRun:
         output: OutputSchema | None = None,
         on_event: Callable[[Event], None] | None = None,
         sandbox: str = "auto",
+        cache: Cache | None = None,
+        where_config: WhereConfig | None = None,
     ) -> None:
         self.question = question
         self.warehouse = warehouse
@@ -191,7 +194,9 @@ class RLMRun:
         self.on_event = on_event or (lambda event: None)
         self.budget = Budget(self.limits, lm.accounting)
         lm.before_call = self.budget.before_call
-        self.semantic = Semantic(lm, warehouse, self.budget)
+        self.semantic = Semantic(
+            lm, warehouse, self.budget, cache=cache, config=where_config, on_event=self.on_event
+        )
         self.turns: list[Turn] = []
         self.final: Answer | None = None
         self.worker = Worker(
@@ -213,37 +218,25 @@ class RLMRun:
     # -- handlers the worker calls ----------------------------------------------------------
 
     def _table_infos(self) -> list[dict[str, Any]]:
-        return [
-            {"name": t.name, "columns": list(t.columns), "types": list(t.types), "rows": t.rows}
-            for t in self.warehouse.tables.values()
-        ]
+        return [_table_dict(t) for t in self.warehouse.tables.values()]
 
     def _sql(self, args: dict[str, Any]) -> dict[str, Any]:
         table = self.warehouse.query(str(args["query"]), max_rows=self.limits.max_sql_rows)
         return {"arrow": encode_arrow(table)}
 
     def _llm_where(self, args: dict[str, Any]) -> dict[str, Any]:
-        info, stats = self.semantic.where(
-            str(args["table"]),
-            str(args["predicate"]),
-            columns=args.get("columns"),
-            where=args.get("where"),
-            limit=args.get("limit"),
+        table, predicate = str(args["table"]), str(args["predicate"])
+        columns, where = args.get("columns"), args.get("where")
+        if args.get("dry_run"):
+            return {
+                "plan": self.semantic.plan(table, predicate, columns=columns, where=where).as_dict()
+            }
+        info, provenance, stats = self.semantic.where(
+            table, predicate, columns=columns, where=where, limit=args.get("limit")
         )
-        summary = (
-            f"[llm_where: {stats.rows_in:,} rows -> {stats.distinct:,} distinct -> "
-            f"{stats.requests} requests; {stats.matches:,} match"
-            + (f", {stats.failed} failed (NULL)" if stats.failed else "")
-            + f". Result: {info.name}]"
-        )
-        self.on_event({"type": "llm_where", "summary": summary, **stats.__dict__})
-        return {
-            "name": info.name,
-            "columns": list(info.columns),
-            "types": list(info.types),
-            "rows": info.rows,
-            "summary": summary,
-        }
+        summary = stats.describe()
+        self.on_event({"type": "llm_where", "summary": summary, **asdict(stats)})
+        return {**_table_dict(info), "provenance": _table_dict(provenance), "summary": summary}
 
     def _accept(self, value: dict[str, Any], form: str) -> None:
         """Validate a final value against the output schema; raise to tell the model why not."""
@@ -431,6 +424,15 @@ class RLMRun:
             self._try_accept({"kind": "text", "text": arg}, "FINAL (text)", notes)
 
 
+def _table_dict(info: TableInfo) -> dict[str, Any]:
+    return {
+        "name": info.name,
+        "columns": list(info.columns),
+        "types": list(info.types),
+        "rows": info.rows,
+    }
+
+
 def _with_cache_mark(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Messages with the last one marked as a prompt-cache breakpoint, so the next turn
     re-reads this whole conversation at cache price."""
@@ -460,6 +462,8 @@ def run_rlm(
     output: OutputSchema | dict[str, str] | None = None,
     on_event: Callable[[Event], None] | None = None,
     sandbox: str = "auto",
+    cache: Cache | None = None,
+    where_config: WhereConfig | None = None,
 ) -> RLMResult:
     """Run one RLM over ``warehouse`` and return its answer, trajectory and usage."""
     schema = OutputSchema.parse(output) if isinstance(output, dict) else output
@@ -471,4 +475,6 @@ def run_rlm(
         output=schema,
         on_event=on_event,
         sandbox=sandbox,
+        cache=cache,
+        where_config=where_config,
     ).run()

@@ -6,16 +6,19 @@
     >>> reply.text, reply.record.cost_usd  # doctest: +SKIP
     ('4', 1.3e-05)
 
-Root turns use the sync client; fan-out (``llm_query_batched``, ``llm_where``) uses the async
-client on one background event loop owned by the ``LM``, bounded by ``max_concurrency``.
-Retries with backoff that honours ``retry-after`` are the SDK's own (``max_retries``). Every
-completed call becomes a :class:`CallRecord` in :attr:`LM.accounting`. This module knows
-nothing about Dagster.
+Root turns use the sync client, whose retries (honouring ``retry-after``) are the SDK's own.
+Fan-out (``llm_query_batched``, ``llm_where``) uses the async client on one background event
+loop owned by the ``LM``, with retries of its own so that every 429/529 is seen by an
+:class:`AdaptiveLimiter`: the number of requests in flight drops by one per overload answer
+and climbs back by one per ``limit`` successes, up to ``max_concurrency``. Every completed
+call becomes a :class:`CallRecord` in :attr:`LM.accounting`. This module knows nothing about
+Dagster.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable
@@ -125,6 +128,75 @@ class Accounting:
         return out
 
 
+class AdaptiveLimiter:
+    """Concurrency limit for async calls that adapts to the provider's overload answers.
+
+    Each 429/529 lowers the limit by one (a burst of 32 requests of which 16 are refused
+    lands on 16, the provider's real capacity); each success raises it by ``1/limit`` (one
+    step per round of successes), capped at ``max_limit``. A ``retry-after`` of a second or
+    more pauses all new requests until then, as a quota reset requires.
+    """
+
+    def __init__(self, max_limit: int) -> None:
+        self.max_limit = max_limit
+        self.limit = float(max_limit)
+        self.in_flight = 0
+        self.peak_in_flight = 0
+        self.overloads = 0
+        self._paused_until = 0.0
+        self._changed: asyncio.Event | None = None
+
+    async def acquire(self) -> None:
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        while True:
+            pause = self._paused_until - time.monotonic()
+            if pause > 0:
+                await asyncio.sleep(pause)
+            elif self.in_flight < max(1, int(self.limit)):
+                self.in_flight += 1
+                self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+                return
+            else:
+                self._changed.clear()
+                await self._changed.wait()
+
+    def release(self, *, overloaded: bool = False, retry_after: float | None = None) -> None:
+        self.in_flight -= 1
+        if overloaded:
+            self.overloads += 1
+            self.limit = max(1.0, self.limit - 1.0)
+            if retry_after is not None and retry_after >= 1.0:
+                self._paused_until = max(self._paused_until, time.monotonic() + retry_after)
+        if self._changed is not None:
+            self._changed.set()
+
+    def on_success(self) -> None:
+        self.limit = min(float(self.max_limit), self.limit + 1.0 / self.limit)
+
+
+_OVERLOAD = (anthropic.RateLimitError, anthropic.OverloadedError)
+_TRANSIENT = (
+    anthropic.RateLimitError,
+    anthropic.InternalServerError,  # 500, 529 (OverloadedError), 503...
+    anthropic.APIConnectionError,  # includes APITimeoutError
+)
+
+
+def _retry_after(err: anthropic.AnthropicError) -> float | None:
+    response = getattr(err, "response", None)
+    if response is None:
+        return None
+    for header, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = response.headers.get(header)
+        if value:
+            try:
+                return float(value) * scale
+            except ValueError:
+                continue
+    return None
+
+
 @dataclass(frozen=True)
 class Completion:
     """The parts of a Messages API reply the engine uses."""
@@ -208,7 +280,9 @@ class LM:
         self.max_concurrency = max_concurrency
         self.root_max_tokens = root_max_tokens
         self.sub_max_tokens = sub_max_tokens
+        self.max_retries = max_retries
         self.accounting = Accounting()
+        self.retries = 0
         self.before_call: Callable[[str], None] | None = None
         self._client_kwargs: dict[str, Any] = {
             "api_key": api_key,
@@ -220,7 +294,7 @@ class LM:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._aclient: anthropic.AsyncAnthropic | None = None
-        self._semaphore: asyncio.Semaphore | None = None
+        self.limiter = AdaptiveLimiter(max_concurrency)
         self._loop_lock = threading.Lock()
 
     # -- sync ---------------------------------------------------------------------------
@@ -258,16 +332,35 @@ class LM:
         tools: list[dict[str, Any]] | None = None,
         tool_choice: dict[str, Any] | None = None,
     ) -> Completion:
-        """One call on the LM's event loop, bounded by ``max_concurrency``."""
-        assert self._aclient is not None and self._semaphore is not None, "use LM.run_async"
-        async with self._semaphore:
-            kwargs = self._request(role, model, system, messages, max_tokens, tools, tool_choice)
+        """One call on the LM's event loop under the adaptive limiter, retried on 429, 529,
+        5xx and connection errors (``retry-after`` honoured, else jittered backoff)."""
+        assert self._aclient is not None, "call acomplete through LM.run_async"
+        kwargs = self._request(role, model, system, messages, max_tokens, tools, tool_choice)
+        attempt = 0
+        while True:
+            await self.limiter.acquire()
             started = time.monotonic()
             try:
                 message = await self._aclient.messages.create(**kwargs)
+            except _TRANSIENT as err:
+                retry_after = _retry_after(err)
+                self.limiter.release(overloaded=isinstance(err, _OVERLOAD), retry_after=retry_after)
+                if attempt >= self.max_retries:
+                    raise _model_error(err, model, self.base_url) from err
+                attempt += 1
+                self.retries += 1
+                delay = retry_after if retry_after is not None else min(8.0, 0.25 * 2**attempt)
+                await asyncio.sleep(delay * random.uniform(1.0, 1.2))
+                continue
             except anthropic.AnthropicError as err:
+                self.limiter.release()
                 raise _model_error(err, model, self.base_url) from err
-        return self._completion(role, model, message, time.monotonic() - started)
+            except BaseException:
+                self.limiter.release()
+                raise
+            self.limiter.on_success()
+            self.limiter.release()
+            return self._completion(role, model, message, time.monotonic() - started)
 
     def run_async(self, coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
         """Run ``coro_fn()`` on the LM's background event loop and wait for its result."""
@@ -282,8 +375,9 @@ class LM:
 
                 def serve() -> None:
                     asyncio.set_event_loop(loop)
-                    self._aclient = anthropic.AsyncAnthropic(**self._client_kwargs)
-                    self._semaphore = asyncio.Semaphore(self.max_concurrency)
+                    self._aclient = anthropic.AsyncAnthropic(
+                        **{**self._client_kwargs, "max_retries": 0}
+                    )
                     ready.set()
                     loop.run_forever()
 

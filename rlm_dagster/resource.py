@@ -19,8 +19,10 @@ from contextlib import contextmanager
 import dagster as dg
 from pydantic import Field
 
+from rlm_dagster.cache import Cache, default_cache_path
 from rlm_dagster.errors import ConfigError, MissingAPIKey
 from rlm_dagster.lm import LM
+from rlm_dagster.semantic import WhereConfig
 
 PROVIDERS = ("anthropic", "demo")
 
@@ -49,9 +51,27 @@ class RLMResource(dg.ConfigurableResource):
         default="auto",
         description="REPL worker isolation: 'auto' picks the strongest level this machine has.",
     )
-    max_retries: int = Field(
-        default=4, description="SDK retries (429/529/5xx, honouring retry-after)."
+    cache_path: str | None = Field(
+        default=None,
+        description="SQLite cache of model results (safe across processes); default "
+        "$RLM_CACHE_PATH, else ~/.cache/rlm_dagster/cache.sqlite3.",
     )
+    where_batch_rows: int = Field(default=40, description="Most rows in one llm_where request.")
+    where_batch_tokens: int = Field(
+        default=4_000, description="Most estimated input tokens of rows in one llm_where request."
+    )
+    max_retries: int = Field(
+        default=6, description="Retries of a call on 429/529/5xx, honouring retry-after."
+    )
+
+    def open_cache(self) -> Cache:
+        """The persistent cache at ``cache_path`` (or the default location)."""
+        return Cache(self.cache_path or default_cache_path())
+
+    def where_config(self) -> WhereConfig:
+        if self.where_batch_rows < 1 or self.where_batch_tokens < 1:
+            raise ConfigError("RLMResource where_batch_rows and where_batch_tokens must be >= 1.")
+        return WhereConfig(batch_rows=self.where_batch_rows, batch_tokens=self.where_batch_tokens)
 
     @contextmanager
     def open_lm(self) -> Iterator[LM]:

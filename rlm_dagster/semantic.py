@@ -1,30 +1,37 @@
 """Semantic operators the REPL calls: ``llm_where`` and ``llm_query_batched``.
 
-    >>> sem = Semantic(lm, warehouse, budget)  # doctest: +SKIP
-    >>> sem.where("tickets", "the customer threatens to cancel", where="priority = 'urgent'")
-    ... # doctest: +SKIP
+    >>> sem = Semantic(lm, warehouse, budget, cache=Cache(path))  # doctest: +SKIP
+    >>> sem.plan("tickets", "the customer threatens to cancel").describe()  # doctest: +SKIP
+    '600 rows -> 600 after where -> 556 distinct -> 0 cached -> 556 to judge in 14 requests ...'
 
-``llm_where`` speaks the wire protocol of ARCHITECTURE.md: the predicate sits in the system
+``llm_where`` runs the cheapest step first: ``where=`` in SQL, projection to ``columns``,
+one verdict per distinct projected value, the persistent verdict cache, then packed requests
+(a row cap and a token budget per request) sent concurrently under the LM's adaptive limiter.
+Each request speaks the wire protocol of ARCHITECTURE.md: the predicate sits in the system
 prompt (a cache-marked prefix identical across batches), rows go in the user message as
-``<row id="K">{json}</row>`` lines, and the model must call the ``record_verdicts`` tool.
-A reply with missing, duplicated or malformed ids is re-asked for those rows in a smaller
-batch, then one row alone; a row that still fails is NULL with its error, never silently
-true or false. Identical projected values are judged once.
+``<row id="K">{json}</row>`` lines, and the model must call ``record_verdicts``. A reply with
+missing, duplicated or malformed ids is re-asked for those rows in a smaller batch, then one
+row alone; a row that still fails is NULL with its error, never silently true or false.
+The plan is priced before anything is sent, and refused when it cannot fit the budget.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
 from rlm_dagster.budget import Budget
+from rlm_dagster.cache import Cache, verdict_key
 from rlm_dagster.errors import ModelError, QueryError
-from rlm_dagster.lm import LM, cached_system
+from rlm_dagster.lm import LM, Usage, cached_system
+from rlm_dagster.prices import cost_usd
 from rlm_dagster.prompts import render
 from rlm_dagster.sql_policy import check_sql
 from rlm_dagster.warehouse import TableInfo, Warehouse
@@ -54,6 +61,24 @@ RECORD_VERDICTS_TOOL: dict[str, Any] = {
 
 _ROW_ID = "__rid"
 VERDICT_REASON = "_verdict_reason"
+# Token estimates (4 characters a token) for planning; replies are billed as reported.
+_TOOL_OVERHEAD_TOKENS = 400  # tool definition + the API's tool-use preamble
+_ROW_OVERHEAD_TOKENS = 8  # <row id="K"></row>
+_OUTPUT_TOKENS_PER_ROW = 25
+_OUTPUT_TOKENS_PER_REQUEST = 30
+
+Event = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class WhereConfig:
+    """How ``llm_where`` packs and reports; defaults suit short text rows."""
+
+    batch_rows: int = 40
+    batch_tokens: int = 4_000
+    max_row_chars: int = 4_000
+    progress_interval_s: float = 5.0
+    default_latency_s: float = 3.0  # per request, until latencies have been observed
 
 
 @dataclass
@@ -61,17 +86,77 @@ class Verdict:
     match: bool | None
     reason: str = ""
     error: str | None = None
+    decided_by: str = "model"
+    batch: str = ""
+    cost_usd: float = 0.0
+
+
+@dataclass
+class WherePlan:
+    """What ``llm_where`` would do and cost, computed without calling any model."""
+
+    rows_in: int
+    rows_after_where: int
+    distinct: int
+    cached: int
+    to_evaluate: int
+    requests: int
+    est_input_tokens: int
+    est_output_tokens: int
+    est_cost_usd: float | None
+    est_wall_s: float
+    concurrency: int
+    model: str
+
+    def describe(self) -> str:
+        cost = (
+            "unknown (model not in the price table)"
+            if self.est_cost_usd is None
+            else f"${self.est_cost_usd:.4f}"
+        )
+        return (
+            f"{self.rows_in:,} rows -> {self.rows_after_where:,} after where -> {self.distinct:,} distinct "
+            f"-> {self.cached:,} cached -> {self.to_evaluate:,} to judge in {self.requests:,} requests to "
+            f"{self.model}; est. {self.est_input_tokens:,} input + {self.est_output_tokens:,} output tokens, "
+            f"{cost}, ~{self.est_wall_s:.0f} s at concurrency {self.concurrency}"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "summary": self.describe()}
 
 
 @dataclass
 class WhereStats:
+    """What one ``llm_where`` call did (counts are of distinct values unless named rows)."""
+
+    name: str = ""
     rows_in: int = 0
+    rows_after_where: int = 0
     distinct: int = 0
+    cached: int = 0
+    judged: int = 0
     requests: int = 0
     matches: int = 0
     failed: int = 0
     reasked: int = 0
+    cost_usd: float = 0.0
+    seconds: float = 0.0
+    stopped_early: bool = False
     errors: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        return (
+            f"[llm_where: {self.rows_in:,} rows -> {self.rows_after_where:,} after where -> "
+            f"{self.distinct:,} distinct -> {self.cached:,} cached -> {self.requests:,} requests; "
+            f"{self.matches:,} rows match"
+            + (
+                f", {self.failed:,} failed (NULL, see {self.name}_provenance)"
+                if self.failed
+                else ""
+            )
+            + (", stopped at limit" if self.stopped_early else "")
+            + f"; ${self.cost_usd:.4f}, {self.seconds:.1f} s. Result: {self.name}]"
+        )
 
 
 class Semantic:
@@ -83,14 +168,16 @@ class Semantic:
         warehouse: Warehouse,
         budget: Budget,
         *,
-        batch_size: int = 20,
-        max_row_chars: int = 4_000,
+        cache: Cache | None = None,
+        config: WhereConfig | None = None,
+        on_event: Callable[[Event], None] | None = None,
     ) -> None:
         self.lm = lm
         self.warehouse = warehouse
         self.budget = budget
-        self.batch_size = batch_size
-        self.max_row_chars = max_row_chars
+        self.cache = cache
+        self.config = config or WhereConfig()
+        self.on_event = on_event or (lambda event: None)
 
     # -- llm_query / llm_query_batched ----------------------------------------------------
 
@@ -127,6 +214,17 @@ class Semantic:
 
     # -- llm_where -----------------------------------------------------------------------
 
+    def plan(
+        self,
+        table: str,
+        predicate: str,
+        *,
+        columns: Sequence[str] | None = None,
+        where: str | None = None,
+    ) -> WherePlan:
+        """The cost of ``where(...)`` without calling any model."""
+        return self._prepare(table, predicate, columns, where).plan
+
     def where(
         self,
         table: str,
@@ -135,14 +233,42 @@ class Semantic:
         columns: Sequence[str] | None = None,
         where: str | None = None,
         limit: int | None = None,
-    ) -> tuple[TableInfo, WhereStats]:
-        if not predicate.strip():
-            raise ValueError("llm_where needs a non-empty natural-language predicate")
+    ) -> tuple[TableInfo, TableInfo, WhereStats]:
+        """Judge the rows; return the matches table, the provenance table and the stats."""
         if limit is not None and limit < 1:
             raise ValueError("limit must be a positive number of rows")
-        rows = self._input(table, where)
-        stats = WhereStats(rows_in=rows.num_rows)
-        user_columns = [c for c in rows.column_names if c != _ROW_ID and c != VERDICT_REASON]
+        started = time.monotonic()
+        job = self._prepare(table, predicate, columns, where)
+        plan = job.plan
+        self.budget.check_plan("llm_where", plan.requests, plan.est_cost_usd)
+        stats = WhereStats(
+            rows_in=plan.rows_in,
+            rows_after_where=plan.rows_after_where,
+            distinct=plan.distinct,
+            cached=plan.cached,
+        )
+        verdicts = dict(job.cached)
+        self._judge(job, verdicts, stats, limit)
+        matches, provenance = self._results(job, verdicts, stats, limit)
+        stats.seconds = time.monotonic() - started
+        info = self.warehouse.create_scratch("where", matches)
+        stats.name = info.name
+        prov = self.warehouse.create_scratch("where", provenance, name=f"{info.name}_provenance")
+        return info, prov, stats
+
+    def _prepare(
+        self, table: str, predicate: str, columns: Sequence[str] | None, where: str | None
+    ) -> _Job:
+        if not predicate.strip():
+            raise ValueError("llm_where needs a non-empty natural-language predicate")
+        base = self.warehouse.input_query(table)
+        rows_in = (
+            self.warehouse.trusted_arrow(f"SELECT count(*) AS n FROM ({base}) AS __in")
+            .column(0)[0]
+            .as_py()
+        )
+        rows = self._input(base, where)
+        user_columns = [c for c in rows.column_names if c not in (_ROW_ID, VERDICT_REASON)]
         projected = list(columns) if columns is not None else user_columns
         unknown = [c for c in projected if c not in user_columns]
         if unknown:
@@ -155,28 +281,42 @@ class Semantic:
             for r in rows.select(projected).to_pylist()
         ]
         distinct = list(dict.fromkeys(keys))
-        stats.distinct = len(distinct)
-        verdicts = self._judge(predicate, distinct, stats, limit)
-        row_verdicts = [
-            verdicts.get(k, Verdict(None, error="not evaluated (limit reached)")) for k in keys
-        ]
-        keep = [i for i, v in enumerate(row_verdicts) if v.match is True]
-        if limit is not None:
-            keep = keep[:limit]
-        stats.matches = len(keep)
-        stats.failed = sum(
-            1 for v in row_verdicts if v.match is None and v.error and "limit" not in v.error
+        model = self.lm.sub_model
+        cache_keys = {v: verdict_key(predicate, model, v) for v in distinct}
+        hits = self.cache.get_verdicts(list(cache_keys.values())) if self.cache else {}
+        cached = {
+            v: Verdict(hit[0], hit[1], decided_by="cache")
+            for v in distinct
+            if (hit := hits.get(cache_keys[v])) is not None
+        }
+        todo = [v for v in distinct if v not in cached]
+        system_text = render("where_system.md", predicate=predicate)
+        batches = self._pack(todo)
+        prefix_tokens = len(system_text) // 4 + _TOOL_OVERHEAD_TOKENS
+        est_in = len(batches) * prefix_tokens + sum(
+            len(self._clip(v)) // 4 + _ROW_OVERHEAD_TOKENS for v in todo
         )
-        result = rows.take(pa.array(keep, type=pa.int64())).drop_columns([_ROW_ID])
-        reasons = pa.array([row_verdicts[i].reason for i in keep], type=pa.string())
-        if VERDICT_REASON in result.column_names:
-            result = result.drop_columns([VERDICT_REASON])
-        result = result.append_column(VERDICT_REASON, reasons)
-        info = self.warehouse.create_scratch("where", result)
-        return info, stats
+        est_out = len(batches) * _OUTPUT_TOKENS_PER_REQUEST + len(todo) * _OUTPUT_TOKENS_PER_ROW
+        concurrency = max(1, int(self.lm.limiter.limit))
+        latencies = [r.latency_s for r in self.lm.accounting.records if r.role == "where"]
+        latency = sum(latencies) / len(latencies) if latencies else self.config.default_latency_s
+        plan = WherePlan(
+            rows_in=rows_in,
+            rows_after_where=rows.num_rows,
+            distinct=len(distinct),
+            cached=len(cached),
+            to_evaluate=len(todo),
+            requests=len(batches),
+            est_input_tokens=est_in,
+            est_output_tokens=est_out,
+            est_cost_usd=cost_usd(model, Usage(input_tokens=est_in, output_tokens=est_out)),
+            est_wall_s=-(-len(batches) // concurrency) * latency,
+            concurrency=concurrency,
+            model=model,
+        )
+        return _Job(rows, keys, cache_keys, cached, batches, cached_system(system_text), plan)
 
-    def _input(self, table: str, where: str | None) -> pa.Table:
-        base = self.warehouse.input_query(table)
+    def _input(self, base: str, where: str | None) -> pa.Table:
         query = f"SELECT * FROM ({base}) AS __in"
         if where:
             query += f" WHERE {where}"
@@ -187,34 +327,119 @@ class Semantic:
             raise QueryError(f"llm_where input failed: {err}") from None
         return data.append_column(_ROW_ID, pa.array(range(data.num_rows), type=pa.int64()))
 
+    def _pack(self, values: list[str]) -> list[list[str]]:
+        """Consecutive values into requests of at most ``batch_rows`` rows and ``batch_tokens``."""
+        batches: list[list[str]] = []
+        current: list[str] = []
+        tokens = 0
+        for value in values:
+            cost = len(self._clip(value)) // 4 + _ROW_OVERHEAD_TOKENS
+            if current and (
+                len(current) >= self.config.batch_rows or tokens + cost > self.config.batch_tokens
+            ):
+                batches.append(current)
+                current, tokens = [], 0
+            current.append(value)
+            tokens += cost
+        if current:
+            batches.append(current)
+        return batches
+
     def _judge(
-        self, predicate: str, values: list[str], stats: WhereStats, limit: int | None
-    ) -> dict[str, Verdict]:
-        batches = [values[i : i + self.batch_size] for i in range(0, len(values), self.batch_size)]
-        self.budget.reserve_sub_calls(len(batches))
-        system = cached_system(render("where_system.md", predicate=predicate))
-        verdicts: dict[str, Verdict] = {}
-        wave = max(1, self.lm.max_concurrency)
+        self, job: _Job, verdicts: dict[str, Verdict], stats: WhereStats, limit: int | None
+    ) -> None:
+        """Send the packed batches; stop (and cancel what is in flight) once ``limit`` rows match."""
+        if not job.batches:
+            return
+        counts = job.counts
+        matched_rows = sum(counts[v] for v, verdict in verdicts.items() if verdict.match)
+        total = len(job.batches)
+        progress = {"done": 0, "last": time.monotonic(), "start": time.monotonic()}
+        spent_before = self.lm.accounting.cost_usd
 
         async def run() -> None:
-            for start in range(0, len(batches), wave):
-                results = await asyncio.gather(
-                    *(self._ask(system, b, stats) for b in batches[start : start + wave])
-                )
-                for result in results:
-                    verdicts.update(result)
-                if limit is not None and sum(v.match is True for v in verdicts.values()) >= limit:
-                    return
+            nonlocal matched_rows
+            queue = deque((f"b{i}", batch) for i, batch in enumerate(job.batches))
+            tasks: list[asyncio.Task[None]] = []
+
+            async def worker() -> None:
+                nonlocal matched_rows
+                while queue:
+                    batch_id, batch = queue.popleft()
+                    judged = await self._ask(job.system, batch, stats, batch_id)
+                    verdicts.update(judged)
+                    if self.cache is not None:
+                        self.cache.put_verdicts(
+                            (job.cache_keys[v], bool(x.match), x.reason, self.lm.sub_model)
+                            for v, x in judged.items()
+                            if x.match is not None
+                        )
+                    matched_rows += sum(counts[v] for v, x in judged.items() if x.match)
+                    progress["done"] += 1
+                    self._progress(stats, progress, total, matched_rows, spent_before)
+                    if limit is not None and matched_rows >= limit:
+                        stats.stopped_early = progress["done"] < total
+                        queue.clear()
+                        current = asyncio.current_task()
+                        for t in tasks:
+                            if t is not current:
+                                t.cancel()  # in-flight requests are abandoned, not awaited
+                        return
+
+            tasks.extend(
+                asyncio.create_task(worker()) for _ in range(min(total, self.lm.max_concurrency))
+            )
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            errors = [
+                r
+                for r in results
+                if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)
+            ]
+            if errors:
+                raise errors[0]
 
         self.lm.run_async(run)
-        return verdicts
+        stats.judged = sum(1 for v in verdicts.values() if v.decided_by != "cache")
+
+    def _progress(
+        self,
+        stats: WhereStats,
+        progress: dict[str, float],
+        total: int,
+        matched_rows: int,
+        spent_before: float,
+    ) -> None:
+        now = time.monotonic()
+        if now - progress["last"] < self.config.progress_interval_s and progress["done"] < total:
+            return
+        progress["last"] = now
+        done = int(progress["done"])
+        elapsed = now - progress["start"]
+        eta = elapsed / done * (total - done) if done else 0.0
+        spent = self.lm.accounting.cost_usd - spent_before
+        self.on_event(
+            {
+                "type": "llm_where_progress",
+                "requests_done": done,
+                "requests_total": total,
+                "matches": matched_rows,
+                "cost_usd": spent,
+                "eta_s": eta,
+                "summary": (
+                    f"llm_where: {done:,}/{total:,} requests ({done / total:.0%}), {matched_rows:,} rows "
+                    f"match so far, ${spent:.4f} spent, ETA {eta:.0f} s, concurrency "
+                    f"{int(self.lm.limiter.limit)}"
+                ),
+            }
+        )
 
     async def _ask(
-        self, system: list[dict[str, Any]], values: list[str], stats: WhereStats
+        self, system: list[dict[str, Any]], values: list[str], stats: WhereStats, batch_id: str
     ) -> dict[str, Verdict]:
-        """Judge ``values``; re-ask what the reply left unjudged in halves, then alone."""
+        """Judge ``values``; re-ask what the reply left unjudged in smaller batches, then alone."""
         stats.requests += 1
         lines = [f'<row id="{k}">{self._clip(v)}</row>' for k, v in enumerate(values)]
+        cost = 0.0
         try:
             reply = await self.lm.acomplete(
                 role="where",
@@ -225,30 +450,104 @@ class Semantic:
                 tools=[RECORD_VERDICTS_TOOL],
                 tool_choice={"type": "tool", "name": "record_verdicts"},
             )
+            cost = reply.record.cost_usd or 0.0
+            stats.cost_usd += cost
             judged, problem = parse_verdicts(reply.tool_input, len(values))
         except ModelError as err:
             if not err.retryable:
                 raise
             judged, problem = {}, str(err)
-        out = {values[k]: v for k, v in judged.items()}
+        share = cost / len(values)
+        out = {
+            values[k]: Verdict(
+                v.match, v.reason, decided_by="model", batch=batch_id, cost_usd=share
+            )
+            for k, v in judged.items()
+        }
         missing = [values[k] for k in range(len(values)) if k not in judged]
         if not missing:
             return out
         if len(values) == 1:
             stats.errors.append(problem)
-            out[values[0]] = Verdict(None, error=problem)
+            out[values[0]] = Verdict(
+                None, error=problem, decided_by="failed", batch=batch_id, cost_usd=share
+            )
             return out
         stats.reasked += len(missing)
-        half = max(1, len(missing) // 2) if len(missing) == len(values) else len(missing)
-        parts = [missing[i : i + half] for i in range(0, len(missing), half)]
-        for part in parts:
-            out.update(await self._ask(system, part, stats))
+        # Nothing usable: halve. Some usable: re-ask just the rest, which is already smaller.
+        size = max(1, len(missing) // 2) if len(missing) == len(values) else len(missing)
+        for i, start in enumerate(range(0, len(missing), size)):
+            part = missing[start : start + size]
+            for value, verdict in (await self._ask(system, part, stats, f"{batch_id}.{i}")).items():
+                verdict.cost_usd += share
+                out[value] = verdict
         return out
 
+    def _results(
+        self, job: _Job, verdicts: dict[str, Verdict], stats: WhereStats, limit: int | None
+    ) -> tuple[pa.Table, pa.Table]:
+        counts = job.counts
+        skipped = Verdict(None, error="not evaluated: limit reached", decided_by="not evaluated")
+        row_verdicts = [verdicts.get(k, skipped) for k in job.keys]
+        keep = [i for i, v in enumerate(row_verdicts) if v.match is True]
+        if limit is not None:
+            keep = keep[:limit]
+        stats.matches = len(keep)
+        stats.failed = sum(1 for v in row_verdicts if v.decided_by == "failed")
+        data = job.rows.drop_columns(
+            [c for c in (_ROW_ID, VERDICT_REASON) if c in job.rows.column_names]
+        )
+        matches = data.take(pa.array(keep, type=pa.int64())).append_column(
+            VERDICT_REASON, pa.array([row_verdicts[i].reason for i in keep], type=pa.string())
+        )
+        model = self.lm.sub_model
+        provenance = data
+        for name, values, type_ in (
+            ("_verdict", [v.match for v in row_verdicts], pa.bool_()),
+            (
+                VERDICT_REASON,
+                [v.reason if v.match is not None else None for v in row_verdicts],
+                pa.string(),
+            ),
+            ("_decided_by", [v.decided_by for v in row_verdicts], pa.string()),
+            (
+                "_model",
+                [model if v.decided_by != "not evaluated" else None for v in row_verdicts],
+                pa.string(),
+            ),
+            ("_batch", [v.batch or None for v in row_verdicts], pa.string()),
+            (
+                "_cost_usd",
+                [v.cost_usd / counts[k] for v, k in zip(row_verdicts, job.keys, strict=True)],
+                pa.float64(),
+            ),
+            ("_error", [v.error for v in row_verdicts], pa.string()),
+        ):
+            provenance = provenance.append_column(name, pa.array(values, type=type_))
+        return matches, provenance
+
     def _clip(self, value: str) -> str:
-        if len(value) <= self.max_row_chars:
+        if len(value) <= self.config.max_row_chars:
             return value
-        return value[: self.max_row_chars] + "…(truncated)"
+        return value[: self.config.max_row_chars] + "…(truncated)"
+
+
+@dataclass
+class _Job:
+    """A prepared ``llm_where``: the input rows, their value keys, the cache state and batches."""
+
+    rows: pa.Table
+    keys: list[str]
+    cache_keys: dict[str, str]
+    cached: dict[str, Verdict]
+    batches: list[list[str]]
+    system: list[dict[str, Any]]
+    plan: WherePlan
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Rows per distinct value."""
+        return Counter(self.keys)
 
 
 def parse_verdicts(tool_input: dict[str, Any] | None, n: int) -> tuple[dict[int, Verdict], str]:

@@ -195,11 +195,12 @@ class Warehouse:
 
     # -- scratch results (written by the host only) ---------------------------------------
 
-    def create_scratch(self, prefix: str, data: pa.Table) -> TableInfo:
-        """Store ``data`` as a new scratch table named ``{prefix}_{n}`` and return its info."""
-        name = f"{prefix}_{next(self._scratch_ids)}"
-        while name in self._tables:
+    def create_scratch(self, prefix: str, data: pa.Table, *, name: str | None = None) -> TableInfo:
+        """Store ``data`` as a new scratch table (``name``, or ``{prefix}_{n}``); return its info."""
+        if name is None or name in self._tables:
             name = f"{prefix}_{next(self._scratch_ids)}"
+            while name in self._tables:
+                name = f"{prefix}_{next(self._scratch_ids)}"
         self._con.register("__scratch", data)
         try:
             self._con.execute(f"CREATE TABLE {quote_ident(name)} AS SELECT * FROM __scratch")

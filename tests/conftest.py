@@ -24,6 +24,14 @@ def load_sample(con: duckdb.DuckDBPyConnection) -> None:
         )
 
 
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test (and any subprocess it starts) gets its own result cache."""
+    path = tmp_path / "rlm-cache.sqlite3"
+    monkeypatch.setenv("RLM_CACHE_PATH", str(path))
+    return path
+
+
 @pytest.fixture
 def warehouse_file(tmp_path: Path) -> str:
     """A DuckDB file holding the sample tables (as definitions.py loads them)."""

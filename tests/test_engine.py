@@ -13,7 +13,7 @@ import pytest
 from rlm_dagster import BudgetExceeded, Limits, NoFinalAnswer, Warehouse, run_rlm
 from rlm_dagster.budget import Budget
 from rlm_dagster.lm import LM
-from rlm_dagster.semantic import Semantic
+from rlm_dagster.semantic import Semantic, WhereConfig
 from rlm_dagster.testing import FakeAnthropic, FakeRequest, ToolUse
 
 MakeLM = Callable[..., LM]
@@ -89,7 +89,10 @@ def test_scripted_run_uses_sql_llm_where_llm_query_and_final(make_lm: MakeLM) ->
     # what the model saw: real outputs of its code, turn counters and spend
     assert "6 ['ticket_id', 'customer_id', 'body']" in roots[1].last_user_text
     assert "Turn 2 of 20" in roots[1].last_user_text
-    assert "llm_where: 6 rows -> 5 distinct -> 1 requests; 2 match" in roots[2].last_user_text
+    assert (
+        "llm_where: 6 rows -> 6 after where -> 5 distinct -> 0 cached -> 1 requests; 2 rows match"
+        in roots[2].last_user_text
+    )
     assert "two churn threats" in roots[2].last_user_text
     # accounting: 3 root turns, 1 where batch, 1 llm_query
     assert result.accounting.calls("root") == 3
@@ -117,8 +120,8 @@ def test_llm_where_speaks_the_wire_protocol(make_lm: MakeLM) -> None:
     with FakeAnthropic(where=churn_judge) as fake:
         lm = make_lm(fake)
         wh = small_warehouse()
-        sem = Semantic(lm, wh, Budget(Limits(), lm.accounting), batch_size=3)
-        info, stats = sem.where("tickets", "The customer threatens to cancel", columns=["body"])
+        sem = Semantic(lm, wh, Budget(Limits(), lm.accounting), config=WhereConfig(batch_rows=3))
+        info, _, stats = sem.where("tickets", "The customer threatens to cancel", columns=["body"])
         where_requests = [r for r in fake.requests if r.kind == "where"]
     assert stats.rows_in == 6 and stats.distinct == 5 and stats.requests == 2
     for req in where_requests:
@@ -150,7 +153,7 @@ def test_llm_where_matches_ground_truth_on_sample_data(
         lm = make_lm(fake)
         wh = Warehouse.snapshot(warehouse_file, ["tickets"])
         sem = Semantic(lm, wh, Budget(Limits(), lm.accounting))
-        info, stats = sem.where(
+        info, _, stats = sem.where(
             "tickets", "threatens to cancel", columns=["body"], where="priority <> 'low'"
         )
         got = set(wh.query(f"SELECT ticket_id FROM {info.name}").to_pydict()["ticket_id"])
@@ -180,8 +183,8 @@ def test_malformed_verdicts_are_reasked_then_null(make_lm: MakeLM) -> None:
     with FakeAnthropic(where_reply=reply) as fake:
         lm = make_lm(fake)
         wh = small_warehouse()
-        sem = Semantic(lm, wh, Budget(Limits(), lm.accounting), batch_size=10)
-        info, stats = sem.where("tickets", "moves to a competitor", columns=["body"])
+        sem = Semantic(lm, wh, Budget(Limits(), lm.accounting), config=WhereConfig(batch_rows=10))
+        info, _, stats = sem.where("tickets", "moves to a competitor", columns=["body"])
         sizes = [len(r.rows or []) for r in fake.requests]
     assert stats.failed == 1 and len(stats.errors) == 1 and "missing" in stats.errors[0]
     assert sizes[0] == 5 and sizes[-1] == 1  # first the whole batch, at last the bad row alone
@@ -193,8 +196,8 @@ def test_llm_where_limit_stops_early(make_lm: MakeLM) -> None:
     with FakeAnthropic(where=lambda p, r: True) as fake:
         lm = make_lm(fake, max_concurrency=2)
         wh = Warehouse.from_frames({"t": rows})
-        sem = Semantic(lm, wh, Budget(Limits(), lm.accounting), batch_size=10)
-        info, stats = sem.where("t", "anything", limit=5)
+        sem = Semantic(lm, wh, Budget(Limits(), lm.accounting), config=WhereConfig(batch_rows=10))
+        info, _, stats = sem.where("t", "anything", limit=5)
     assert info.rows == 5 and stats.requests == 2  # one wave of two batches, not twenty
 
 

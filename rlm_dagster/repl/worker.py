@@ -115,6 +115,7 @@ class Table:
         self.columns = list(columns)
         self.types = list(types)
         self._rows = rows
+        self.provenance: Table | None = None
 
     def __len__(self) -> int:
         return self._rows
@@ -205,8 +206,11 @@ class Repl:
         columns: Sequence[str] | None = None,
         where: str | None = None,
         limit: int | None = None,
-    ) -> Table:
-        """Rows of ``table`` for which the natural-language ``predicate`` holds, as a table."""
+        dry_run: bool = False,
+    ) -> Table | dict[str, Any]:
+        """Rows of ``table`` for which the natural-language ``predicate`` holds, as a table
+        (``.provenance`` has every input row's verdict); ``dry_run=True`` returns the plan and
+        its estimated cost instead, calling no model."""
         source = table.name if isinstance(table, Table) else str(table)
         info = self.channel.call(
             "llm_where",
@@ -215,11 +219,14 @@ class Repl:
             columns=list(columns) if columns is not None else None,
             where=where,
             limit=limit,
+            dry_run=bool(dry_run),
         )
-        summary = info.pop("summary", None)
-        if summary:
-            print(summary)
-        return self._handle(info)
+        if "plan" in info:
+            return dict(info["plan"])
+        print(info.pop("summary"))
+        handle = self._handle(info)
+        handle.provenance = self._handle(info["provenance"])
+        return handle
 
     def final(self, value: Any) -> None:
         """End the run with ``value``: text, a DataFrame or a table handle."""
