@@ -34,7 +34,7 @@ CREATE TABLE IF NOT EXISTS verdicts (
     created REAL NOT NULL
 );
 """
-_CHUNK = 500  # keys per IN (...) lookup, below SQLite's variable limit
+_CHUNK = 5_000  # keys per IN (...) lookup, below SQLite's variable limit (32,766)
 
 
 def default_cache_path() -> str:

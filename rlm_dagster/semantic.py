@@ -18,14 +18,15 @@ The plan is priced before anything is sent, and refused when it cannot fit the b
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from rlm_dagster.budget import Budget
 from rlm_dagster.cache import Cache, verdict_key
@@ -34,7 +35,7 @@ from rlm_dagster.lm import LM, Usage, cached_system
 from rlm_dagster.prices import cost_usd
 from rlm_dagster.prompts import render
 from rlm_dagster.sql_policy import check_sql
-from rlm_dagster.warehouse import TableInfo, Warehouse
+from rlm_dagster.warehouse import TableInfo, Warehouse, quote_ident
 
 RECORD_VERDICTS_TOOL: dict[str, Any] = {
     "name": "record_verdicts",
@@ -59,7 +60,7 @@ RECORD_VERDICTS_TOOL: dict[str, Any] = {
     },
 }
 
-_ROW_ID = "__rid"
+_KEY = "__rlm_value"
 VERDICT_REASON = "_verdict_reason"
 # Token estimates (4 characters a token) for planning; replies are billed as reported.
 _TOOL_OVERHEAD_TOKENS = 400  # tool definition + the API's tool-use preamble
@@ -247,7 +248,7 @@ class Semantic:
             distinct=plan.distinct,
             cached=plan.cached,
         )
-        verdicts = dict(job.cached)
+        verdicts: dict[int, Verdict] = dict(job.cached)
         self._judge(job, verdicts, stats, limit)
         matches, provenance = self._results(job, verdicts, stats, limit)
         stats.seconds = time.monotonic() - started
@@ -262,48 +263,54 @@ class Semantic:
         if not predicate.strip():
             raise ValueError("llm_where needs a non-empty natural-language predicate")
         base = self.warehouse.input_query(table)
-        rows_in = (
-            self.warehouse.trusted_arrow(f"SELECT count(*) AS n FROM ({base}) AS __in")
-            .column(0)[0]
-            .as_py()
-        )
-        rows = self._input(base, where)
-        user_columns = [c for c in rows.column_names if c not in (_ROW_ID, VERDICT_REASON)]
+        source = f"({base}) AS __in"
+        user_columns = [
+            c
+            for c in self.warehouse.trusted_arrow(f"SELECT * FROM {source} LIMIT 0").column_names
+            if c != VERDICT_REASON
+        ]
         projected = list(columns) if columns is not None else user_columns
         unknown = [c for c in projected if c not in user_columns]
         if unknown:
             raise QueryError(
                 f"llm_where columns {unknown} do not exist; columns are: {', '.join(user_columns)}"
             )
-        # One verdict per distinct projected value, joined back to every row that has it.
-        keys = [
-            json.dumps(r, sort_keys=True, default=str, ensure_ascii=False)
-            for r in rows.select(projected).to_pylist()
-        ]
-        distinct = list(dict.fromkeys(keys))
+        rows_in = self.warehouse.trusted_arrow(f"SELECT count(*) AS n FROM {source}").column(0)[0]
+        # The value the sub-model reads (compact JSON of the projected columns) is built and
+        # deduplicated in DuckDB and Arrow, not row by row in Python.
+        fields = ", ".join(f"{_sql_string(c)}: {quote_ident(c)}" for c in projected)
+        query = f"SELECT *, to_json({{{fields}}})::VARCHAR AS {_KEY} FROM {source}"
+        if where:
+            check_sql(f"SELECT * FROM {source} WHERE {where}", self.warehouse.tables.keys())
+            query += f" WHERE {where}"
+        try:
+            data = self.warehouse.trusted_arrow(query)
+        except Exception as err:
+            raise QueryError(f"llm_where input failed: {err}") from None
+        encoded = pc.dictionary_encode(data.column(_KEY).combine_chunks())
+        values: list[str] = encoded.dictionary.to_pylist()
+        rows = data.drop_columns([c for c in (_KEY, VERDICT_REASON) if c in data.column_names])
         model = self.lm.sub_model
-        cache_keys = {v: verdict_key(predicate, model, v) for v in distinct}
-        hits = self.cache.get_verdicts(list(cache_keys.values())) if self.cache else {}
+        cache_keys = [verdict_key(predicate, model, v) for v in values]
+        hits = self.cache.get_verdicts(cache_keys) if self.cache else {}
         cached = {
-            v: Verdict(hit[0], hit[1], decided_by="cache")
-            for v in distinct
-            if (hit := hits.get(cache_keys[v])) is not None
+            i: Verdict(hit[0], hit[1], decided_by="cache")
+            for i, key in enumerate(cache_keys)
+            if (hit := hits.get(key)) is not None
         }
-        todo = [v for v in distinct if v not in cached]
+        todo = [i for i in range(len(values)) if i not in cached]
         system_text = render("where_system.md", predicate=predicate)
-        batches = self._pack(todo)
+        batches = self._pack(todo, values)
         prefix_tokens = len(system_text) // 4 + _TOOL_OVERHEAD_TOKENS
-        est_in = len(batches) * prefix_tokens + sum(
-            len(self._clip(v)) // 4 + _ROW_OVERHEAD_TOKENS for v in todo
-        )
+        est_in = len(batches) * prefix_tokens + sum(self._row_tokens(values[i]) for i in todo)
         est_out = len(batches) * _OUTPUT_TOKENS_PER_REQUEST + len(todo) * _OUTPUT_TOKENS_PER_ROW
         concurrency = max(1, int(self.lm.limiter.limit))
         latencies = [r.latency_s for r in self.lm.accounting.records if r.role == "where"]
         latency = sum(latencies) / len(latencies) if latencies else self.config.default_latency_s
         plan = WherePlan(
-            rows_in=rows_in,
+            rows_in=int(rows_in.as_py()),
             rows_after_where=rows.num_rows,
-            distinct=len(distinct),
+            distinct=len(values),
             cached=len(cached),
             to_evaluate=len(todo),
             requests=len(batches),
@@ -314,69 +321,84 @@ class Semantic:
             concurrency=concurrency,
             model=model,
         )
-        return _Job(rows, keys, cache_keys, cached, batches, cached_system(system_text), plan)
+        return _Job(
+            rows,
+            values,
+            encoded.indices,
+            cache_keys,
+            cached,
+            batches,
+            cached_system(system_text),
+            plan,
+        )
 
-    def _input(self, base: str, where: str | None) -> pa.Table:
-        query = f"SELECT * FROM ({base}) AS __in"
-        if where:
-            query += f" WHERE {where}"
-            check_sql(query, allowed_tables=self.warehouse.tables.keys())
-        try:
-            data = self.warehouse.trusted_arrow(query)
-        except Exception as err:
-            raise QueryError(f"llm_where input failed: {err}") from None
-        return data.append_column(_ROW_ID, pa.array(range(data.num_rows), type=pa.int64()))
-
-    def _pack(self, values: list[str]) -> list[list[str]]:
+    def _pack(self, todo: list[int], values: list[str]) -> list[list[int]]:
         """Consecutive values into requests of at most ``batch_rows`` rows and ``batch_tokens``."""
-        batches: list[list[str]] = []
-        current: list[str] = []
+        batches: list[list[int]] = []
+        current: list[int] = []
         tokens = 0
-        for value in values:
-            cost = len(self._clip(value)) // 4 + _ROW_OVERHEAD_TOKENS
+        for i in todo:
+            cost = self._row_tokens(values[i])
             if current and (
                 len(current) >= self.config.batch_rows or tokens + cost > self.config.batch_tokens
             ):
                 batches.append(current)
                 current, tokens = [], 0
-            current.append(value)
+            current.append(i)
             tokens += cost
         if current:
             batches.append(current)
         return batches
 
+    def _row_tokens(self, value: str) -> int:
+        return min(len(value), self.config.max_row_chars) // 4 + _ROW_OVERHEAD_TOKENS
+
     def _judge(
-        self, job: _Job, verdicts: dict[str, Verdict], stats: WhereStats, limit: int | None
+        self, job: _Job, verdicts: dict[int, Verdict], stats: WhereStats, limit: int | None
     ) -> None:
-        """Send the packed batches; stop (and cancel what is in flight) once ``limit`` rows match."""
+        """Send the packed batches; stop (and cancel what is in flight) once ``limit`` rows match.
+
+        Verdicts reach the cache in groups (every 1,000 or every second, and at the end), so a
+        run killed mid-way loses at most about a second of judged values."""
         if not job.batches:
             return
         counts = job.counts
-        matched_rows = sum(counts[v] for v, verdict in verdicts.items() if verdict.match)
+        matched_rows = sum(counts[i] for i, verdict in verdicts.items() if verdict.match)
         total = len(job.batches)
         progress = {"done": 0, "last": time.monotonic(), "start": time.monotonic()}
         spent_before = self.lm.accounting.cost_usd
+        pending: list[tuple[str, bool, str, str]] = []
+        flushed = [time.monotonic()]
+
+        def flush(force: bool = False) -> None:
+            if self.cache is None or not pending:
+                return
+            if force or len(pending) >= 1_000 or time.monotonic() - flushed[0] >= 1.0:
+                self.cache.put_verdicts(pending)
+                pending.clear()
+                flushed[0] = time.monotonic()
 
         async def run() -> None:
             nonlocal matched_rows
-            queue = deque((f"b{i}", batch) for i, batch in enumerate(job.batches))
+            queue = deque((f"b{n}", batch) for n, batch in enumerate(job.batches))
             tasks: list[asyncio.Task[None]] = []
 
             async def worker() -> None:
                 nonlocal matched_rows
                 while queue:
                     batch_id, batch = queue.popleft()
-                    judged = await self._ask(job.system, batch, stats, batch_id)
+                    judged = await self._ask(job, batch, stats, batch_id)
                     verdicts.update(judged)
-                    if self.cache is not None:
-                        self.cache.put_verdicts(
-                            (job.cache_keys[v], bool(x.match), x.reason, self.lm.sub_model)
-                            for v, x in judged.items()
-                            if x.match is not None
-                        )
-                    matched_rows += sum(counts[v] for v, x in judged.items() if x.match)
+                    model = self.lm.sub_model
+                    pending.extend(
+                        (job.cache_keys[i], bool(v.match), v.reason, model)
+                        for i, v in judged.items()
+                        if v.match is not None
+                    )
+                    flush()
+                    matched_rows += sum(counts[i] for i, v in judged.items() if v.match)
                     progress["done"] += 1
-                    self._progress(stats, progress, total, matched_rows, spent_before)
+                    self._progress(progress, total, matched_rows, spent_before)
                     if limit is not None and matched_rows >= limit:
                         stats.stopped_early = progress["done"] < total
                         queue.clear()
@@ -398,12 +420,14 @@ class Semantic:
             if errors:
                 raise errors[0]
 
-        self.lm.run_async(run)
+        try:
+            self.lm.run_async(run)
+        finally:
+            flush(force=True)
         stats.judged = sum(1 for v in verdicts.values() if v.decided_by != "cache")
 
     def _progress(
         self,
-        stats: WhereStats,
         progress: dict[str, float],
         total: int,
         matched_rows: int,
@@ -434,96 +458,87 @@ class Semantic:
         )
 
     async def _ask(
-        self, system: list[dict[str, Any]], values: list[str], stats: WhereStats, batch_id: str
-    ) -> dict[str, Verdict]:
-        """Judge ``values``; re-ask what the reply left unjudged in smaller batches, then alone."""
+        self, job: _Job, batch: list[int], stats: WhereStats, batch_id: str
+    ) -> dict[int, Verdict]:
+        """Judge ``batch``; re-ask what the reply left unjudged in smaller batches, then alone."""
         stats.requests += 1
-        lines = [f'<row id="{k}">{self._clip(v)}</row>' for k, v in enumerate(values)]
+        lines = [f'<row id="{k}">{self._clip(job.values[i])}</row>' for k, i in enumerate(batch)]
         cost = 0.0
         try:
             reply = await self.lm.acomplete(
                 role="where",
                 model=self.lm.sub_model,
-                system=system,
+                system=job.system,
                 messages=[{"role": "user", "content": "\n".join(lines)}],
-                max_tokens=200 + 60 * len(values),
+                max_tokens=200 + 60 * len(batch),
                 tools=[RECORD_VERDICTS_TOOL],
                 tool_choice={"type": "tool", "name": "record_verdicts"},
             )
             cost = reply.record.cost_usd or 0.0
             stats.cost_usd += cost
-            judged, problem = parse_verdicts(reply.tool_input, len(values))
+            judged, problem = parse_verdicts(reply.tool_input, len(batch))
         except ModelError as err:
             if not err.retryable:
                 raise
             judged, problem = {}, str(err)
-        share = cost / len(values)
+        share = cost / len(batch)
         out = {
-            values[k]: Verdict(
-                v.match, v.reason, decided_by="model", batch=batch_id, cost_usd=share
-            )
+            batch[k]: Verdict(v.match, v.reason, decided_by="model", batch=batch_id, cost_usd=share)
             for k, v in judged.items()
         }
-        missing = [values[k] for k in range(len(values)) if k not in judged]
+        missing = [batch[k] for k in range(len(batch)) if k not in judged]
         if not missing:
             return out
-        if len(values) == 1:
+        if len(batch) == 1:
             stats.errors.append(problem)
-            out[values[0]] = Verdict(
+            out[batch[0]] = Verdict(
                 None, error=problem, decided_by="failed", batch=batch_id, cost_usd=share
             )
             return out
         stats.reasked += len(missing)
         # Nothing usable: halve. Some usable: re-ask just the rest, which is already smaller.
-        size = max(1, len(missing) // 2) if len(missing) == len(values) else len(missing)
-        for i, start in enumerate(range(0, len(missing), size)):
+        size = max(1, len(missing) // 2) if len(missing) == len(batch) else len(missing)
+        for n, start in enumerate(range(0, len(missing), size)):
             part = missing[start : start + size]
-            for value, verdict in (await self._ask(system, part, stats, f"{batch_id}.{i}")).items():
+            for i, verdict in (await self._ask(job, part, stats, f"{batch_id}.{n}")).items():
                 verdict.cost_usd += share
-                out[value] = verdict
+                out[i] = verdict
         return out
 
     def _results(
-        self, job: _Job, verdicts: dict[str, Verdict], stats: WhereStats, limit: int | None
+        self, job: _Job, verdicts: dict[int, Verdict], stats: WhereStats, limit: int | None
     ) -> tuple[pa.Table, pa.Table]:
-        counts = job.counts
+        """The matching rows and the provenance of every row, built per distinct value and
+        spread to the rows with ``take``."""
         skipped = Verdict(None, error="not evaluated: limit reached", decided_by="not evaluated")
-        row_verdicts = [verdicts.get(k, skipped) for k in job.keys]
-        keep = [i for i, v in enumerate(row_verdicts) if v.match is True]
-        if limit is not None:
-            keep = keep[:limit]
-        stats.matches = len(keep)
-        stats.failed = sum(1 for v in row_verdicts if v.decided_by == "failed")
-        data = job.rows.drop_columns(
-            [c for c in (_ROW_ID, VERDICT_REASON) if c in job.rows.column_names]
-        )
-        matches = data.take(pa.array(keep, type=pa.int64())).append_column(
-            VERDICT_REASON, pa.array([row_verdicts[i].reason for i in keep], type=pa.string())
-        )
+        per_value = [verdicts.get(i, skipped) for i in range(len(job.values))]
+        counts = job.counts
         model = self.lm.sub_model
-        provenance = data
-        for name, values, type_ in (
-            ("_verdict", [v.match for v in row_verdicts], pa.bool_()),
-            (
-                VERDICT_REASON,
-                [v.reason if v.match is not None else None for v in row_verdicts],
-                pa.string(),
+        columns: dict[str, pa.Array] = {
+            "_verdict": pa.array([v.match for v in per_value], type=pa.bool_()),
+            VERDICT_REASON: pa.array(
+                [v.reason if v.match is not None else None for v in per_value], type=pa.string()
             ),
-            ("_decided_by", [v.decided_by for v in row_verdicts], pa.string()),
-            (
-                "_model",
-                [model if v.decided_by != "not evaluated" else None for v in row_verdicts],
-                pa.string(),
+            "_decided_by": pa.array([v.decided_by for v in per_value], type=pa.string()),
+            "_model": pa.array(
+                [model if v.decided_by != "not evaluated" else None for v in per_value],
+                type=pa.string(),
             ),
-            ("_batch", [v.batch or None for v in row_verdicts], pa.string()),
-            (
-                "_cost_usd",
-                [v.cost_usd / counts[k] for v, k in zip(row_verdicts, job.keys, strict=True)],
-                pa.float64(),
+            "_batch": pa.array([v.batch or None for v in per_value], type=pa.string()),
+            "_cost_usd": pa.array(
+                [v.cost_usd / counts[i] for i, v in enumerate(per_value)], type=pa.float64()
             ),
-            ("_error", [v.error for v in row_verdicts], pa.string()),
-        ):
-            provenance = provenance.append_column(name, pa.array(values, type=type_))
+            "_error": pa.array([v.error for v in per_value], type=pa.string()),
+        }
+        provenance = job.rows
+        for name, per_value_column in columns.items():
+            provenance = provenance.append_column(name, per_value_column.take(job.index))
+        is_match = pc.fill_null(provenance.column("_verdict"), False)
+        matches = provenance.filter(is_match).select([*job.rows.column_names, VERDICT_REASON])
+        if limit is not None:
+            matches = matches.slice(0, limit)
+        stats.matches = matches.num_rows
+        stats.failed = sum(counts[i] for i, v in enumerate(per_value) if v.decided_by == "failed")
         return matches, provenance
 
     def _clip(self, value: str) -> str:
@@ -534,20 +549,34 @@ class Semantic:
 
 @dataclass
 class _Job:
-    """A prepared ``llm_where``: the input rows, their value keys, the cache state and batches."""
+    """A prepared ``llm_where``: input rows, their distinct values, cache state and batches."""
 
     rows: pa.Table
-    keys: list[str]
-    cache_keys: dict[str, str]
-    cached: dict[str, Verdict]
-    batches: list[list[str]]
+    values: list[str]  # distinct projected values (JSON), in first-seen order
+    index: pa.Array  # row -> position in values
+    cache_keys: list[str]  # per value
+    cached: dict[int, Verdict]  # by value position
+    batches: list[list[int]]  # value positions per request
     system: list[dict[str, Any]]
     plan: WherePlan
 
-    @property
-    def counts(self) -> dict[str, int]:
+    @cached_property
+    def counts(self) -> list[int]:
         """Rows per distinct value."""
-        return Counter(self.keys)
+        return _counts(self.index, len(self.values))
+
+
+def _counts(index: pa.Array, n: int) -> list[int]:
+    counts = [0] * n
+    for position, count in zip(
+        *(pc.value_counts(index).field(f).to_pylist() for f in ("values", "counts")), strict=True
+    ):
+        counts[position] = count
+    return counts
+
+
+def _sql_string(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
 
 
 def parse_verdicts(tool_input: dict[str, Any] | None, n: int) -> tuple[dict[int, Verdict], str]:

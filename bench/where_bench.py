@@ -1,0 +1,343 @@
+"""llm_where against the naive plan (one request per row, as LOTUS and FlockMTL do by default).
+
+    python bench/where_bench.py            # N = 1k, 10k, 100k (about 10 minutes on 2 cores)
+    python bench/where_bench.py --quick    # N = 1k, 10k
+
+Both plans run in this process, one after the other, against the same fake Messages API,
+which runs in a separate process so that this process's CPU time is the engine's own. The
+fake answers each request after ``FIXED_S + PER_TOKEN_S x output tokens`` and answers 429
+(retry-after 50 ms) when more than ``SERVER_LIMIT`` requests are in flight; the LM is allowed
+twice that (``LM_LIMIT``), so it must find the limit itself. A row matches when its text
+contains ``MATCH``; the fake judges from the row's content only.
+
+Columns: requests and tokens as billed by the fake; wall time; rows/s; "% of bound" is the
+wall time the fake's latency and concurrency limit allow (sum of per-request latencies /
+SERVER_LIMIT) over the measured wall time; "CPU us/row" is this process's CPU time per input
+row (planning, dedupe, the SDK's HTTP client, parsing, result tables) and "engine us/row" the
+same pipeline's CPU time per row with an in-process instant model instead of HTTP (what the
+engine itself costs: planning, dedupe, packing, verdict parsing, cache, result tables);
+"rerun req" is the requests of the same call repeated with the warm verdict cache. The naive plan at 100k rows runs on the
+first 10k rows and its wall time is scaled by 10 (marked "est."); its requests and tokens
+scale exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from rlm_dagster import Limits, Warehouse
+from rlm_dagster.budget import Budget
+from rlm_dagster.cache import Cache
+from rlm_dagster.lm import LM, CallRecord, Completion, Usage, cached_system
+from rlm_dagster.prompts import render
+from rlm_dagster.semantic import RECORD_VERDICTS_TOOL, Semantic, parse_verdicts
+
+FIXED_S = 0.2
+PER_TOKEN_S = 0.00002
+SERVER_LIMIT = 16
+LM_LIMIT = 32
+NAIVE_MAX_ROWS = 2_000
+PREDICATE = "The ticket reports a problem that should be escalated."
+WORDS = [
+    "invoice",
+    "export",
+    "dashboard",
+    "login",
+    "sync",
+    "api",
+    "seats",
+    "outage",
+    "refund",
+    "report",
+    "chart",
+    "token",
+]
+
+
+def judge(predicate: str, row: dict[str, Any]) -> tuple[bool, str]:
+    hit = "MATCH" in str(row.get("text", ""))
+    return hit, "marker present" if hit else "no marker"
+
+
+def serve(conn: Connection, fault_rate: float, fixed_s: float = FIXED_S) -> None:
+    from rlm_dagster.testing import FakeAnthropic
+
+    fake = FakeAnthropic(
+        where=judge,
+        latency_s=fixed_s,
+        latency_per_output_token_s=PER_TOKEN_S,
+        max_concurrency=SERVER_LIMIT,
+        rate_limit_retry_after_s=0.05,
+        fault_rate=fault_rate,
+        seed=11,
+    )
+    with fake:
+        conn.send(fake.base_url)
+        conn.recv()  # until told to stop
+
+
+class Server:
+    def __init__(self, fault_rate: float = 0.0) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=serve, args=(child, fault_rate, FIXED_S), daemon=True)
+        self.proc.start()
+        self.base_url: str = self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send("stop")
+        self.proc.join(timeout=30)
+
+
+def make_rows(n: int, dup_rate: float, selectivity: float, seed: int = 1) -> pd.DataFrame:
+    rng = random.Random(seed)
+    texts: list[str] = []
+    for i in range(n):
+        if texts and rng.random() < dup_rate:
+            texts.append(texts[rng.randrange(len(texts))])
+            continue
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 40)))
+        marker = " MATCH" if rng.random() < selectivity else ""
+        texts.append(f"Ticket {i}: {words}{marker}.")
+    return pd.DataFrame({"id": range(n), "text": texts})
+
+
+@dataclass
+class Measure:
+    rows: int
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    wall_s: float
+    cpu_s: float
+    bound_s: float
+    matches: frozenset[int]
+    rerun_requests: int | None = None
+    engine_cpu_s: float | None = None
+    scaled: float = 1.0
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / (self.wall_s * self.scaled)
+
+
+def lm_for(base_url: str) -> LM:
+    return LM(
+        api_key="bench",
+        base_url=base_url,
+        root_model="fake-root",
+        sub_model="claude-haiku-5-5",
+        max_concurrency=LM_LIMIT,
+        max_retries=10,
+    )
+
+
+class InstantLM(LM):
+    """Answers llm_where requests in-process with the bench judge: no HTTP, no latency."""
+
+    async def acomplete(self, **kwargs: Any) -> Completion:  # type: ignore[override]
+        request = self._request(
+            kwargs["role"],
+            kwargs["model"],
+            kwargs["system"],
+            kwargs["messages"],
+            kwargs.get("max_tokens"),
+            kwargs.get("tools"),
+            kwargs.get("tool_choice"),
+        )
+        text = request["messages"][-1]["content"]
+        verdicts = []
+        for line in text.splitlines():
+            head, _, rest = line.partition('">')
+            match, reason = judge(PREDICATE, json.loads(rest[: -len("</row>")]))
+            verdicts.append({"id": int(head[len('<row id="') :]), "match": match, "reason": reason})
+        usage = Usage(input_tokens=len(text) // 4, output_tokens=25 * len(verdicts))
+        record = CallRecord(kwargs["role"], kwargs["model"], usage, 0.0, 0.0, "tool_use")
+        self.accounting.add(record)
+        return Completion(
+            text="", stop_reason="tool_use", record=record, tool_input={"verdicts": verdicts}
+        )
+
+
+def engine_cpu_s(frame: pd.DataFrame) -> float:
+    """CPU seconds of the whole llm_where pipeline with the instant model (no HTTP)."""
+    wh = Warehouse.from_frames({"t": frame})
+    lm = InstantLM(
+        api_key="bench",
+        root_model="fake-root",
+        sub_model="claude-haiku-5-5",
+        max_concurrency=LM_LIMIT,
+    )
+    sem = Semantic(
+        lm, wh, Budget(Limits(max_sub_calls=10_000_000, max_cost_usd=None), lm.accounting)
+    )
+    cpu0 = time.process_time()
+    sem.where("t", PREDICATE, columns=["text"])
+    cpu = time.process_time() - cpu0
+    lm.close()
+    wh.close()
+    return cpu
+
+
+def bound_s(lm: LM) -> float:
+    records = [r for r in lm.accounting.records if r.role == "where"]
+    return sum(FIXED_S + PER_TOKEN_S * r.usage.output_tokens for r in records) / SERVER_LIMIT
+
+
+def run_ours(base_url: str, frame: pd.DataFrame, cache_dir: Path) -> Measure:
+    wh = Warehouse.from_frames({"t": frame})
+    lm = lm_for(base_url)
+    cache = Cache(cache_dir / f"bench-{time.monotonic_ns()}.sqlite3")
+    limits = Limits(max_sub_calls=10_000_000, max_cost_usd=None)
+    sem = Semantic(lm, wh, Budget(limits, lm.accounting), cache=cache)
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    info, _, stats = sem.where("t", PREDICATE, columns=["text"])
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    matches = frozenset(wh.query(f"SELECT id FROM {info.name}", max_rows=10**7).to_pydict()["id"])
+    usage = lm.accounting.usage
+    measure = Measure(
+        len(frame),
+        stats.requests,
+        usage.input_tokens,
+        usage.output_tokens,
+        wall,
+        cpu,
+        bound_s(lm),
+        matches,
+    )
+    _, _, rerun = Semantic(lm, wh, Budget(limits, lm.accounting), cache=cache).where(
+        "t", PREDICATE, columns=["text"]
+    )
+    measure.rerun_requests = rerun.requests
+    measure.engine_cpu_s = engine_cpu_s(frame)
+    lm.close()
+    cache.close()
+    wh.close()
+    return measure
+
+
+def run_naive(base_url: str, frame: pd.DataFrame) -> Measure:
+    """One request per row, every row, no cache: the default plan of LOTUS and FlockMTL."""
+    import asyncio
+
+    sample = frame.iloc[:NAIVE_MAX_ROWS]
+    lm = lm_for(base_url)
+    system = cached_system(render("where_system.md", predicate=PREDICATE))
+    matches: set[int] = set()
+
+    async def one(row_id: int, text: str) -> None:
+        reply = await lm.acomplete(
+            role="where",
+            model=lm.sub_model,
+            system=system,
+            messages=[
+                {"role": "user", "content": f'<row id="0">{json.dumps({"text": text})}</row>'}
+            ],
+            max_tokens=260,
+            tools=[RECORD_VERDICTS_TOOL],
+            tool_choice={"type": "tool", "name": "record_verdicts"},
+        )
+        verdicts, _ = parse_verdicts(reply.tool_input, 1)
+        if verdicts.get(0) and verdicts[0].match:
+            matches.add(row_id)
+
+    async def run() -> None:
+        await asyncio.gather(
+            *(one(i, t) for i, t in zip(sample["id"], sample["text"], strict=True))
+        )
+
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    lm.run_async(run)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    usage = lm.accounting.usage
+    scale = len(frame) / len(sample)
+    lm.close()
+    return Measure(
+        len(frame),
+        round(len(sample) * scale),
+        round(usage.input_tokens * scale),
+        round(usage.output_tokens * scale),
+        wall,
+        cpu,
+        bound_s(lm) * scale,
+        frozenset(matches),
+        scaled=scale,
+    )
+
+
+def row(n: int, dup: float, sel: float, plan: str, m: Measure) -> str:
+    est = " est." if m.scaled != 1.0 else ""
+    wall = m.wall_s * m.scaled
+    pct = 100 * m.bound_s / wall if wall else 0.0
+    rerun = "" if m.rerun_requests is None else f"{m.rerun_requests:,}"
+    engine = "" if m.engine_cpu_s is None else f"{1e6 * m.engine_cpu_s / m.rows:,.1f}"
+    return (
+        f"| {n:>7,} | {dup:>4.0%} | {sel:>4.0%} | {plan:<9} | {m.requests:>8,} | {m.input_tokens:>11,} | "
+        f"{m.output_tokens:>10,} | {wall:>7.1f}{est:<5} | {m.rows / wall:>8,.0f} | {pct:>5.0f}% | "
+        f"{1e6 * m.cpu_s / (m.rows / m.scaled):>7,.0f} | {engine:>6} | {rerun:>9} |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="N = 1k and 10k only")
+    args = parser.parse_args()
+    sizes = [1_000, 10_000] if args.quick else [1_000, 10_000, 100_000]
+    print(
+        f"fake server: {FIXED_S * 1000:.0f} ms + {PER_TOKEN_S * 1e6:.0f} us/output token per request, "
+        f"429 above {SERVER_LIMIT} in flight; LM max_concurrency {LM_LIMIT}; default packing "
+        "(40 rows, 4,000 tokens per request)\n"
+    )
+    print(
+        "|       N |  dup |  sel | plan      | requests | input tokens | output tok | wall s       |   rows/s | "
+        "bound | CPU us/row | engine us/row | rerun req |"
+    )
+    print("|" + "---|" * 13)
+    server = Server()
+    clean: frozenset[int] = frozenset()
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in sizes:
+            for dup in (0.0, 0.5):
+                for sel in (0.05, 0.30):
+                    frame = make_rows(n, dup, sel)
+                    truth = frozenset(
+                        int(i)
+                        for i, t in zip(frame["id"], frame["text"], strict=True)
+                        if "MATCH" in t
+                    )
+                    ours = run_ours(server.base_url, frame, Path(tmp))
+                    assert ours.matches == truth, "rlm_dagster result differs from ground truth"
+                    print(row(n, dup, sel, "rlm", ours), flush=True)
+                    naive = run_naive(server.base_url, frame)
+                    naive_truth = frozenset(i for i in truth if i < NAIVE_MAX_ROWS)
+                    assert naive.matches == naive_truth, "naive result differs from ground truth"
+                    print(row(n, dup, sel, "naive", naive), flush=True)
+                    if n == 10_000 and dup == 0.5 and sel == 0.30:
+                        clean = ours.matches
+        server.close()
+        # The same filter with 10% of requests answered 429/529/500 must give the same rows.
+        faulty = Server(fault_rate=0.10)
+        frame = make_rows(10_000, 0.5, 0.30)
+        measure = run_ours(faulty.base_url, frame, Path(tmp))
+        faulty.close()
+    same = measure.matches == clean if clean else None
+    print(
+        f"\n10k rows, 50% dup, 30% sel, 10% of requests faulted (429/529/500): "
+        f"{len(measure.matches):,} matches, identical to the clean run: {same}; wall {measure.wall_s:.1f} s"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""llm_where at scale: correctness against ground truth, cache, budget, faults, provenance."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from rlm_dagster import BudgetExceeded, Limits, Warehouse
+from rlm_dagster.budget import Budget
+from rlm_dagster.cache import Cache
+from rlm_dagster.lm import LM
+from rlm_dagster.semantic import Semantic, WhereConfig
+from rlm_dagster.testing import FakeAnthropic, FakeRequest, ToolUse
+
+MakeLM = Callable[..., LM]
+
+
+def ticket_warehouse(warehouse_file: str) -> Warehouse:
+    return Warehouse.snapshot(warehouse_file, ["tickets", "customers"])
+
+
+def semantic(lm: LM, wh: Warehouse, cache: Cache | None = None, limits: Limits | None = None, **config: Any) -> Semantic:
+    events: list[dict[str, Any]] = []
+    sem = Semantic(
+        lm, wh, Budget(limits or Limits(), lm.accounting), cache=cache, config=WhereConfig(**config), on_event=events.append
+    )
+    sem.events = events  # type: ignore[attr-defined]
+    return sem
+
+
+def ids(wh: Warehouse, table: str) -> set[int]:
+    return set(wh.query(f"SELECT ticket_id FROM {table}").to_pydict()["ticket_id"])
+
+
+@pytest.fixture
+def judge(churn_by_body: dict[str, bool]) -> Callable[[str, dict[str, Any]], tuple[bool, str]]:
+    def by_truth(predicate: str, row: dict[str, Any]) -> tuple[bool, str]:
+        hit = churn_by_body[row["body"]]
+        return hit, "threat" if hit else "none"
+
+    return by_truth
+
+
+@pytest.fixture
+def truth(churn_labels: dict[int, bool]) -> set[int]:
+    return {t for t, hit in churn_labels.items() if hit}
+
+
+def test_same_result_with_and_without_packing_and_cache(
+    make_lm: MakeLM, warehouse_file: str, tmp_path: Path, judge: Any, truth: set[int]
+) -> None:
+    wh = ticket_warehouse(warehouse_file)
+    cache = Cache(tmp_path / "c.sqlite3")
+    with FakeAnthropic(where=judge) as fake:
+        packed, _, s1 = semantic(make_lm(fake), wh, cache).where("tickets", "threatens to cancel", columns=["body"])
+        packed_requests = fake.count("where")
+        fake.reset()
+        single, _, s2 = semantic(make_lm(fake), wh, None, batch_rows=1).where(
+            "tickets", "threatens to cancel", columns=["body"]
+        )
+        single_requests = fake.count("where")
+        fake.reset()
+        again, _, s3 = semantic(make_lm(fake), wh, cache).where("tickets", "threatens to cancel", columns=["body"])
+        cached_requests = fake.count("where")
+    assert ids(wh, packed.name) == ids(wh, single.name) == ids(wh, again.name) == truth
+    # duplicated bodies are judged once but every row carrying them is in the result
+    assert s1.distinct < s1.rows_in == 600
+    assert single_requests == s1.distinct  # one request per distinct value without packing
+    assert packed_requests <= s1.distinct / 20  # the issue's target at default settings
+    assert cached_requests == 0 and s3.cached == s3.distinct
+
+
+def test_verdict_cache_survives_a_new_process(
+    make_lm: MakeLM, warehouse_file: str, tmp_path: Path, judge: Any
+) -> None:
+    cache_path = tmp_path / "shared.sqlite3"
+    with FakeAnthropic(where=judge) as fake:
+        script = textwrap.dedent(
+            f"""
+            from rlm_dagster import Limits, Warehouse
+            from rlm_dagster.budget import Budget
+            from rlm_dagster.cache import Cache
+            from rlm_dagster.lm import LM
+            from rlm_dagster.semantic import Semantic
+            lm = LM(api_key="k", base_url={fake.base_url!r}, root_model="fake-root", sub_model="claude-haiku-4-5")
+            wh = Warehouse.snapshot({warehouse_file!r}, ["tickets"])
+            sem = Semantic(lm, wh, Budget(Limits(), lm.accounting), cache=Cache({str(cache_path)!r}))
+            info, _, stats = sem.where("tickets", "threatens to cancel", columns=["body"], where="priority = 'urgent'")
+            print(stats.requests, info.rows)
+            lm.close()
+            """
+        )
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        first_requests, first_rows = map(int, proc.stdout.split())
+        assert first_requests > 0 and fake.count("where") == first_requests
+        fake.reset()
+        wh = Warehouse.snapshot(warehouse_file, ["tickets"])
+        info, _, stats = semantic(make_lm(fake), wh, Cache(cache_path)).where(
+            "tickets", "threatens to cancel", columns=["body"], where="priority = 'urgent'"
+        )
+    assert fake.count("where") == 0 and stats.requests == 0
+    assert info.rows == first_rows
+
+
+def test_failed_rows_are_null_counted_and_never_cached(make_lm: MakeLM, warehouse_file: str, tmp_path: Path) -> None:
+    bad = "export"
+
+    def reply(req: FakeRequest) -> ToolUse:
+        verdicts = [
+            {"id": k, "match": "competitor" in row["body"].lower(), "reason": "r"}
+            for k, row in req.rows or []
+            if bad not in row["body"].lower()
+        ]
+        return ToolUse("record_verdicts", {"verdicts": verdicts})
+
+    wh = ticket_warehouse(warehouse_file)
+    cache = Cache(tmp_path / "c.sqlite3")
+    with FakeAnthropic(where_reply=reply) as fake:
+        info, prov, stats = semantic(make_lm(fake), wh, cache).where("tickets", "mentions a competitor", columns=["body"])
+        n_bad = wh.query("SELECT count(*) AS n FROM tickets WHERE lower(body) LIKE '%export%'").to_pydict()["n"][0]
+        failed = wh.query(
+            f"SELECT count(*) AS n FROM {prov.name} WHERE _verdict IS NULL AND _decided_by = 'failed' "
+            "AND _error LIKE '%missing%'"
+        ).to_pydict()["n"][0]
+        fake.reset()
+        _, _, again = semantic(make_lm(fake), wh, cache).where("tickets", "mentions a competitor", columns=["body"])
+    assert n_bad > 0 and stats.failed == failed == n_bad
+    assert ids(wh, info.name).isdisjoint(
+        set(wh.query("SELECT ticket_id FROM tickets WHERE lower(body) LIKE '%export%'").to_pydict()["ticket_id"])
+    )
+    # only the failures are asked again: each alone, since nothing else is left to pack
+    assert again.cached == again.distinct - again.judged and again.judged > 0
+    assert all(len(r.rows or []) >= 1 for r in fake.requests)
+    assert again.failed == n_bad
+
+
+def test_limit_stops_early_and_cancels_the_rest(make_lm: MakeLM) -> None:
+    frame = pd.DataFrame({"n": range(2_000), "text": [f"row {i}" for i in range(2_000)]})
+    wh = Warehouse.from_frames({"t": frame})
+    with FakeAnthropic(where=lambda p, r: True, latency_s=0.05) as fake:
+        info, prov, stats = semantic(make_lm(fake, max_concurrency=4), wh, batch_rows=10).where(
+            "t", "anything", limit=25
+        )
+        sent = fake.count("where", include_faulted=True)
+    assert info.rows == 25 and stats.stopped_early
+    assert sent <= 4 + 4  # the wave that reached the limit, plus what was in flight; not 200
+    skipped = wh.query(f"SELECT count(*) AS n FROM {prov.name} WHERE _decided_by = 'not evaluated'").to_pydict()
+    assert skipped["n"][0] >= 2_000 - sent * 10
+
+
+def test_budget_refusal_happens_before_any_request(make_lm: MakeLM, warehouse_file: str, judge: Any) -> None:
+    wh = ticket_warehouse(warehouse_file)
+    with FakeAnthropic(where=judge) as fake:
+        lm = make_lm(fake)
+        with pytest.raises(BudgetExceeded, match=r"sub-calls requested but only 3 of max_sub_calls=3"):
+            semantic(lm, wh, limits=Limits(max_sub_calls=3)).where("tickets", "threatens to cancel")
+        priced = make_lm(fake, sub_model="claude-opus-4-1")
+        with pytest.raises(BudgetExceeded, match=r"would cost about \$[0-9.]+ \(\d+ requests\) but only \$0\.0100"):
+            semantic(priced, wh, limits=Limits(max_cost_usd=0.01)).where("tickets", "threatens to cancel")
+        assert fake.count(include_faulted=True) == 0
+
+
+def test_dry_run_plan_matches_the_real_run(make_lm: MakeLM, warehouse_file: str, judge: Any) -> None:
+    wh = ticket_warehouse(warehouse_file)
+    with FakeAnthropic(where=judge) as fake:
+        sem = semantic(make_lm(fake, sub_model="claude-haiku-5-5"), wh)
+        plan = sem.plan("tickets", "threatens to cancel", columns=["body"], where="priority <> 'low'")
+        assert fake.count(include_faulted=True) == 0
+        _, _, stats = sem.where("tickets", "threatens to cancel", columns=["body"], where="priority <> 'low'")
+        usage = sem.lm.accounting.usage
+    assert plan.rows_in == 600 and plan.rows_after_where == stats.rows_after_where < 600
+    assert plan.distinct == stats.distinct and plan.to_evaluate == plan.distinct - plan.cached
+    assert plan.requests == stats.requests
+    assert plan.est_cost_usd is not None and plan.est_cost_usd > 0
+    # the fake bills its own token estimate; the plan must be the right order of magnitude
+    assert 0.5 < plan.est_input_tokens / usage.input_tokens < 2.0
+    assert "to judge in" in plan.describe()
+
+
+def test_adaptive_concurrency_under_a_rate_limit(make_lm: MakeLM, warehouse_file: str, judge: Any, truth: set[int]) -> None:
+    wh = ticket_warehouse(warehouse_file)
+    with FakeAnthropic(where=judge, max_concurrency=3, latency_s=0.05, rate_limit_retry_after_s=0.01) as fake:
+        lm = make_lm(fake, max_concurrency=12)
+        info, _, _ = semantic(lm, wh, batch_rows=10).where("tickets", "threatens to cancel", columns=["body"])
+        rejected = fake.count("where", include_faulted=True) - fake.count("where")
+    assert ids(wh, info.name) == truth
+    assert rejected > 0 and lm.limiter.overloads == rejected
+    assert lm.limiter.limit < 6  # it came down from 12 towards the server's 3
+
+
+def test_faults_do_not_change_the_result(make_lm: MakeLM, warehouse_file: str, judge: Any, truth: set[int]) -> None:
+    wh = ticket_warehouse(warehouse_file)
+    with FakeAnthropic(where=judge, fault_rate=0.10, rate_limit_retry_after_s=0.01, seed=7) as fake:
+        lm = make_lm(fake, max_retries=8)
+        info, _, stats = semantic(lm, wh, batch_rows=10).where("tickets", "threatens to cancel", columns=["body"])
+        faulted = fake.count("where", include_faulted=True) - fake.count("where")
+    assert faulted > 0 and stats.failed == 0
+    assert ids(wh, info.name) == truth
+
+
+def test_provenance_accounts_for_every_row_and_the_whole_cost(make_lm: MakeLM, warehouse_file: str, judge: Any) -> None:
+    wh = ticket_warehouse(warehouse_file)
+    with FakeAnthropic(where=judge) as fake:
+        sem = semantic(make_lm(fake), wh, progress_interval_s=0.0)
+        info, prov, stats = sem.where("tickets", "threatens to cancel", columns=["body"])
+    rows = wh.query(
+        f"SELECT count(*) AS n, sum(_cost_usd) AS cost, count(DISTINCT _batch) AS batches, "
+        f"count(*) FILTER (WHERE _verdict) AS matches FROM {prov.name}"
+    ).to_pydict()
+    assert rows["n"] == [600] and rows["matches"] == [info.rows]
+    assert rows["batches"] == [stats.requests]
+    assert rows["cost"][0] == pytest.approx(stats.cost_usd) and stats.cost_usd > 0
+    assert set(wh.query(f"SELECT DISTINCT _decided_by FROM {prov.name}").to_pydict()["_decided_by"]) == {"model"}
+    progress = [e for e in sem.events if e["type"] == "llm_where_progress"]  # type: ignore[attr-defined]
+    assert progress and progress[-1]["requests_done"] == stats.requests
+    assert "ETA" in progress[0]["summary"] and "match so far" in progress[0]["summary"]
+
+
+def test_where_from_the_repl_reports_plan_summary_and_provenance(make_lm: MakeLM, judge: Any, warehouse_file: str) -> None:
+    from rlm_dagster import run_rlm
+
+    script = [
+        "```repl\nplan = llm_where(tickets, 'threatens to cancel', columns=['body'], dry_run=True)\n"
+        "print(plan['requests'], plan['summary'])\n```",
+        "```repl\nt = llm_where(tickets, 'threatens to cancel', columns=['body'])\n"
+        "print(sql(f'SELECT count(*) AS n FROM {t.provenance} WHERE _verdict IS NOT NULL'))\n```",
+        "FINAL(done)",
+    ]
+    with FakeAnthropic(root=script, where=judge) as fake:
+        run_rlm("q", warehouse=Warehouse.snapshot(warehouse_file, ["tickets"]), lm=make_lm(fake))
+        roots = [r for r in fake.requests if r.kind == "root"]
+    assert "to judge in" in roots[1].last_user_text
+    assert "[llm_where: 600 rows -> 600 after where ->" in roots[2].last_user_text
+    assert "600" in roots[2].last_user_text.split("]")[-1]
