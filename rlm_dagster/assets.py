@@ -27,6 +27,7 @@ from rlm_dagster.engine import Event, RLMRun
 from rlm_dagster.errors import BudgetExceeded, ConfigError, ModelError, NoFinalAnswer, RLMError
 from rlm_dagster.metadata import column_schema, run_metadata, unknown_price_models
 from rlm_dagster.output import OutputSchema
+from rlm_dagster.redact import redact
 from rlm_dagster.resource import RLMResource
 from rlm_dagster.warehouse import Warehouse, quote_ident
 
@@ -100,14 +101,18 @@ def rlm_asset(
         rlm: RLMResource = getattr(context.resources, rlm_resource_key)
         duckdb: DuckDBResource = getattr(context.resources, duckdb_resource_key)
         try:
-            with rlm.open_lm() as lm:
+            with rlm.open_cache() as cache, rlm.open_lm(cache=cache) as lm:
+                lm.context.update(
+                    run_id=context.run_id,
+                    asset=key.to_user_string(),
+                    partition=context.partition_key if context.has_partition_key else None,
+                )
                 if lm.provider == "demo":
                     context.log.warning(
                         "Using the offline DEMO model (scripted programs and keyword rules, not an "
                         "LLM) because RLMResource(provider='demo'). Set ANTHROPIC_API_KEY for Claude."
                     )
                 warehouse = Warehouse.snapshot(duckdb.database, tables)
-                cache = rlm.open_cache()
                 run = RLMRun(
                     question,
                     warehouse=warehouse,
@@ -116,7 +121,6 @@ def rlm_asset(
                     output=schema,
                     on_event=lambda event: _log_event(context, event),
                     sandbox=rlm.sandbox,
-                    cache=cache,
                     where_config=rlm.where_config(),
                 )
                 try:
@@ -135,7 +139,6 @@ def rlm_asset(
                     ) from err
                 finally:
                     warehouse.close()
-                    cache.close()
                 for model in unknown_price_models(lm.accounting):
                     context.log.warning(
                         f"The price of model {model!r} is unknown, so its cost is reported as "
@@ -174,15 +177,17 @@ def rlm_asset(
 def _log_event(context: dg.AssetExecutionContext, event: Event) -> None:
     if event["type"] == "iteration":
         context.log.info(
-            f"iteration {event['iteration']}/{event['max_iterations']}: ran {event['cells']} cell(s), "
-            f"{event['code_lines']} lines of code, {event['output_chars']:,} chars of output"
-            + (f", {event['errors']} error(s)" if event["errors"] else "")
-            + f"; sub-calls so far {event['sub_calls']:,}, spend so far ${event['cost_usd']:.4f}"
-            + ("; final answer received" if event["final"] else "")
-            + (f" [{event['note'][:200]}]" if event["note"] else "")
+            redact(
+                f"iteration {event['iteration']}/{event['max_iterations']}: ran {event['cells']} cell(s), "
+                f"{event['code_lines']} lines of code, {event['output_chars']:,} chars of output"
+                + (f", {event['errors']} error(s)" if event["errors"] else "")
+                + f"; sub-calls so far {event['sub_calls']:,}, spend so far ${event['cost_usd']:.4f}"
+                + ("; final answer received" if event["final"] else "")
+                + (f" [{event['note'][:200]}]" if event["note"] else "")
+            )
         )
     elif event["type"] in ("llm_where", "llm_where_progress"):
-        context.log.info(str(event["summary"]))
+        context.log.info(redact(str(event["summary"])))
 
 
 def _answer_markdown(text: str, form: str, limit: int = 4_000) -> str:

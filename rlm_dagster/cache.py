@@ -1,4 +1,4 @@
-"""Persistent cache of model results: SQLite in WAL mode, safe across processes.
+"""Persistent cache of model results and the ledger of every call: SQLite in WAL mode.
 
     >>> cache = Cache(":memory:")
     >>> key = verdict_key("mentions a refund", "claude-haiku-5-5", '{"body": "refund please"}')
@@ -6,9 +6,13 @@
     >>> cache.get_verdicts([key])[key]
     (True, 'asks for a refund')
 
-Verdicts of ``llm_where`` are keyed by (predicate, model, prompt version, value): a value
-judged once is never paid for again, whatever batch it arrives in. Only successful verdicts
-are stored; a failure is retried next time. Dagster may run several steps in separate
+Completed root and sub calls are keyed by the hash of the whole request (model, system,
+messages, tools, parameters) and written as soon as they complete, so a run killed mid-way
+and retried replays what it had and pays only for calls it never completed. Verdicts of
+``llm_where`` are keyed by (predicate, model, prompt version, value): a value judged once is
+never paid for again, whatever batch it arrives in. Only successes are stored; a failure is
+retried next time. The ledger has one row per call, paid or replayed, with the run, asset,
+partition, depth, role, tokens, USD and latency. Dagster may run several steps in separate
 processes against one cache file: WAL mode lets readers and one writer proceed together, and
 ``busy_timeout`` waits out a concurrent write instead of failing.
 """
@@ -16,16 +20,42 @@ processes against one cache file: WAL mode lets readers and one writer proceed t
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from rlm_dagster.prompts import PROMPT_VERSION
 
 _SCHEMA = """
+CREATE TABLE IF NOT EXISTS calls (
+    key      TEXT PRIMARY KEY,
+    model    TEXT NOT NULL,
+    response TEXT NOT NULL,
+    created  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ledger (
+    id                          INTEGER PRIMARY KEY,
+    run_id                      TEXT,
+    asset                       TEXT,
+    partition                   TEXT,
+    depth                       INTEGER NOT NULL,
+    role                        TEXT NOT NULL,
+    model                       TEXT NOT NULL,
+    input_tokens                INTEGER NOT NULL,
+    output_tokens               INTEGER NOT NULL,
+    cache_creation_input_tokens INTEGER NOT NULL,
+    cache_read_input_tokens     INTEGER NOT NULL,
+    cost_usd                    REAL,
+    latency_s                   REAL NOT NULL,
+    cache_hit                   INTEGER NOT NULL,
+    created                     REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ledger_run ON ledger (run_id);
 CREATE TABLE IF NOT EXISTS verdicts (
     key     TEXT PRIMARY KEY,
     match   INTEGER NOT NULL,
@@ -34,6 +64,21 @@ CREATE TABLE IF NOT EXISTS verdicts (
     created REAL NOT NULL
 );
 """
+LEDGER_FIELDS = (
+    "run_id",
+    "asset",
+    "partition",
+    "depth",
+    "role",
+    "model",
+    "input_tokens",
+    "output_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+    "cost_usd",
+    "latency_s",
+    "cache_hit",
+)
 _CHUNK = 5_000  # keys per IN (...) lookup, below SQLite's variable limit (32,766)
 
 
@@ -43,6 +88,12 @@ def default_cache_path() -> str:
         return explicit
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return str(Path(base) / "rlm_dagster" / "cache.sqlite3")
+
+
+def call_key(request: Mapping[str, Any]) -> str:
+    """Content address of one Messages API request (every field that changes the reply)."""
+    canonical = json.dumps(request, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def verdict_key(predicate: str, model: str, value: str) -> str:
@@ -91,6 +142,48 @@ class Cache:
                 [(k, int(m), r, model, now) for k, m, r, model in rows],
             )
 
+    def get_call(self, key: str) -> dict[str, Any] | None:
+        """The stored reply of a completed call (text, stop reason, tool input, usage, cost)."""
+        with self._lock:
+            row = self._con.execute("SELECT response FROM calls WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def put_call(self, key: str, model: str, response: Mapping[str, Any]) -> None:
+        """Store a completed call at once (committed), so a crash right after keeps it."""
+        with self._lock, self._con:
+            self._con.execute(
+                "INSERT OR REPLACE INTO calls (key, model, response, created) VALUES (?, ?, ?, ?)",
+                (key, model, json.dumps(response), time.time()),
+            )
+
+    def record(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Append ledger rows (see the ``ledger`` table for the fields)."""
+        now = time.time()
+        with self._lock, self._con:
+            self._con.executemany(
+                f"INSERT INTO ledger ({', '.join(LEDGER_FIELDS)}, created) "
+                f"VALUES ({', '.join('?' * len(LEDGER_FIELDS))}, ?)",
+                [(*(row.get(f) for f in LEDGER_FIELDS), now) for row in rows],
+            )
+
+    def ledger(self, run_id: str | None = None) -> list[dict[str, Any]]:
+        """Ledger rows, oldest first; of one run if ``run_id`` is given."""
+        query = f"SELECT {', '.join(LEDGER_FIELDS)}, created FROM ledger"
+        args: tuple[Any, ...] = ()
+        if run_id is not None:
+            query += " WHERE run_id = ?"
+            args = (run_id,)
+        with self._lock:
+            cursor = self._con.execute(query + " ORDER BY id", args)
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
     def close(self) -> None:
         with self._lock:
             self._con.close()
+
+    def __enter__(self) -> Cache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -24,11 +24,11 @@ from typing import Any
 import pyarrow as pa
 
 from rlm_dagster.budget import Budget, Limits
-from rlm_dagster.cache import Cache
 from rlm_dagster.errors import BudgetExceeded, NoFinalAnswer, RLMError
 from rlm_dagster.lm import LM, Accounting, cached_system
 from rlm_dagster.output import AnswerRejected, OutputSchema
 from rlm_dagster.prompts import render
+from rlm_dagster.redact import redact
 from rlm_dagster.repl import CellResult, Worker
 from rlm_dagster.repl.protocol import decode_arrow, encode_arrow
 from rlm_dagster.semantic import Semantic, WhereConfig
@@ -141,7 +141,8 @@ class RLMResult:
 
 
 def render_trajectory(turns: list[Turn], max_chars: int = 1_500) -> str:
-    """The trajectory as Markdown: each turn's reply, code and (clipped) output."""
+    """The trajectory as Markdown: each turn's reply, code and (clipped) output, with
+    key-shaped strings redacted."""
     parts: list[str] = []
     for t in turns:
         parts.append(
@@ -160,7 +161,7 @@ def render_trajectory(turns: list[Turn], max_chars: int = 1_500) -> str:
                 parts.append(f"```text\n{_clip(shown, max_chars)}\n```")
         if t.note:
             parts.append(f"_{t.note}_")
-    return "\n\n".join(parts)
+    return redact("\n\n".join(parts))
 
 
 def _clip(text: str, n: int) -> str:
@@ -183,7 +184,6 @@ class RLMRun:
         output: OutputSchema | None = None,
         on_event: Callable[[Event], None] | None = None,
         sandbox: str = "auto",
-        cache: Cache | None = None,
         where_config: WhereConfig | None = None,
     ) -> None:
         self.question = question
@@ -195,7 +195,7 @@ class RLMRun:
         self.budget = Budget(self.limits, lm.accounting)
         lm.before_call = self.budget.before_call
         self.semantic = Semantic(
-            lm, warehouse, self.budget, cache=cache, config=where_config, on_event=self.on_event
+            lm, warehouse, self.budget, cache=lm.cache, config=where_config, on_event=self.on_event
         )
         self.turns: list[Turn] = []
         self.final: Answer | None = None
@@ -234,9 +234,12 @@ class RLMRun:
         info, provenance, stats = self.semantic.where(
             table, predicate, columns=columns, where=where, limit=args.get("limit")
         )
-        summary = stats.describe()
-        self.on_event({"type": "llm_where", "summary": summary, **asdict(stats)})
-        return {**_table_dict(info), "provenance": _table_dict(provenance), "summary": summary}
+        self.on_event({"type": "llm_where", "summary": stats.describe(), **asdict(stats)})
+        return {
+            **_table_dict(info),
+            "provenance": _table_dict(provenance),
+            "summary": stats.describe(deterministic=True),
+        }
 
     def _accept(self, value: dict[str, Any], form: str) -> None:
         """Validate a final value against the output schema; raise to tell the model why not."""
@@ -385,11 +388,9 @@ class RLMRun:
         )
         if self.final is None and not last:
             remaining = self.limits.max_iterations - iteration
-            status = (
-                f"Turn {iteration + 1} of {self.limits.max_iterations} ({remaining} left). "
-                f"Sub-calls used: {turn.sub_calls:,} of {self.limits.max_sub_calls:,}. "
-                f"Spend so far: ${turn.cost_usd:.4f}."
-            )
+            # Observations hold nothing that changes when a retried run replays its calls from
+            # the cache (no timings, no spend): the same code then gives the same next request.
+            status = f"Turn {iteration + 1} of {self.limits.max_iterations} ({remaining} left)."
             body = "\n\n".join(
                 observations + ([f"[note] {turn.note}"] if turn.note else []) + [status]
             )
@@ -400,7 +401,7 @@ class RLMRun:
 
     def _observation(self, i: int, n: int, cell: CellResult) -> str:
         out = truncate(cell.output, self.limits.max_observation_chars, cell.dropped_chars)
-        head = f"[cell {i} of {n} · {cell.seconds:.2f} s]"
+        head = f"[cell {i} of {n}]"
         body = out if out.strip() else "(no output)"
         if cell.error:
             body = (out + "\n" if out.strip() else "") + cell.error
@@ -462,7 +463,6 @@ def run_rlm(
     output: OutputSchema | dict[str, str] | None = None,
     on_event: Callable[[Event], None] | None = None,
     sandbox: str = "auto",
-    cache: Cache | None = None,
     where_config: WhereConfig | None = None,
 ) -> RLMResult:
     """Run one RLM over ``warehouse`` and return its answer, trajectory and usage."""
@@ -475,6 +475,5 @@ def run_rlm(
         output=schema,
         on_event=on_event,
         sandbox=sandbox,
-        cache=cache,
         where_config=where_config,
     ).run()

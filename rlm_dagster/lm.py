@@ -22,11 +22,12 @@ import random
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 import anthropic
 
+from rlm_dagster.cache import Cache, call_key
 from rlm_dagster.errors import ModelError
 from rlm_dagster.prices import cost_usd
 
@@ -72,13 +73,19 @@ class CallRecord:
     cost_usd: float | None
     latency_s: float
     stop_reason: str | None = None
+    cache_hit: bool = False  # replayed from the call cache: counted, not paid again
+
+    @property
+    def paid_usd(self) -> float:
+        return 0.0 if self.cache_hit else (self.cost_usd or 0.0)
 
 
 @dataclass
 class ModelTotals:
-    """Totals of one model across a run."""
+    """Totals of one model across a run; ``usage`` and ``cost_usd`` are what was paid."""
 
     calls: int = 0
+    cache_hits: int = 0
     usage: Usage = field(default_factory=Usage)
     cost_usd: float = 0.0
     cost_known: bool = True
@@ -105,8 +112,14 @@ class Accounting:
 
     @property
     def cost_usd(self) -> float:
-        """Known spend; models with unknown prices contribute nothing (see :meth:`by_model`)."""
+        """What the run's calls cost, replayed ones at their original price: budgets use it, so
+        a retried run meets its limits at the same points. Unknown prices count as nothing."""
         return sum(r.cost_usd or 0.0 for r in self.records)
+
+    @property
+    def paid_usd(self) -> float:
+        """What this process actually paid (cache hits excluded)."""
+        return sum(r.paid_usd for r in self.records)
 
     @property
     def usage(self) -> Usage:
@@ -120,6 +133,9 @@ class Accounting:
         for r in self.records:
             t = out.setdefault(r.model, ModelTotals())
             t.calls += 1
+            if r.cache_hit:
+                t.cache_hits += 1
+                continue
             t.usage = t.usage + r.usage
             if r.cost_usd is None:
                 t.cost_known = False
@@ -131,10 +147,12 @@ class Accounting:
 class AdaptiveLimiter:
     """Concurrency limit for async calls that adapts to the provider's overload answers.
 
-    Each 429/529 lowers the limit by one (a burst of 32 requests of which 16 are refused
-    lands on 16, the provider's real capacity); each success raises it by ``1/limit`` (one
-    step per round of successes), capped at ``max_limit``. A ``retry-after`` of a second or
-    more pauses all new requests until then, as a quota reset requires.
+    A 429/529 lowers the limit to what is still in flight (what the provider is holding), or
+    by one if that is higher, but never by more than half at once. So a burst of 32 of which
+    16 are refused lands on 16, and refused requests wait for a free slot instead of being
+    refused again. Each success raises the limit by ``1/limit`` (one step per round of
+    successes), up to ``max_limit``. A ``retry-after`` of a second or more pauses all new
+    requests until then, as a quota reset requires.
     """
 
     def __init__(self, max_limit: int) -> None:
@@ -165,7 +183,7 @@ class AdaptiveLimiter:
         self.in_flight -= 1
         if overloaded:
             self.overloads += 1
-            self.limit = max(1.0, self.limit - 1.0)
+            self.limit = max(1.0, min(self.limit - 1.0, max(float(self.in_flight), self.limit / 2)))
             if retry_after is not None and retry_after >= 1.0:
                 self._paused_until = max(self._paused_until, time.monotonic() + retry_after)
         if self._changed is not None:
@@ -272,6 +290,7 @@ class LM:
         root_max_tokens: int = 4096,
         sub_max_tokens: int = 1024,
         provider: str = "anthropic",
+        cache: Cache | None = None,
     ) -> None:
         self.root_model = root_model
         self.sub_model = sub_model
@@ -282,6 +301,11 @@ class LM:
         self.sub_max_tokens = sub_max_tokens
         self.max_retries = max_retries
         self.accounting = Accounting()
+        self.cache = cache
+        self._ledger: list[dict[str, Any]] = []
+        self._ledger_lock = threading.Lock()
+        # Who is calling, for the ledger (the Dagster layer sets run_id, asset, partition).
+        self.context: dict[str, Any] = {"depth": 0}
         self.retries = 0
         self.before_call: Callable[[str], None] | None = None
         self._client_kwargs: dict[str, Any] = {
@@ -312,12 +336,15 @@ class LM:
     ) -> Completion:
         """One blocking call (the root loop's turns and single sub-calls)."""
         kwargs = self._request(role, model, system, messages, max_tokens, tools, tool_choice)
+        key, hit = self._cached(role, kwargs)
+        if hit is not None:
+            return hit
         started = time.monotonic()
         try:
             message = self._client.messages.create(**kwargs)
         except anthropic.AnthropicError as err:
             raise _model_error(err, model, self.base_url) from err
-        return self._completion(role, model, message, time.monotonic() - started)
+        return self._completion(role, model, message, time.monotonic() - started, key)
 
     # -- async --------------------------------------------------------------------------
 
@@ -336,6 +363,9 @@ class LM:
         5xx and connection errors (``retry-after`` honoured, else jittered backoff)."""
         assert self._aclient is not None, "call acomplete through LM.run_async"
         kwargs = self._request(role, model, system, messages, max_tokens, tools, tool_choice)
+        key, hit = self._cached(role, kwargs)
+        if hit is not None:
+            return hit
         attempt = 0
         while True:
             await self.limiter.acquire()
@@ -360,7 +390,7 @@ class LM:
                 raise
             self.limiter.on_success()
             self.limiter.release()
-            return self._completion(role, model, message, time.monotonic() - started)
+            return self._completion(role, model, message, time.monotonic() - started, key)
 
     def run_async(self, coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
         """Run ``coro_fn()`` on the LM's background event loop and wait for its result."""
@@ -388,7 +418,8 @@ class LM:
             return self._loop
 
     def close(self) -> None:
-        """Close both HTTP clients and stop the background loop."""
+        """Write the ledger, close both HTTP clients and stop the background loop."""
+        self.flush_ledger()
         self._client.close()
         with self._loop_lock:
             loop, self._loop = self._loop, None
@@ -429,7 +460,37 @@ class LM:
             kwargs["tool_choice"] = tool_choice
         return kwargs
 
-    def _completion(self, role: str, model: str, message: Any, latency: float) -> Completion:
+    def _cached(self, role: str, request: dict[str, Any]) -> tuple[str | None, Completion | None]:
+        """The call-cache key of ``request`` and its stored completion, if any. llm_where
+        batches are cached per value by the verdict cache instead."""
+        if self.cache is None or role == "where":
+            return None, None
+        key = call_key(request)
+        stored = self.cache.get_call(key)
+        if stored is None:
+            return key, None
+        usage = Usage(**stored["usage"])
+        record = CallRecord(
+            role=role,
+            model=request["model"],
+            usage=usage,
+            cost_usd=cost_usd(request["model"], usage),
+            latency_s=0.0,
+            stop_reason=stored["stop_reason"],
+            cache_hit=True,
+        )
+        self._account(record)
+        completion = Completion(
+            text=stored["text"],
+            stop_reason=stored["stop_reason"],
+            record=record,
+            tool_input=stored["tool_input"],
+        )
+        return key, completion
+
+    def _completion(
+        self, role: str, model: str, message: Any, latency: float, key: str | None = None
+    ) -> Completion:
         usage = _usage(message.usage)
         record = CallRecord(
             role=role,
@@ -439,18 +500,54 @@ class LM:
             latency_s=latency,
             stop_reason=message.stop_reason,
         )
-        self.accounting.add(record)
         texts = [b.text for b in message.content if getattr(b, "type", None) == "text"]
         tool_input = next(
             (dict(b.input) for b in message.content if getattr(b, "type", None) == "tool_use"),
             None,
         )
-        return Completion(
+        completion = Completion(
             text="".join(texts),
             stop_reason=message.stop_reason,
             record=record,
             tool_input=tool_input,
         )
+        if key is not None and self.cache is not None:
+            self.cache.put_call(
+                key,
+                model,
+                {
+                    "text": completion.text,
+                    "stop_reason": completion.stop_reason,
+                    "tool_input": tool_input,
+                    "usage": asdict(usage),
+                },
+            )
+        self._account(record)
+        return completion
+
+    def _account(self, record: CallRecord) -> None:
+        self.accounting.add(record)
+        if self.cache is not None:
+            self._ledger.append(
+                {
+                    **self.context,
+                    "role": record.role,
+                    "model": record.model,
+                    **asdict(record.usage),
+                    "cost_usd": record.paid_usd if record.cost_usd is not None else None,
+                    "latency_s": record.latency_s,
+                    "cache_hit": int(record.cache_hit),
+                }
+            )
+            if record.role != "where" or len(self._ledger) >= 500:
+                self.flush_ledger()
+
+    def flush_ledger(self) -> None:
+        """Write buffered ledger rows (llm_where batches are buffered; others go at once)."""
+        with self._ledger_lock:
+            rows, self._ledger = self._ledger, []
+        if rows and self.cache is not None:
+            self.cache.record(rows)
 
 
 def cached_system(text: str) -> list[dict[str, Any]]:

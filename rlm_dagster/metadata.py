@@ -4,7 +4,9 @@
     {'anthropic.claude-haiku-4-5.input_tokens': 1234, ...}
 
 Usage is keyed with the model name (``anthropic.{model}.{field}``), as dagster-openai does,
-so Dagster+ Insights can aggregate tokens and cost per model.
+so Dagster+ Insights can aggregate tokens and cost per model. Those keys count what this run
+paid; calls replayed from the cache appear as ``cache_hits`` only. ``rlm/cost_usd`` is what
+the answer cost, replayed calls included; ``rlm/paid_usd`` what this run paid.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pyarrow as pa
 
 from rlm_dagster.engine import RLMResult
 from rlm_dagster.lm import LM, Accounting
+from rlm_dagster.redact import redact
 
 
 def usage_metadata(accounting: Accounting) -> dict[str, Any]:
@@ -24,6 +27,7 @@ def usage_metadata(accounting: Accounting) -> dict[str, Any]:
     for model, t in sorted(accounting.by_model().items()):
         prefix = f"anthropic.{model}"
         out[f"{prefix}.calls"] = t.calls
+        out[f"{prefix}.cache_hits"] = t.cache_hits
         out[f"{prefix}.input_tokens"] = t.usage.input_tokens
         out[f"{prefix}.output_tokens"] = t.usage.output_tokens
         out[f"{prefix}.cache_creation_input_tokens"] = t.usage.cache_creation_input_tokens
@@ -39,7 +43,8 @@ def unknown_price_models(accounting: Accounting) -> list[str]:
 
 
 def run_metadata(result: RLMResult, lm: LM) -> dict[str, Any]:
-    """Metadata common to successful and failed runs."""
+    """Metadata common to successful and failed runs; key-shaped strings in text values are
+    redacted (the trajectory already is)."""
     acc = result.accounting
     unknown = unknown_price_models(acc)
     meta: dict[str, Any] = {
@@ -52,6 +57,8 @@ def run_metadata(result: RLMResult, lm: LM) -> dict[str, Any]:
         "rlm/sub_calls": acc.calls("sub") + acc.calls("where"),
         "rlm/total_tokens": acc.usage.total_tokens,
         "rlm/cost_usd": round(acc.cost_usd, 6),
+        "rlm/paid_usd": round(acc.paid_usd, 6),
+        "rlm/cache_hits": sum(1 for r in acc.records if r.cache_hit),
         "rlm/duration_s": round(result.duration_s, 3),
         "rlm/trajectory": dg.MetadataValue.md(result.trajectory_markdown() or "(no turns)"),
     }
@@ -63,7 +70,7 @@ def run_metadata(result: RLMResult, lm: LM) -> dict[str, Any]:
             "Set ANTHROPIC_API_KEY to use Claude."
         )
     meta.update(usage_metadata(acc))
-    return meta
+    return {k: redact(v) if isinstance(v, str) else v for k, v in meta.items()}
 
 
 def column_schema(table: pa.Table) -> dg.TableSchema:

@@ -49,7 +49,11 @@ class RLMResource(dg.ConfigurableResource):
     request_timeout_s: float = Field(default=120.0, description="Timeout of one HTTP request.")
     sandbox: str = Field(
         default="auto",
-        description="REPL worker isolation: 'auto' picks the strongest level this machine has.",
+        description=(
+            "REPL worker isolation: 'namespace' (bubblewrap namespaces), 'landlock' (kernel "
+            "file and TCP rules), 'process' (rlimits, seccomp, audit hooks), or 'auto' for the "
+            "strongest this machine has. See the README's Security model."
+        ),
     )
     cache_path: str | None = Field(
         default=None,
@@ -74,7 +78,7 @@ class RLMResource(dg.ConfigurableResource):
         return WhereConfig(batch_rows=self.where_batch_rows, batch_tokens=self.where_batch_tokens)
 
     @contextmanager
-    def open_lm(self) -> Iterator[LM]:
+    def open_lm(self, cache: Cache | None = None) -> Iterator[LM]:
         """An ``LM`` for one run; for the demo provider, with its fake server running."""
         if self.provider not in PROVIDERS:
             raise ConfigError(f"RLMResource(provider={self.provider!r}): use one of {PROVIDERS}.")
@@ -93,6 +97,7 @@ class RLMResource(dg.ConfigurableResource):
                     request_timeout_s=self.request_timeout_s,
                     max_retries=self.max_retries,
                     provider="demo",
+                    cache=cache,
                 )
                 try:
                     yield lm
@@ -117,6 +122,7 @@ class RLMResource(dg.ConfigurableResource):
             request_timeout_s=self.request_timeout_s,
             max_retries=self.max_retries,
             provider="anthropic",
+            cache=cache,
         )
         try:
             yield lm

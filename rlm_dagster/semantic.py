@@ -145,7 +145,21 @@ class WhereStats:
     stopped_early: bool = False
     errors: list[str] = field(default_factory=list)
 
-    def describe(self) -> str:
+    def describe(self, *, deterministic: bool = False) -> str:
+        """One line; ``deterministic`` leaves out what depends on the cache and the clock
+        (what the root model sees must not change when a retried run replays)."""
+        if deterministic:
+            return (
+                f"[llm_where: {self.rows_in:,} rows -> {self.rows_after_where:,} after where -> "
+                f"{self.distinct:,} distinct; {self.matches:,} rows match"
+                + (
+                    f", {self.failed:,} failed (NULL, see {self.name}_provenance)"
+                    if self.failed
+                    else ""
+                )
+                + (", stopped at limit" if self.stopped_early else "")
+                + f". Result: {self.name}]"
+            )
         return (
             f"[llm_where: {self.rows_in:,} rows -> {self.rows_after_where:,} after where -> "
             f"{self.distinct:,} distinct -> {self.cached:,} cached -> {self.requests:,} requests; "

@@ -90,7 +90,7 @@ def test_scripted_run_uses_sql_llm_where_llm_query_and_final(make_lm: MakeLM) ->
     assert "6 ['ticket_id', 'customer_id', 'body']" in roots[1].last_user_text
     assert "Turn 2 of 20" in roots[1].last_user_text
     assert (
-        "llm_where: 6 rows -> 6 after where -> 5 distinct -> 0 cached -> 1 requests; 2 rows match"
+        "[llm_where: 6 rows -> 6 after where -> 5 distinct; 2 rows match. Result: where_1]"
         in roots[2].last_user_text
     )
     assert "two churn threats" in roots[2].last_user_text

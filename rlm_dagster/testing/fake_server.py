@@ -314,6 +314,9 @@ def _validate_body(body: dict[str, Any]) -> str | None:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False  # stop() must not wait for idle keep-alive connections
+    # socketserver's default backlog of 5 drops a burst of new connections, which the client's
+    # TCP then retries a whole second later: concurrent clients open dozens at once.
+    request_queue_size = 1024
     fake: FakeAnthropic
 
     def __init__(self, address: tuple[str, int], fake: FakeAnthropic) -> None:
