@@ -62,7 +62,7 @@ def test_same_result_with_and_without_packing_and_cache(
         packed, _, s1 = semantic(make_lm(fake), wh, cache).where("tickets", "threatens to cancel", columns=["body"])
         packed_requests = fake.count("where")
         fake.reset()
-        single, _, s2 = semantic(make_lm(fake), wh, None, batch_rows=1).where(
+        single, _, _ = semantic(make_lm(fake), wh, None, batch_rows=1).where(
             "tickets", "threatens to cancel", columns=["body"]
         )
         single_requests = fake.count("where")
