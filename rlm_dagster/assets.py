@@ -15,6 +15,8 @@ DuckDB table named after the asset key (``key_prefix`` becomes the schema) in on
 transaction, and returns a ``MaterializeResult`` with the answer, trajectory and usage.
 """
 
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,13 +25,18 @@ import pyarrow as pa
 from dagster_duckdb import DuckDBResource
 
 from rlm_dagster.budget import Limits
-from rlm_dagster.engine import Event, RLMRun
+from rlm_dagster.engine import Event, RLMResult, RLMRun
 from rlm_dagster.errors import BudgetExceeded, ConfigError, ModelError, NoFinalAnswer, RLMError
 from rlm_dagster.metadata import column_schema, run_metadata, unknown_price_models
 from rlm_dagster.output import OutputSchema
+from rlm_dagster.prompts import PROMPT_VERSION
 from rlm_dagster.redact import redact
 from rlm_dagster.resource import RLMResource
 from rlm_dagster.warehouse import Warehouse, quote_ident
+
+DEFAULT_RETRY_POLICY = dg.RetryPolicy(
+    max_retries=3, delay=30, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
+)
 
 
 def rlm_asset(
@@ -51,10 +58,26 @@ def rlm_asset(
     description: str | None = None,
     tags: Mapping[str, str] | None = None,
     owners: Sequence[str] | None = None,
+    root_model: str | None = None,
+    sub_model: str | None = None,
+    partitions_def: dg.PartitionsDefinition | None = None,
+    partition_column: str | Mapping[str, str] | None = None,
+    retry_policy: dg.RetryPolicy | None = DEFAULT_RETRY_POLICY,
+    pool: str | None = None,
     rlm_resource_key: str = "rlm",
     duckdb_resource_key: str = "duckdb",
 ) -> dg.AssetsDefinition:
-    """Define an asset whose value is an RLM's answer to ``question`` over ``tables``."""
+    """Define an asset whose value is an RLM's answer to ``question`` over ``tables``.
+
+    ``root_model`` / ``sub_model`` override the resource's models for this asset (and enter
+    its code version). With ``partitions_def`` (time-window or static), ``partition_column``
+    names the column that the partition key filters: one name for every bound table, or a
+    ``{table: column}`` mapping (tables left out are bound whole, e.g. dimension tables); the
+    output table gets a ``_partition`` column and is replaced one partition at a time.
+    ``retry_policy`` defaults to three retries with exponential backoff and jitter; errors a
+    retry cannot fix (auth, bad request, policy, schema, budget) are never retried. ``pool``
+    puts the asset in a Dagster concurrency pool (see the README on DuckDB writers).
+    """
     if not question or not question.strip():
         raise ConfigError(f"rlm_asset({name!r}): question= must be a non-empty string.")
     if isinstance(tables, str) or not tables:
@@ -73,6 +96,7 @@ def rlm_asset(
         cell_timeout_s=cell_timeout_s,
         max_observation_chars=max_observation_chars,
     )
+    partition_columns = _partition_columns(name, tables, partitions_def, partition_column)
     prefix = [key_prefix] if isinstance(key_prefix, str) else list(key_prefix or [])
     key = dg.AssetKey([*prefix, name])
     deps = [dg.AssetKey(t.split(".")) for t in tables]
@@ -85,6 +109,36 @@ def rlm_asset(
         definition_metadata["dagster/column_schema"] = dg.TableSchema(
             columns=[dg.TableColumn(n, t) for n, t in schema.columns]
         )
+    code_version = _digest(
+        {
+            "question": question,
+            "output": schema.as_dict() if schema else None,
+            "tables": list(tables),
+            "limits": limits.as_dict(),
+            "models": [root_model, sub_model],
+            "partition_columns": partition_columns,
+            "prompts": PROMPT_VERSION,
+        }
+    )
+    check_specs = [
+        dg.AssetCheckSpec(
+            "answer_not_empty", asset=key, description="The run produced a non-empty answer."
+        ),
+        dg.AssetCheckSpec(
+            "spend_within_budget",
+            asset=key,
+            description="The run spent less than 80% of max_cost_usd (warning).",
+        ),
+    ]
+    if schema is not None:
+        check_specs.append(
+            dg.AssetCheckSpec(
+                "output_schema",
+                asset=key,
+                blocking=True,
+                description=f"The output table has the declared columns: {schema.describe()}.",
+            )
+        )
 
     @dg.asset(
         key=key,
@@ -96,23 +150,39 @@ def rlm_asset(
         metadata=definition_metadata,
         tags=dict(tags or {}),
         owners=list(owners or []),
+        partitions_def=partitions_def,
+        retry_policy=retry_policy,
+        pool=pool,
+        code_version=code_version,
+        check_specs=check_specs,
     )
     def _rlm_asset(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         rlm: RLMResource = getattr(context.resources, rlm_resource_key)
         duckdb: DuckDBResource = getattr(context.resources, duckdb_resource_key)
         try:
-            with rlm.open_cache() as cache, rlm.open_lm(cache=cache) as lm:
+            partition = context.partition_key if context.has_partition_key else None
+            with (
+                rlm.open_cache() as cache,
+                rlm.open_lm(cache=cache, root_model=root_model, sub_model=sub_model) as lm,
+            ):
                 lm.context.update(
-                    run_id=context.run_id,
-                    asset=key.to_user_string(),
-                    partition=context.partition_key if context.has_partition_key else None,
+                    run_id=context.run_id, asset=key.to_user_string(), partition=partition
                 )
                 if lm.provider == "demo":
                     context.log.warning(
                         "Using the offline DEMO model (scripted programs and keyword rules, not an "
                         "LLM) because RLMResource(provider='demo'). Set ANTHROPIC_API_KEY for Claude."
                     )
-                warehouse = Warehouse.snapshot(duckdb.database, tables)
+                filters = (
+                    {
+                        t: _partition_filter(context, partitions_def, c)
+                        for t, c in partition_columns.items()
+                    }
+                    if partitions_def is not None
+                    else None
+                )
+                warehouse = Warehouse.snapshot(duckdb.database, tables, filters=filters)
+                fingerprints = warehouse.fingerprints()
                 run = RLMRun(
                     question,
                     warehouse=warehouse,
@@ -148,17 +218,30 @@ def rlm_asset(
                 table = answer.table
                 if table is None:
                     table = pa.table({"question": [question], "answer": [answer.text]})
-                table_name = _write_table(duckdb, key, table)
+                table_name, written = _write_table(duckdb, key, table, partition)
                 metadata = run_metadata(result, lm)
+                data_version = _digest(
+                    {
+                        "inputs": fingerprints,
+                        "models": [lm.root_model, lm.sub_model],
+                        "answer": _table_digest(table),
+                    }
+                )
         except ModelError as err:
             if err.retryable:
-                raise
-            raise dg.Failure(description=str(err), allow_retries=False) from err
+                raise  # the retry policy retries overload, rate limits and timeouts
+            raise dg.Failure(
+                description=str(err),
+                metadata={"rlm/error": type(err).__name__, "rlm/retryable": False},
+                allow_retries=False,
+            ) from err
         except dg.Failure:
             raise
         except RLMError as err:
             raise dg.Failure(
-                description=f"{type(err).__name__}: {err}", allow_retries=False
+                description=f"{type(err).__name__}: {err}",
+                metadata={"rlm/error": type(err).__name__, "rlm/retryable": False},
+                allow_retries=False,
             ) from err
         metadata.update(
             {
@@ -169,9 +252,113 @@ def rlm_asset(
                 "dagster/column_schema": column_schema(table),
             }
         )
-        return dg.MaterializeResult(metadata=metadata)
+        return dg.MaterializeResult(
+            metadata=metadata,
+            data_version=dg.DataVersion(data_version),
+            check_results=_check_results(schema, written, answer.text, table, result, limits),
+        )
 
     return _rlm_asset
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _table_digest(table: pa.Table) -> str:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
+
+
+def _partition_columns(
+    name: str,
+    tables: Sequence[str],
+    partitions_def: dg.PartitionsDefinition | None,
+    partition_column: str | Mapping[str, str] | None,
+) -> dict[str, str]:
+    """Which column of which bound table the partition key filters."""
+    if partitions_def is None:
+        if partition_column is not None:
+            raise ConfigError(f"rlm_asset({name!r}): partition_column= needs partitions_def=.")
+        return {}
+    if isinstance(partitions_def, dg.MultiPartitionsDefinition):
+        raise ConfigError(
+            f"rlm_asset({name!r}): multi-dimensional partitions are not supported; use a "
+            "time-window or static PartitionsDefinition."
+        )
+    if partition_column is None:
+        raise ConfigError(
+            f"rlm_asset({name!r}): partitions_def= needs partition_column=, the column of the "
+            'bound tables that the partition key filters, e.g. "created_at" or '
+            '{"tickets": "created_at"}.'
+        )
+    if isinstance(partition_column, str):
+        return {t: partition_column for t in tables}
+    unknown = sorted(set(partition_column) - set(tables))
+    if unknown:
+        raise ConfigError(
+            f"rlm_asset({name!r}): partition_column names tables {unknown} that are not in "
+            f"tables={list(tables)}."
+        )
+    return dict(partition_column)
+
+
+def _partition_filter(
+    context: dg.AssetExecutionContext, partitions_def: dg.PartitionsDefinition, column: str
+) -> str:
+    """Host-built SQL selecting the rows of the current partition."""
+    col = quote_ident(column)
+    if isinstance(partitions_def, dg.TimeWindowPartitionsDefinition):
+        window = context.partition_time_window
+        start, end = (t.strftime("%Y-%m-%d %H:%M:%S") for t in (window.start, window.end))
+        return f"{col} >= TIMESTAMP '{start}' AND {col} < TIMESTAMP '{end}'"
+    key = context.partition_key.replace("'", "''")
+    return f"CAST({col} AS VARCHAR) = '{key}'"
+
+
+def _check_results(
+    schema: OutputSchema | None,
+    written: dict[str, str],
+    text: str,
+    table: pa.Table,
+    result: RLMResult,
+    limits: Limits,
+) -> list[dg.AssetCheckResult]:
+    checks = [
+        dg.AssetCheckResult(
+            check_name="answer_not_empty",
+            passed=table.num_rows > 0 and bool(text.strip()),
+            metadata={"rows": table.num_rows, "answer_chars": len(text)},
+        )
+    ]
+    spent, budget = result.accounting.cost_usd, limits.max_cost_usd
+    checks.append(
+        dg.AssetCheckResult(
+            check_name="spend_within_budget",
+            passed=budget is None or spent <= 0.8 * budget,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata={
+                "cost_usd": round(spent, 6),
+                "max_cost_usd": budget if budget is not None else "none",
+            },
+        )
+    )
+    if schema is not None:
+        wrong = [
+            f"{name} {type_} (table has {written.get(name, 'no such column')})"
+            for name, type_ in schema.columns
+            if written.get(name) != type_
+        ]
+        checks.append(
+            dg.AssetCheckResult(
+                check_name="output_schema",
+                passed=not wrong,
+                metadata={"declared": schema.describe(), "mismatches": ", ".join(wrong) or "none"},
+            )
+        )
+    return checks
 
 
 def _log_event(context: dg.AssetExecutionContext, event: Event) -> None:
@@ -195,20 +382,41 @@ def _answer_markdown(text: str, form: str, limit: int = 4_000) -> str:
     return f"```\n{shown}\n```\n\n_(ended by {form})_"
 
 
-def _write_table(duckdb: DuckDBResource, key: dg.AssetKey, table: pa.Table) -> str:
-    """Replace the asset's table in one short write transaction; return its qualified name."""
+def _write_table(
+    duckdb: DuckDBResource, key: dg.AssetKey, table: pa.Table, partition: str | None
+) -> tuple[str, dict[str, str]]:
+    """Write the answer in one short transaction: the whole table, or (partitioned) the rows
+    of this partition only. Returns the qualified name and the table's column types."""
     *schema_parts, name = key.path
     schema = schema_parts[-1] if schema_parts else "main"
     qualified = f"{quote_ident(schema)}.{quote_ident(name)}"
+    if partition is not None:
+        table = table.append_column(
+            "_partition", pa.array([partition] * table.num_rows, pa.string())
+        )
     with duckdb.get_connection() as con:
         con.execute("BEGIN TRANSACTION")
         try:
             con.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
             con.register("__rlm_answer", table)
-            con.execute(f"CREATE OR REPLACE TABLE {qualified} AS SELECT * FROM __rlm_answer")
+            if partition is None:
+                con.execute(f"CREATE OR REPLACE TABLE {qualified} AS SELECT * FROM __rlm_answer")
+            else:
+                con.execute(
+                    f"CREATE TABLE IF NOT EXISTS {qualified} AS SELECT * FROM __rlm_answer LIMIT 0"
+                )
+                con.execute(f"DELETE FROM {qualified} WHERE _partition = ?", [partition])
+                con.execute(f"INSERT INTO {qualified} BY NAME SELECT * FROM __rlm_answer")
             con.unregister("__rlm_answer")
+            columns = dict(
+                con.execute(
+                    "SELECT column_name, data_type FROM information_schema.columns "
+                    "WHERE table_schema = ? AND table_name = ?",
+                    [schema, name],
+                ).fetchall()
+            )
             con.execute("COMMIT")
         except Exception:
             con.execute("ROLLBACK")
             raise
-    return f"{schema}.{name}"
+    return f"{schema}.{name}", columns

@@ -78,8 +78,14 @@ class RLMResource(dg.ConfigurableResource):
         return WhereConfig(batch_rows=self.where_batch_rows, batch_tokens=self.where_batch_tokens)
 
     @contextmanager
-    def open_lm(self, cache: Cache | None = None) -> Iterator[LM]:
-        """An ``LM`` for one run; for the demo provider, with its fake server running."""
+    def open_lm(
+        self,
+        cache: Cache | None = None,
+        root_model: str | None = None,
+        sub_model: str | None = None,
+    ) -> Iterator[LM]:
+        """An ``LM`` for one run (models overridable per asset); for the demo provider, with
+        its fake server running."""
         if self.provider not in PROVIDERS:
             raise ConfigError(f"RLMResource(provider={self.provider!r}): use one of {PROVIDERS}.")
         if self.max_concurrency < 1:
@@ -116,8 +122,8 @@ class RLMResource(dg.ConfigurableResource):
         lm = LM(
             api_key=key,
             base_url=self.base_url,
-            root_model=self.root_model,
-            sub_model=self.sub_model,
+            root_model=root_model or self.root_model,
+            sub_model=sub_model or self.sub_model,
             max_concurrency=self.max_concurrency,
             request_timeout_s=self.request_timeout_s,
             max_retries=self.max_retries,

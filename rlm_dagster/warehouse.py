@@ -99,10 +99,16 @@ class Warehouse:
                 schema, table = _resolve(requested, existing, database)
                 predicate = (filters or {}).get(requested) or (filters or {}).get(table)
                 where = f" WHERE {predicate}" if predicate else ""
-                con.execute(
-                    f"CREATE TABLE {quote_ident(table)} AS SELECT * FROM "
-                    f"__wh.{quote_ident(schema)}.{quote_ident(table)}{where}"
-                )
+                try:
+                    con.execute(
+                        f"CREATE TABLE {quote_ident(table)} AS SELECT * FROM "
+                        f"__wh.{quote_ident(schema)}.{quote_ident(table)}{where}"
+                    )
+                except duckdb.Error as err:
+                    raise ConfigError(
+                        f"Filtering table {requested!r} with {predicate!r} failed: {_short(err)}. "
+                        "Check partition_column= on the asset."
+                    ) from None
                 wh._register(table, scratch=False)
         except BaseException:
             con.close()
@@ -158,6 +164,17 @@ class Warehouse:
             raise UnknownTableError(
                 f"No table named {name!r} in this run. Tables: {', '.join(sorted(self._tables))}."
             ) from None
+
+    def fingerprints(self) -> dict[str, str]:
+        """Per bound table, a content fingerprint (row count and an order-independent sum of
+        row hashes): what a data version is computed from."""
+        out = {}
+        for t in self.bound_tables():
+            n, h = self._con.sql(
+                f"SELECT count(*), coalesce(sum(hash(t)::HUGEINT), 0) FROM {quote_ident(t.name)} AS t"
+            ).fetchall()[0]
+            out[t.name] = f"{n}:{h}"
+        return out
 
     def describe(self) -> str:
         """One line per bound table, for the root model's prompt."""

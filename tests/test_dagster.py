@@ -277,10 +277,12 @@ def test_demo_provider_is_labelled(warehouse_file: str) -> None:
     assert meta["rlm/root_model"] == "demo-root"
 
 
-def test_retryable_model_error_is_raised_for_dagster_retry(warehouse_file: str) -> None:
+def test_retryable_model_error_is_retried_by_the_retry_policy(warehouse_file: str) -> None:
     from rlm_dagster.testing import Fault
 
-    asset = rlm_asset(name="flaky", question="q?", tables=["tickets"])
+    asset = rlm_asset(
+        name="flaky", question="q?", tables=["tickets"], retry_policy=dg.RetryPolicy(max_retries=2)
+    )
 
     def always_overloaded(req: FakeRequest) -> Fault:
         return Fault(status=529, retry_after_s=0.01)
@@ -290,5 +292,24 @@ def test_retryable_model_error_is_raised_for_dagster_retry(warehouse_file: str) 
             api_key="k", base_url=fake.base_url, root_model="fake-root", max_retries=1
         )
         result = run_asset(asset, rlm, warehouse_file)
+        attempts = fake.count("root", include_faulted=True)
     message, _ = step_failure(result)
     assert "529" in message and "can be retried" in message
+    assert attempts == 3 * 2  # 3 step attempts (1 + 2 retries), each sending 1 + max_retries
+    assert sum(1 for e in result.all_events if e.event_type_value == "STEP_RESTARTED") == 2
+
+
+def test_errors_a_retry_cannot_fix_are_not_retried(warehouse_file: str) -> None:
+    from rlm_dagster.testing import Fault
+
+    asset = rlm_asset(name="badkey", question="q?", tables=["tickets"])  # default retry policy
+    with FakeAnthropic(root=lambda req: Fault(status=401)) as fake:
+        result = run_asset(
+            asset,
+            RLMResource(api_key="k", base_url=fake.base_url, root_model="fake-root"),
+            warehouse_file,
+        )
+        attempts = fake.count("root", include_faulted=True)
+    message, meta = step_failure(result)
+    assert "rejected the API key (401)" in message and meta["rlm/retryable"] is False
+    assert attempts == 1
