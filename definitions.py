@@ -1,6 +1,11 @@
-"""The sample pipeline: load the CSVs in data/source into DuckDB, then ask two RLM questions.
+"""The sample pipeline: load the CSVs in data/source into DuckDB, ask two RLM questions, and
+summarise one answer with a plain asset.
 
     dagster asset materialize -f definitions.py --select '*'
+
+A schedule refreshes the RLM answers every morning, and a sensor refreshes them whenever the
+tickets table is reloaded. RLM assets and the loaders that write the same DuckDB file share
+the pool "warehouse" (see the README on serialising DuckDB writers).
 
 With ANTHROPIC_API_KEY set, the RLM assets use Claude. Without it they use the offline DEMO
 model (a scripted fake Messages API, not an LLM), and say so in the run log and in each
@@ -18,6 +23,7 @@ from rlm_dagster import RLMResource, rlm_asset
 
 DATA = Path(__file__).parent / "data"
 WAREHOUSE = os.environ.get("RLM_WAREHOUSE", str(DATA / "warehouse.duckdb"))
+WAREHOUSE_POOL = "warehouse"
 SOURCES = {
     "customers": "Customer accounts: plan, country, seats, MRR.",
     "orders": "Orders per customer: product, amount, status.",
@@ -26,7 +32,9 @@ SOURCES = {
 
 
 def _loader(table: str, description: str) -> dg.AssetsDefinition:
-    @dg.asset(name=table, kinds={"duckdb"}, group_name="raw", description=description)
+    @dg.asset(
+        name=table, kinds={"duckdb"}, group_name="raw", description=description, pool=WAREHOUSE_POOL
+    )
     def load(context: dg.AssetExecutionContext, duckdb: DuckDBResource) -> dg.MaterializeResult:
         path = DATA / "source" / f"{table}.csv"
         with duckdb.get_connection() as con:
@@ -55,6 +63,7 @@ churn_reasons = rlm_asset(
         "reason": "VARCHAR",
     },
     group_name="insights",
+    pool=WAREHOUSE_POOL,
     max_iterations=12,
     max_sub_calls=500,
     max_cost_usd=2.0,
@@ -65,10 +74,51 @@ urgent_ticket_themes = rlm_asset(
     question="What are the main themes of urgent support tickets in the 30 days up to 2026-11-15, with counts?",
     tables=["tickets"],
     group_name="insights",
+    pool=WAREHOUSE_POOL,
     max_iterations=10,
     max_sub_calls=300,
     max_cost_usd=1.0,
 )
+
+
+@dg.asset(deps=[churn_reasons], kinds={"duckdb"}, group_name="insights", pool=WAREHOUSE_POOL)
+def churn_by_reason(
+    context: dg.AssetExecutionContext, duckdb: DuckDBResource
+) -> dg.MaterializeResult:
+    """A plain downstream asset: churn threats per reason, from the RLM's output table."""
+    with duckdb.get_connection() as con:
+        con.execute(
+            "CREATE OR REPLACE TABLE churn_by_reason AS SELECT reason, count(*) AS threats, "
+            "count(DISTINCT customer_id) AS customers FROM churn_reasons GROUP BY reason "
+            "ORDER BY threats DESC, reason"
+        )
+        rows = con.sql("SELECT * FROM churn_by_reason").fetchall()
+    context.log.info(f"{len(rows)} churn reasons")
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": len(rows),
+            "preview": dg.MetadataValue.md(
+                "\n".join(["| reason | threats | customers |", "|---|---|---|"])
+                + "".join(f"\n| {r} | {t} | {c} |" for r, t, c in rows)
+            ),
+        }
+    )
+
+
+rlm_answers = dg.define_asset_job(
+    "rlm_answers", selection=dg.AssetSelection.assets(churn_reasons, urgent_ticket_themes)
+)
+morning_refresh = dg.ScheduleDefinition(
+    name="morning_refresh", job=rlm_answers, cron_schedule="0 6 * * *", execution_timezone="UTC"
+)
+
+
+@dg.asset_sensor(asset_key=dg.AssetKey("tickets"), job=rlm_answers)
+def tickets_reloaded(
+    context: dg.SensorEvaluationContext, asset_event: dg.EventLogEntry
+) -> dg.RunRequest:
+    """Re-ask the RLM questions whenever the tickets table is reloaded."""
+    return dg.RunRequest(run_key=context.cursor)
 
 
 def _rlm_resource() -> RLMResource:
@@ -86,6 +136,14 @@ def _rlm_resource() -> RLMResource:
 
 
 defs = dg.Definitions(
-    assets=[*(_loader(t, d) for t, d in SOURCES.items()), churn_reasons, urgent_ticket_themes],
+    assets=[
+        *(_loader(t, d) for t, d in SOURCES.items()),
+        churn_reasons,
+        urgent_ticket_themes,
+        churn_by_reason,
+    ],
+    jobs=[rlm_answers],
+    schedules=[morning_refresh],
+    sensors=[tickets_reloaded],
     resources={"duckdb": DuckDBResource(database=WAREHOUSE), "rlm": _rlm_resource()},
 )
