@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import random
@@ -290,6 +291,35 @@ def _parse_rows(text: str) -> list[tuple[int, dict[str, Any]]]:
     return rows
 
 
+def _cache_segments(body: dict[str, Any]) -> list[tuple[str, bool]]:
+    """The request in cache-prefix order (tools, system, messages) as (text, has a cache
+    breakpoint) pieces; the ``cache_control`` marks themselves are not part of the text."""
+
+    def piece(block: Any, prefix: str = "") -> tuple[str, bool]:
+        if isinstance(block, str):  # a plain string is one text block, as the API reads it
+            block = {"type": "text", "text": block}
+        if isinstance(block, dict):
+            marked = "cache_control" in block
+            block = {k: v for k, v in block.items() if k != "cache_control"}
+            return prefix + json.dumps(block, sort_keys=True, ensure_ascii=False), marked
+        return prefix + str(block), False
+
+    segments = [piece(tool) for tool in body.get("tools") or []]
+    system = body.get("system")
+    if isinstance(system, list):
+        segments += [piece(block) for block in system]
+    elif system:
+        segments.append(piece(system))
+    for message in body.get("messages") or []:
+        content = message.get("content")
+        role = f"{message.get('role')}:"
+        if isinstance(content, list):
+            segments += [piece(block, role) for block in content]
+        else:
+            segments.append(piece(content, role))
+    return segments
+
+
 def _estimate_tokens(text: str) -> int:
     return math.ceil(len(text) / 4)
 
@@ -421,6 +451,11 @@ class FakeAnthropic:
         fault_rate, fault_statuses, seed: random fault injection; each request faults with
             probability ``fault_rate`` (status drawn from ``fault_statuses``, retry-after
             ``rate_limit_retry_after_s``). Deterministic for a given seed and arrival order.
+        prompt_caching, cache_min_tokens: simulate Anthropic's prompt caching. The prefix up to
+            each ``cache_control`` breakpoint (tools, then system, then messages) that a
+            previous request already had is billed as ``cache_read_input_tokens``; newly marked
+            content as ``cache_creation_input_tokens``; prefixes shorter than
+            ``cache_min_tokens`` are not cached, as with the real API.
         port: TCP port to listen on (0 picks a free one).
 
     Faults queued with :meth:`inject` take precedence over random faults. A faulted request
@@ -444,6 +479,8 @@ class FakeAnthropic:
         fault_rate: float = 0.0,
         fault_statuses: Iterable[int] = (429, 529, 500),
         seed: int = 0,
+        prompt_caching: bool = True,
+        cache_min_tokens: int = 1024,
         port: int = 0,
     ) -> None:
         if isinstance(root, str | bytes):
@@ -497,6 +534,9 @@ class FakeAnthropic:
         self.fault_statuses = statuses
         self._rng = random.Random(seed)
         self._port = port
+        self.prompt_caching = prompt_caching
+        self.cache_min_tokens = cache_min_tokens
+        self._prefixes: set[str] = set()
 
         self._lock = threading.Lock()
         self._requests: list[FakeRequest] = []
@@ -689,6 +729,29 @@ class FakeAnthropic:
         return max(
             1, _estimate_tokens(json.dumps(parts, ensure_ascii=False, separators=(",", ":")))
         )
+
+    def _cache_usage(self, body: dict[str, Any]) -> tuple[int, int, int]:
+        """(uncached input, cache-write, cache-read) tokens of a request."""
+        total = self._input_tokens(body)
+        if not self.prompt_caching:
+            return total, 0, 0
+        digest = hashlib.sha256()
+        tokens = 0
+        # Every block boundary can hit (the API looks back from each breakpoint); only the
+        # prefixes at breakpoints are written.
+        boundaries: list[tuple[str, int, bool]] = []
+        for segment, marked in _cache_segments(body):
+            digest.update(segment.encode("utf-8"))
+            tokens += _estimate_tokens(segment)
+            boundaries.append((digest.copy().hexdigest(), min(tokens, total), marked))
+        marks = [(h, n) for h, n, marked in boundaries if marked and n >= self.cache_min_tokens]
+        if not marks:
+            return total, 0, 0
+        with self._lock:
+            read = next((n for h, n, _ in reversed(boundaries) if h in self._prefixes), 0)
+            self._prefixes.update(h for h, _ in marks)
+        written = max(0, marks[-1][1] - read)
+        return max(0, total - read - written), written, read
 
     def _next_serial(self) -> int:
         with self._lock:
@@ -934,11 +997,12 @@ class FakeAnthropic:
             )
             out_text += json.dumps(tool.input, ensure_ascii=False)
         stop_reason = result.stop_reason or ("tool_use" if result.tool_use else "end_turn")
+        uncached, written, read = self._cache_usage(request.body)
         usage: dict[str, int] = {
-            "input_tokens": self._input_tokens(request.body),
+            "input_tokens": uncached,
             "output_tokens": max(1, _estimate_tokens(out_text)),
-            "cache_creation_input_tokens": 0,
-            "cache_read_input_tokens": 0,
+            "cache_creation_input_tokens": written,
+            "cache_read_input_tokens": read,
         }
         usage.update(result.usage or {})
         payload = {
