@@ -25,7 +25,7 @@ import pyarrow as pa
 from dagster_duckdb import DuckDBResource
 
 from rlm_dagster.budget import Limits
-from rlm_dagster.engine import Event, RLMResult, RLMRun
+from rlm_dagster.engine import Event, RLMResult, RLMRun, wire_context
 from rlm_dagster.errors import BudgetExceeded, ConfigError, ModelError, NoFinalAnswer, RLMError
 from rlm_dagster.metadata import column_schema, run_metadata, unknown_price_models
 from rlm_dagster.output import OutputSchema
@@ -64,6 +64,7 @@ def rlm_asset(
     partition_column: str | Mapping[str, str] | None = None,
     retry_policy: dg.RetryPolicy | None = DEFAULT_RETRY_POLICY,
     pool: str | None = None,
+    context: str | Sequence[str] | dg.AssetKey | None = None,
     rlm_resource_key: str = "rlm",
     duckdb_resource_key: str = "duckdb",
 ) -> dg.AssetsDefinition:
@@ -74,6 +75,8 @@ def rlm_asset(
     names the column that the partition key filters: one name for every bound table, or a
     ``{table: column}`` mapping (tables left out are bound whole, e.g. dimension tables); the
     output table gets a ``_partition`` column and is replaced one partition at a time.
+    ``context`` names an upstream asset whose value (text, a list of documents, a dict or a
+    DataFrame, loaded by its IO manager) is bound as the REPL variable ``context``.
     ``retry_policy`` defaults to three retries with exponential backoff and jitter; errors a
     retry cannot fix (auth, bad request, policy, schema, budget) are never retried. ``pool``
     puts the asset in a Dagster concurrency pool (see the README on DuckDB writers).
@@ -117,6 +120,9 @@ def rlm_asset(
             "limits": limits.as_dict(),
             "models": [root_model, sub_model],
             "partition_columns": partition_columns,
+            "context": None
+            if context is None
+            else dg.AssetKey.from_coercible(context).to_user_string(),
             "prompts": PROMPT_VERSION,
         }
     )
@@ -140,23 +146,10 @@ def rlm_asset(
             )
         )
 
-    @dg.asset(
-        key=key,
-        deps=deps,
-        kinds={"rlm", "anthropic", "duckdb"},
-        required_resource_keys={rlm_resource_key, duckdb_resource_key},
-        description=description or question,
-        group_name=group_name,
-        metadata=definition_metadata,
-        tags=dict(tags or {}),
-        owners=list(owners or []),
-        partitions_def=partitions_def,
-        retry_policy=retry_policy,
-        pool=pool,
-        code_version=code_version,
-        check_specs=check_specs,
-    )
-    def _rlm_asset(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    context_key = None if context is None else dg.AssetKey.from_coercible(context)
+    ins = {} if context_key is None else {"rlm_context": dg.AssetIn(key=context_key)}
+
+    def materialize(context: dg.AssetExecutionContext, context_value: Any) -> dg.MaterializeResult:
         rlm: RLMResource = getattr(context.resources, rlm_resource_key)
         duckdb: DuckDBResource = getattr(context.resources, duckdb_resource_key)
         try:
@@ -192,6 +185,7 @@ def rlm_asset(
                     on_event=lambda event: _log_event(context, event),
                     sandbox=rlm.sandbox,
                     where_config=rlm.where_config(),
+                    context=wire_context(context_value),
                 )
                 try:
                     result = run.run()
@@ -258,7 +252,36 @@ def rlm_asset(
             check_results=_check_results(schema, written, answer.text, table, result, limits),
         )
 
-    return _rlm_asset
+    decorate = dg.asset(
+        key=key,
+        deps=deps,
+        ins=ins,
+        kinds={"rlm", "anthropic", "duckdb"},
+        required_resource_keys={rlm_resource_key, duckdb_resource_key},
+        description=description or question,
+        group_name=group_name,
+        metadata=definition_metadata,
+        tags=dict(tags or {}),
+        owners=list(owners or []),
+        partitions_def=partitions_def,
+        retry_policy=retry_policy,
+        pool=pool,
+        code_version=code_version,
+        check_specs=check_specs,
+    )
+    if context_key is None:
+
+        def _rlm_asset(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+            return materialize(context, None)
+
+        return decorate(_rlm_asset)
+
+    def _rlm_asset_with_context(
+        context: dg.AssetExecutionContext, rlm_context: Any
+    ) -> dg.MaterializeResult:
+        return materialize(context, rlm_context)
+
+    return decorate(_rlm_asset_with_context)
 
 
 def _digest(value: Any) -> str:
@@ -365,7 +388,8 @@ def _log_event(context: dg.AssetExecutionContext, event: Event) -> None:
     if event["type"] == "iteration":
         context.log.info(
             redact(
-                f"iteration {event['iteration']}/{event['max_iterations']}: ran {event['cells']} cell(s), "
+                (f"child RLM {event['run_id']} (depth {event['depth']}) " if event["depth"] else "")
+                + f"iteration {event['iteration']}/{event['max_iterations']}: ran {event['cells']} cell(s), "
                 f"{event['code_lines']} lines of code, {event['output_chars']:,} chars of output"
                 + (f", {event['errors']} error(s)" if event["errors"] else "")
                 + f"; sub-calls so far {event['sub_calls']:,}, spend so far ${event['cost_usd']:.4f}"
@@ -375,6 +399,10 @@ def _log_event(context: dg.AssetExecutionContext, event: Event) -> None:
         )
     elif event["type"] in ("llm_where", "llm_where_progress"):
         context.log.info(redact(str(event["summary"])))
+    elif event["type"] == "rlm_query":
+        context.log.info(
+            f"rlm_query: starting child RLM {event['run_id']} at depth {event['depth']}"
+        )
 
 
 def _answer_markdown(text: str, form: str, limit: int = 4_000) -> str:

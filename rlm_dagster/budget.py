@@ -33,6 +33,7 @@ class Limits:
     max_observation_chars: int = 20_000
     cell_timeout_s: float = 300.0
     max_sql_rows: int = 100_000
+    context_window_tokens: int = 200_000  # old turns are compacted beyond 75% of this
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():

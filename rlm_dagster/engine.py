@@ -15,12 +15,16 @@ none comes, :class:`NoFinalAnswer` carries the trajectory.
 
 from __future__ import annotations
 
+import itertools
+import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import pandas as pd
 import pyarrow as pa
 
 from rlm_dagster.budget import Budget, Limits
@@ -115,6 +119,7 @@ class Turn:
     sub_calls: int = 0
     cost_usd: float = 0.0
     seconds: float = 0.0
+    children: list[RLMResult] = field(default_factory=list)  # rlm_query runs of this turn
 
 
 @dataclass
@@ -127,10 +132,30 @@ class RLMResult:
     accounting: Accounting
     duration_s: float
     limits: Limits
+    run_id: str = "r0"
+    depth: int = 0
 
     @property
     def answer_text(self) -> str:
         return self.answer.text
+
+    def call_tree(self) -> list[dict[str, Any]]:
+        """This run and every child run under it: id, parent, depth, question, turns, answer."""
+        parent, _, _ = self.run_id.rpartition(".")
+        nodes = [
+            {
+                "id": self.run_id,
+                "parent": parent or None,
+                "depth": self.depth,
+                "question": _clip(self.question, 200),
+                "iterations": self.iterations,
+                "answer": _clip(self.answer.text, 200),
+            }
+        ]
+        for turn in self.turns:
+            for child in turn.children:
+                nodes += child.call_tree()
+        return nodes
 
     @property
     def iterations(self) -> int:
@@ -161,6 +186,13 @@ def render_trajectory(turns: list[Turn], max_chars: int = 1_500) -> str:
                 parts.append(f"```text\n{_clip(shown, max_chars)}\n```")
         if t.note:
             parts.append(f"_{t.note}_")
+        for child in t.children:
+            inner = render_trajectory(child.turns, max_chars)
+            parts.append(
+                f"**child RLM {child.run_id}** (depth {child.depth}): {_clip(child.question, 300)}\n\n"
+                + "\n".join("> " + line for line in inner.splitlines())
+                + f"\n\n**{child.run_id} answered:** {_clip(child.answer.text, max_chars)}"
+            )
     return redact("\n\n".join(parts))
 
 
@@ -185,6 +217,10 @@ class RLMRun:
         on_event: Callable[[Event], None] | None = None,
         sandbox: str = "auto",
         where_config: WhereConfig | None = None,
+        context: Any = None,
+        depth: int = 0,
+        run_id: str = "r0",
+        budget: Budget | None = None,
     ) -> None:
         self.question = question
         self.warehouse = warehouse
@@ -192,11 +228,28 @@ class RLMRun:
         self.limits = limits or Limits()
         self.output = output
         self.on_event = on_event or (lambda event: None)
-        self.budget = Budget(self.limits, lm.accounting)
-        lm.before_call = self.budget.before_call
+        self.sandbox = sandbox
+        self.where_config = where_config
+        self.context = context
+        self.depth = depth
+        self.run_id = run_id
+        # A child run shares its parent's budget: its spend counts as it happens.
+        if budget is None:
+            budget = Budget(self.limits, lm.accounting)
+            lm.before_call = budget.before_call
+        self.budget = budget
         self.semantic = Semantic(
-            lm, warehouse, self.budget, cache=lm.cache, config=where_config, on_event=self.on_event
+            lm,
+            warehouse,
+            self.budget,
+            cache=lm.cache,
+            config=where_config,
+            on_event=self.on_event,
+            depth=depth,
         )
+        self._child_ids = itertools.count(1)
+        self._turn_children: list[RLMResult] = []
+        self.messages: list[dict[str, Any]] = []
         self.turns: list[Turn] = []
         self.final: Answer | None = None
         self.worker = Worker(
@@ -207,12 +260,15 @@ class RLMRun:
                     a["prompts"], a.get("model")
                 ),
                 "llm_where": self._llm_where,
+                "rlm_query": lambda a: self._rlm_query(str(a["prompt"]), a.get("context")),
+                "rlm_query_batched": self._rlm_query_batched,
                 "final": lambda a: self._accept(a["value"], "FINAL"),
             },
             tables=self._table_infos,
             cell_timeout_s=self.limits.cell_timeout_s,
             max_capture_chars=max(4 * self.limits.max_observation_chars, 100_000),
             sandbox=sandbox,
+            context=context,
         )
 
     # -- handlers the worker calls ----------------------------------------------------------
@@ -240,6 +296,43 @@ class RLMRun:
             "provenance": _table_dict(provenance),
             "summary": stats.describe(deterministic=True),
         }
+
+    def _rlm_query(self, prompt: str, context: Any = None) -> str:
+        """A child RLM one level deeper, sharing tables and budget; at the depth limit, a plain
+        sub-call with the context appended to the prompt."""
+        if self.depth + 1 >= self.limits.max_depth:
+            text = prompt if context is None else f"{prompt}\n\nContext:\n{_context_text(context)}"
+            return self.semantic.query(text)
+        child = RLMRun(
+            prompt,
+            warehouse=self.warehouse,
+            lm=self.lm,
+            limits=self.limits,
+            on_event=self.on_event,
+            sandbox=self.sandbox,
+            where_config=self.where_config,
+            context=context,
+            depth=self.depth + 1,
+            run_id=f"{self.run_id}.{next(self._child_ids)}",
+            budget=self.budget,
+        )
+        self.on_event({"type": "rlm_query", "run_id": child.run_id, "depth": child.depth})
+        try:
+            result = child.run()
+        except NoFinalAnswer as err:
+            result = err.trajectory
+            result.answer = Answer(text=f"ERROR: child RLM {child.run_id} gave no final answer")
+        self._turn_children.append(result)
+        return result.answer_text
+
+    def _rlm_query_batched(self, args: dict[str, Any]) -> list[str]:
+        prompts = [str(p) for p in args["prompts"]]
+        contexts = args.get("contexts") or [None] * len(prompts)
+        if len(contexts) != len(prompts):
+            raise ValueError("rlm_query_batched: give one context per prompt (or none)")
+        workers = max(1, min(len(prompts), self.lm.max_concurrency, 4))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rlm-child") as pool:
+            return list(pool.map(self._rlm_query, prompts, contexts))
 
     def _accept(self, value: dict[str, Any], form: str) -> None:
         """Validate a final value against the output schema; raise to tell the model why not."""
@@ -282,9 +375,11 @@ class RLMRun:
                 else f"${self.limits.max_cost_usd:.2f}",
                 max_iterations=self.limits.max_iterations,
                 output_instructions=output_instructions,
+                context=_context_description(self.context),
             )
         )
-        messages: list[dict[str, Any]] = [
+        messages: list[dict[str, Any]] = self.messages
+        messages[:] = [
             {
                 "role": "user",
                 "content": f"Question: {self.question}\n\nTurn 1 of {self.limits.max_iterations}.",
@@ -324,6 +419,8 @@ class RLMRun:
             accounting=self.lm.accounting,
             duration_s=time.monotonic() - started,
             limits=self.limits,
+            run_id=self.run_id,
+            depth=self.depth,
         )
 
     def _turn(
@@ -335,14 +432,17 @@ class RLMRun:
     ) -> None:
         t0 = time.monotonic()
         self.budget.check()
+        compact(messages, int(0.75 * self.limits.context_window_tokens))
         reply = self.lm.complete(
             role="root",
             model=self.lm.root_model,
             system=system,
             messages=_with_cache_mark(messages),
+            depth=self.depth,
         )
         turn = Turn(iteration=iteration, reply=reply.text)
         self.turns.append(turn)
+        self._turn_children = turn.children
         notes: list[str] = []
         observations: list[str] = []
         blocks = extract_code_blocks(reply.text)
@@ -361,9 +461,18 @@ class RLMRun:
                 notes.append("text FINAL ignored: the code in the same reply failed")
             else:
                 self._text_final(*text_final, notes)
+        if blocks and _FAKE_OUTPUT.search(reply.text):
+            notes.append(
+                "your reply contained text that looks like REPL output; it was ignored: only the "
+                "real output of your code, above, counts"
+            )
         if reply.stop_reason == "max_tokens":
             notes.append(
-                "your reply was cut off at the output-token limit; write shorter replies and code"
+                "your reply was cut off at the output-token limit before any code or answer "
+                "(thinking counts against the same limit): think less and write the code directly"
+                if not blocks and self.final is None
+                else "your reply was cut off at the output-token limit and an unfinished code "
+                "block was not run: write shorter replies and code"
             )
         if not blocks and self.final is None and not notes:
             notes.append(render("nudge.md").strip())
@@ -374,6 +483,8 @@ class RLMRun:
         self.on_event(
             {
                 "type": "iteration",
+                "run_id": self.run_id,
+                "depth": self.depth,
                 "iteration": iteration,
                 "max_iterations": self.limits.max_iterations,
                 "cells": len(turn.cells),
@@ -423,6 +534,68 @@ class RLMRun:
             self._try_accept(value, "FINAL_VAR (text)", notes)
         else:
             self._try_accept({"kind": "text", "text": arg}, "FINAL (text)", notes)
+
+
+_FAKE_OUTPUT = re.compile(
+    r"^```[ \t]*(?:output|text|console|stdout|repl[-_ ]?output)[ \t]*$"
+    r"|^[ \t]*(?:#+[ \t]*)?(?:repl[ \t]+)?(?:output|stdout|execution result)[ \t]*:",
+    re.I | re.M,
+)
+
+
+def compact(messages: list[dict[str, Any]], max_tokens: int, keep_turns: int = 3) -> bool:
+    """Fold old turns into a short digest when the conversation nears ``max_tokens``.
+
+    The question (first message) and the last ``keep_turns`` turns stay verbatim; each older
+    turn becomes one line (its first code line and the start of its output). Deterministic,
+    so a replayed run compacts identically. Returns whether anything was compacted.
+    """
+    keep = 2 * keep_turns
+    if len(messages) <= keep + 1 or _estimate_tokens(messages) <= max_tokens:
+        return False
+    head, middle, tail = messages[0], messages[1:-keep], messages[-keep:]
+    lines = []
+    for reply, observation in zip(middle[::2], middle[1::2], strict=False):
+        code = extract_code_blocks(str(reply["content"]))
+        first = code[0].strip().splitlines()[0] if code and code[0].strip() else "(no code)"
+        seen = " ".join(str(observation["content"]).split())[:300]
+        lines.append(f"- ran `{first[:120]}` -> {seen}")
+    digest = (
+        f"\n\n[Earlier turns were compacted to save context; {len(lines)} turns:]\n"
+        + "\n".join(lines)
+    )
+    messages[:] = [{"role": "user", "content": str(head["content"]) + digest}, *tail]
+    return True
+
+
+def _estimate_tokens(messages: list[dict[str, Any]]) -> int:
+    return sum(len(str(m["content"])) for m in messages) // 4
+
+
+def _context_description(context: Any) -> str:
+    """What the system prompt says about the ``context`` variable."""
+    if context is None:
+        return ""
+    if isinstance(context, str):
+        shape = f"a str of {len(context):,} characters"
+    elif isinstance(context, list):
+        kinds = sorted({type(x).__name__ for x in context[:100]})
+        shape = f"a list of {len(context):,} items ({', '.join(kinds) or 'empty'})"
+    elif isinstance(context, dict) and context.get("kind") == "frame":
+        shape = "a pandas DataFrame"
+    elif isinstance(context, dict):
+        shape = f"a dict with keys {', '.join(map(str, list(context)[:20]))}"
+    else:
+        shape = f"a {type(context).__name__}"
+    return (
+        f"\n## Context\nThe variable `context` holds {shape}. It is too long to read at once: "
+        "look at its size and a slice first, then chunk it and use llm_query / "
+        "llm_query_batched / rlm_query on the chunks."
+    )
+
+
+def _context_text(context: Any) -> str:
+    return context if isinstance(context, str) else json.dumps(context, default=str)[:200_000]
 
 
 def _table_dict(info: TableInfo) -> dict[str, Any]:
@@ -477,3 +650,55 @@ def run_rlm(
         sandbox=sandbox,
         where_config=where_config,
     ).run()
+
+
+def run(
+    question: str,
+    *,
+    lm: LM,
+    context: Any = None,
+    tables: Warehouse | Mapping[str, Any] | None = None,
+    limits: Limits | None = None,
+    output: OutputSchema | dict[str, str] | None = None,
+    on_event: Callable[[Event], None] | None = None,
+    sandbox: str = "auto",
+) -> RLMResult:
+    """Run an RLM without Dagster, over a long ``context`` and/or ``tables``.
+
+        >>> result = run("Which chapter introduces the villain?", context=book_text, lm=lm)  # doctest: +SKIP
+
+    ``context`` is bound as the REPL variable ``context`` (a str, a list of documents, a dict,
+    or a pandas DataFrame); ``tables`` is a :class:`Warehouse` or a mapping of names to
+    DataFrames / Arrow tables, each bound as a table.
+    """
+    warehouse = tables if isinstance(tables, Warehouse) else Warehouse.from_frames(tables or {})
+    schema = OutputSchema.parse(output) if isinstance(output, dict) else output
+    return RLMRun(
+        question,
+        warehouse=warehouse,
+        lm=lm,
+        limits=limits,
+        output=schema,
+        on_event=on_event,
+        sandbox=sandbox,
+        context=wire_context(context),
+    ).run()
+
+
+def wire_context(context: Any) -> Any:
+    """A context value in the form the REPL worker receives: JSON, or a DataFrame as Arrow."""
+    if context is None or isinstance(context, str | int | float | bool):
+        return context
+    if isinstance(context, pd.DataFrame | pa.Table):
+        table = (
+            context
+            if isinstance(context, pa.Table)
+            else pa.Table.from_pandas(context, preserve_index=False)
+        )
+        return {"kind": "frame", "arrow": encode_arrow(table)}
+    if isinstance(context, list | tuple | dict):
+        json.dumps(context, default=str)  # fail here, not in the worker, if it cannot travel
+        return json.loads(json.dumps(context, default=str))
+    raise TypeError(
+        f"context must be a str, list, dict or DataFrame, not {type(context).__name__}; convert it first"
+    )

@@ -74,6 +74,7 @@ class CallRecord:
     latency_s: float
     stop_reason: str | None = None
     cache_hit: bool = False  # replayed from the call cache: counted, not paid again
+    depth: int = 0  # 0 for the root RLM, 1 for its rlm_query children, ...
 
     @property
     def paid_usd(self) -> float:
@@ -305,7 +306,7 @@ class LM:
         self._ledger: list[dict[str, Any]] = []
         self._ledger_lock = threading.Lock()
         # Who is calling, for the ledger (the Dagster layer sets run_id, asset, partition).
-        self.context: dict[str, Any] = {"depth": 0}
+        self.context: dict[str, Any] = {}
         self.retries = 0
         self.before_call: Callable[[str], None] | None = None
         self._client_kwargs: dict[str, Any] = {
@@ -333,10 +334,11 @@ class LM:
         max_tokens: int | None = None,
         tools: list[dict[str, Any]] | None = None,
         tool_choice: dict[str, Any] | None = None,
+        depth: int = 0,
     ) -> Completion:
         """One blocking call (the root loop's turns and single sub-calls)."""
         kwargs = self._request(role, model, system, messages, max_tokens, tools, tool_choice)
-        key, hit = self._cached(role, kwargs)
+        key, hit = self._cached(role, kwargs, depth)
         if hit is not None:
             return hit
         started = time.monotonic()
@@ -344,7 +346,7 @@ class LM:
             message = self._client.messages.create(**kwargs)
         except anthropic.AnthropicError as err:
             raise _model_error(err, model, self.base_url) from err
-        return self._completion(role, model, message, time.monotonic() - started, key)
+        return self._completion(role, model, message, time.monotonic() - started, key, depth)
 
     # -- async --------------------------------------------------------------------------
 
@@ -358,12 +360,13 @@ class LM:
         max_tokens: int | None = None,
         tools: list[dict[str, Any]] | None = None,
         tool_choice: dict[str, Any] | None = None,
+        depth: int = 0,
     ) -> Completion:
         """One call on the LM's event loop under the adaptive limiter, retried on 429, 529,
         5xx and connection errors (``retry-after`` honoured, else jittered backoff)."""
         assert self._aclient is not None, "call acomplete through LM.run_async"
         kwargs = self._request(role, model, system, messages, max_tokens, tools, tool_choice)
-        key, hit = self._cached(role, kwargs)
+        key, hit = self._cached(role, kwargs, depth)
         if hit is not None:
             return hit
         attempt = 0
@@ -390,7 +393,7 @@ class LM:
                 raise
             self.limiter.on_success()
             self.limiter.release()
-            return self._completion(role, model, message, time.monotonic() - started, key)
+            return self._completion(role, model, message, time.monotonic() - started, key, depth)
 
     def run_async(self, coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
         """Run ``coro_fn()`` on the LM's background event loop and wait for its result."""
@@ -460,7 +463,9 @@ class LM:
             kwargs["tool_choice"] = tool_choice
         return kwargs
 
-    def _cached(self, role: str, request: dict[str, Any]) -> tuple[str | None, Completion | None]:
+    def _cached(
+        self, role: str, request: dict[str, Any], depth: int = 0
+    ) -> tuple[str | None, Completion | None]:
         """The call-cache key of ``request`` and its stored completion, if any. llm_where
         batches are cached per value by the verdict cache instead."""
         if self.cache is None or role == "where":
@@ -478,6 +483,7 @@ class LM:
             latency_s=0.0,
             stop_reason=stored["stop_reason"],
             cache_hit=True,
+            depth=depth,
         )
         self._account(record)
         completion = Completion(
@@ -489,7 +495,13 @@ class LM:
         return key, completion
 
     def _completion(
-        self, role: str, model: str, message: Any, latency: float, key: str | None = None
+        self,
+        role: str,
+        model: str,
+        message: Any,
+        latency: float,
+        key: str | None = None,
+        depth: int = 0,
     ) -> Completion:
         usage = _usage(message.usage)
         record = CallRecord(
@@ -499,6 +511,7 @@ class LM:
             cost_usd=cost_usd(model, usage),
             latency_s=latency,
             stop_reason=message.stop_reason,
+            depth=depth,
         )
         texts = [b.text for b in message.content if getattr(b, "type", None) == "text"]
         tool_input = next(
@@ -531,6 +544,7 @@ class LM:
             self._ledger.append(
                 {
                     **self.context,
+                    "depth": record.depth,
                     "role": record.role,
                     "model": record.model,
                     **asdict(record.usage),

@@ -61,6 +61,7 @@ def run_metadata(result: RLMResult, lm: LM) -> dict[str, Any]:
         "rlm/cache_hits": sum(1 for r in acc.records if r.cache_hit),
         "rlm/duration_s": round(result.duration_s, 3),
         "rlm/trajectory": dg.MetadataValue.md(result.trajectory_markdown() or "(no turns)"),
+        "rlm/call_tree": dg.MetadataValue.json(result.call_tree()),
     }
     if unknown:
         meta["rlm/cost_unknown_models"] = ", ".join(unknown)

@@ -186,8 +186,10 @@ class Semantic:
         cache: Cache | None = None,
         config: WhereConfig | None = None,
         on_event: Callable[[Event], None] | None = None,
+        depth: int = 0,
     ) -> None:
         self.lm = lm
+        self.depth = depth
         self.warehouse = warehouse
         self.budget = budget
         self.cache = cache
@@ -202,6 +204,7 @@ class Semantic:
             model=model or self.lm.sub_model,
             system="Answer the request directly and concisely.",
             messages=[{"role": "user", "content": prompt}],
+            depth=self.depth,
         )
         return reply.text
 
@@ -215,6 +218,7 @@ class Semantic:
                     model=model or self.lm.sub_model,
                     system="Answer the request directly and concisely.",
                     messages=[{"role": "user", "content": prompt}],
+                    depth=self.depth,
                 )
             except ModelError as err:
                 if not err.retryable:
@@ -487,6 +491,7 @@ class Semantic:
                 max_tokens=200 + 60 * len(batch),
                 tools=[RECORD_VERDICTS_TOOL],
                 tool_choice={"type": "tool", "name": "record_verdicts"},
+                depth=self.depth,
             )
             cost = reply.record.cost_usd or 0.0
             stats.cost_usd += cost

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -58,6 +59,9 @@ class Warehouse:
 
     def __init__(self, con: duckdb.DuckDBPyConnection, source: str) -> None:
         self._con = con
+        # Child RLMs (rlm_query_batched) run in threads; a DuckDB connection is used by one
+        # thread at a time.
+        self._lock = threading.RLock()
         self.source = source
         self._tables: dict[str, TableInfo] = {}
         self._scratch_ids = itertools.count(1)
@@ -184,7 +188,8 @@ class Warehouse:
         """Run model-written ``sql`` under the read-only policy; at most ``max_rows`` rows."""
         check_sql(sql, allowed_tables=self._tables.keys())
         try:
-            table = self._con.sql(sql).limit(max_rows + 1).to_arrow_table()
+            with self._lock:
+                table = self._con.sql(sql).limit(max_rows + 1).to_arrow_table()
         except duckdb.Error as err:
             raise QueryError(f"sql() failed: {_short(err)}") from None
         if table.num_rows > max_rows:
@@ -196,7 +201,8 @@ class Warehouse:
 
     def trusted_arrow(self, sql: str) -> pa.Table:
         """Run host-built SQL (no policy): for engines that compose their own queries."""
-        return self._con.sql(sql).to_arrow_table()
+        with self._lock:
+            return self._con.sql(sql).to_arrow_table()
 
     def input_query(self, source: str) -> str:
         """A bound/scratch table name or a model-written query as a policy-checked subquery."""
@@ -214,6 +220,10 @@ class Warehouse:
 
     def create_scratch(self, prefix: str, data: pa.Table, *, name: str | None = None) -> TableInfo:
         """Store ``data`` as a new scratch table (``name``, or ``{prefix}_{n}``); return its info."""
+        with self._lock:
+            return self._create_scratch(prefix, data, name)
+
+    def _create_scratch(self, prefix: str, data: pa.Table, name: str | None) -> TableInfo:
         if name is None or name in self._tables:
             name = f"{prefix}_{next(self._scratch_ids)}"
             while name in self._tables:
