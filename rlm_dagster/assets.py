@@ -237,6 +237,9 @@ def rlm_asset(
                 metadata={"rlm/error": type(err).__name__, "rlm/retryable": False},
                 allow_retries=False,
             ) from err
+        # The UI lists metadata in order and folds Markdown over 1,000 characters behind a
+        # click: a short plain preview goes first.
+        metadata = {"rlm/answer_preview": _one_line(answer.text, 900), **metadata}
         metadata.update(
             {
                 "rlm/answer": dg.MetadataValue.md(_answer_markdown(answer.text, answer.form)),
@@ -403,6 +406,11 @@ def _log_event(context: dg.AssetExecutionContext, event: Event) -> None:
         context.log.info(
             f"rlm_query: starting child RLM {event['run_id']} at depth {event['depth']}"
         )
+
+
+def _one_line(text: str, limit: int) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 def _answer_markdown(text: str, form: str, limit: int = 4_000) -> str:

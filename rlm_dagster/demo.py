@@ -51,8 +51,8 @@ _THEMES = [
 _CHURN_PROGRAMS = [
     """Let me look at the tables first.
 ```repl
-print(tickets)
-print(customers)
+print(repr(tickets))
+print(repr(customers))
 print(sql("SELECT plan, count(*) AS customers FROM customers GROUP BY plan ORDER BY customers DESC"))
 print(sql("SELECT min(created_at) AS first, max(created_at) AS last FROM tickets"))
 ```""",
@@ -87,7 +87,7 @@ FINAL(answer_df)
 _THEME_PROGRAMS = [
     """First, the size and time range of the urgent tickets.
 ```repl
-print(tickets)
+print(repr(tickets))
 print(sql("SELECT priority, count(*) AS n FROM tickets GROUP BY priority ORDER BY n DESC"))
 ```""",
     """Classify each recent urgent ticket's subject with batched sub-calls, then count themes.

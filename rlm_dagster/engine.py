@@ -147,9 +147,9 @@ class RLMResult:
                 "id": self.run_id,
                 "parent": parent or None,
                 "depth": self.depth,
-                "question": _clip(self.question, 200),
+                "question": _clip(" ".join(self.question.split()), 200),
                 "iterations": self.iterations,
-                "answer": _clip(self.answer.text, 200),
+                "answer": _clip(" ".join(self.answer.text.split()), 200),
             }
         ]
         for turn in self.turns:

@@ -66,10 +66,11 @@ def run_metadata(result: RLMResult, lm: LM) -> dict[str, Any]:
     if unknown:
         meta["rlm/cost_unknown_models"] = ", ".join(unknown)
     if lm.provider == "demo":
-        meta["rlm/note"] = (
+        note = (
             "Answered by the offline DEMO model (scripted programs and keyword rules, not an LLM). "
             "Set ANTHROPIC_API_KEY to use Claude."
         )
+        meta = {"rlm/note": note, **meta}
     meta.update(usage_metadata(acc))
     return {k: redact(v) if isinstance(v, str) else v for k, v in meta.items()}
 
