@@ -32,8 +32,10 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "rlm_asset": "rlm_dagster.assets",
     "Limits": "rlm_dagster.budget",
+    "RLMComponent": "rlm_dagster.component",
     "RLMResult": "rlm_dagster.engine",
     "run_rlm": "rlm_dagster.engine",
+    "run": "rlm_dagster.engine",
     "BudgetExceeded": "rlm_dagster.errors",
     "ConfigError": "rlm_dagster.errors",
     "MissingAPIKey": "rlm_dagster.errors",
@@ -55,7 +57,8 @@ _EXPORTS = {
 if TYPE_CHECKING:
     from rlm_dagster.assets import rlm_asset
     from rlm_dagster.budget import Limits
-    from rlm_dagster.engine import RLMResult, run_rlm
+    from rlm_dagster.component import RLMComponent
+    from rlm_dagster.engine import RLMResult, run, run_rlm
     from rlm_dagster.errors import (
         BudgetExceeded,
         ConfigError,
@@ -86,6 +89,11 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'rlm_dagster' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    # dg finds components by dir() on the entry-point module, so list the lazy exports too.
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
 __all__ = [
     "LM",
     "BudgetExceeded",
@@ -97,6 +105,7 @@ __all__ = [
     "OutputSchema",
     "OutputSchemaError",
     "QueryError",
+    "RLMComponent",
     "RLMError",
     "RLMResource",
     "RLMResult",
@@ -106,5 +115,6 @@ __all__ = [
     "Warehouse",
     "WorkerError",
     "rlm_asset",
+    "run",
     "run_rlm",
 ]

@@ -159,7 +159,7 @@ def rlm_asset(
                 rlm.open_lm(cache=cache, root_model=root_model, sub_model=sub_model) as lm,
             ):
                 lm.context.update(
-                    run_id=context.run_id, asset=key.to_user_string(), partition=partition
+                    run_id=context.run.run_id, asset=key.to_user_string(), partition=partition
                 )
                 if lm.provider == "demo":
                     context.log.warning(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from rlm_dagster.errors import BudgetExceeded, ConfigError
@@ -43,7 +43,13 @@ class Limits:
             raise ConfigError(f"max_iterations must be at least 1, got {self.max_iterations}")
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The limits with float fields as floats, so ``600`` and ``600.0`` (YAML) version
+        alike."""
+        floats = {f.name for f in fields(self) if "float" in str(f.type)}
+        return {
+            k: float(v) if k in floats and isinstance(v, int) else v
+            for k, v in asdict(self).items()
+        }
 
 
 class Budget:
