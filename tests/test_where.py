@@ -26,10 +26,17 @@ def ticket_warehouse(warehouse_file: str) -> Warehouse:
     return Warehouse.snapshot(warehouse_file, ["tickets", "customers"])
 
 
-def semantic(lm: LM, wh: Warehouse, cache: Cache | None = None, limits: Limits | None = None, **config: Any) -> Semantic:
+def semantic(
+    lm: LM, wh: Warehouse, cache: Cache | None = None, limits: Limits | None = None, **config: Any
+) -> Semantic:
     events: list[dict[str, Any]] = []
     sem = Semantic(
-        lm, wh, Budget(limits or Limits(), lm.accounting), cache=cache, config=WhereConfig(**config), on_event=events.append
+        lm,
+        wh,
+        Budget(limits or Limits(), lm.accounting),
+        cache=cache,
+        config=WhereConfig(**config),
+        on_event=events.append,
     )
     sem.events = events  # type: ignore[attr-defined]
     return sem
@@ -59,7 +66,9 @@ def test_same_result_with_and_without_packing_and_cache(
     wh = ticket_warehouse(warehouse_file)
     cache = Cache(tmp_path / "c.sqlite3")
     with FakeAnthropic(where=judge) as fake:
-        packed, _, s1 = semantic(make_lm(fake), wh, cache).where("tickets", "threatens to cancel", columns=["body"])
+        packed, _, s1 = semantic(make_lm(fake), wh, cache).where(
+            "tickets", "threatens to cancel", columns=["body"]
+        )
         packed_requests = fake.count("where")
         fake.reset()
         single, _, _ = semantic(make_lm(fake), wh, None, batch_rows=1).where(
@@ -67,7 +76,9 @@ def test_same_result_with_and_without_packing_and_cache(
         )
         single_requests = fake.count("where")
         fake.reset()
-        again, _, s3 = semantic(make_lm(fake), wh, cache).where("tickets", "threatens to cancel", columns=["body"])
+        again, _, s3 = semantic(make_lm(fake), wh, cache).where(
+            "tickets", "threatens to cancel", columns=["body"]
+        )
         cached_requests = fake.count("where")
     assert ids(wh, packed.name) == ids(wh, single.name) == ids(wh, again.name) == truth
     # duplicated bodies are judged once but every row carrying them is in the result
@@ -97,7 +108,9 @@ def test_verdict_cache_survives_a_new_process(
             lm.close()
             """
         )
-        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+        )
         assert proc.returncode == 0, proc.stderr
         first_requests, first_rows = map(int, proc.stdout.split())
         assert first_requests > 0 and fake.count("where") == first_requests
@@ -110,7 +123,9 @@ def test_verdict_cache_survives_a_new_process(
     assert info.rows == first_rows
 
 
-def test_failed_rows_are_null_counted_and_never_cached(make_lm: MakeLM, warehouse_file: str, tmp_path: Path) -> None:
+def test_failed_rows_are_null_counted_and_never_cached(
+    make_lm: MakeLM, warehouse_file: str, tmp_path: Path
+) -> None:
     bad = "export"
 
     def reply(req: FakeRequest) -> ToolUse:
@@ -124,17 +139,27 @@ def test_failed_rows_are_null_counted_and_never_cached(make_lm: MakeLM, warehous
     wh = ticket_warehouse(warehouse_file)
     cache = Cache(tmp_path / "c.sqlite3")
     with FakeAnthropic(where_reply=reply) as fake:
-        info, prov, stats = semantic(make_lm(fake), wh, cache).where("tickets", "mentions a competitor", columns=["body"])
-        n_bad = wh.query("SELECT count(*) AS n FROM tickets WHERE lower(body) LIKE '%export%'").to_pydict()["n"][0]
+        info, prov, stats = semantic(make_lm(fake), wh, cache).where(
+            "tickets", "mentions a competitor", columns=["body"]
+        )
+        n_bad = wh.query(
+            "SELECT count(*) AS n FROM tickets WHERE lower(body) LIKE '%export%'"
+        ).to_pydict()["n"][0]
         failed = wh.query(
             f"SELECT count(*) AS n FROM {prov.name} WHERE _verdict IS NULL AND _decided_by = 'failed' "
             "AND _error LIKE '%missing%'"
         ).to_pydict()["n"][0]
         fake.reset()
-        _, _, again = semantic(make_lm(fake), wh, cache).where("tickets", "mentions a competitor", columns=["body"])
+        _, _, again = semantic(make_lm(fake), wh, cache).where(
+            "tickets", "mentions a competitor", columns=["body"]
+        )
     assert n_bad > 0 and stats.failed == failed == n_bad
     assert ids(wh, info.name).isdisjoint(
-        set(wh.query("SELECT ticket_id FROM tickets WHERE lower(body) LIKE '%export%'").to_pydict()["ticket_id"])
+        set(
+            wh.query("SELECT ticket_id FROM tickets WHERE lower(body) LIKE '%export%'").to_pydict()[
+                "ticket_id"
+            ]
+        )
     )
     # only the failures are asked again: each alone, since nothing else is left to pack
     assert again.cached == again.distinct - again.judged and again.judged > 0
@@ -152,29 +177,45 @@ def test_limit_stops_early_and_cancels_the_rest(make_lm: MakeLM) -> None:
         sent = fake.count("where", include_faulted=True)
     assert info.rows == 25 and stats.stopped_early
     assert sent <= 4 + 4  # the wave that reached the limit, plus what was in flight; not 200
-    skipped = wh.query(f"SELECT count(*) AS n FROM {prov.name} WHERE _decided_by = 'not evaluated'").to_pydict()
+    skipped = wh.query(
+        f"SELECT count(*) AS n FROM {prov.name} WHERE _decided_by = 'not evaluated'"
+    ).to_pydict()
     assert skipped["n"][0] >= 2_000 - sent * 10
 
 
-def test_budget_refusal_happens_before_any_request(make_lm: MakeLM, warehouse_file: str, judge: Any) -> None:
+def test_budget_refusal_happens_before_any_request(
+    make_lm: MakeLM, warehouse_file: str, judge: Any
+) -> None:
     wh = ticket_warehouse(warehouse_file)
     with FakeAnthropic(where=judge) as fake:
         lm = make_lm(fake)
-        with pytest.raises(BudgetExceeded, match=r"sub-calls requested but only 3 of max_sub_calls=3"):
+        with pytest.raises(
+            BudgetExceeded, match=r"sub-calls requested but only 3 of max_sub_calls=3"
+        ):
             semantic(lm, wh, limits=Limits(max_sub_calls=3)).where("tickets", "threatens to cancel")
         priced = make_lm(fake, sub_model="claude-opus-4-1")
-        with pytest.raises(BudgetExceeded, match=r"would cost about \$[0-9.]+ \(\d+ requests\) but only \$0\.0100"):
-            semantic(priced, wh, limits=Limits(max_cost_usd=0.01)).where("tickets", "threatens to cancel")
+        with pytest.raises(
+            BudgetExceeded, match=r"would cost about \$[0-9.]+ \(\d+ requests\) but only \$0\.0100"
+        ):
+            semantic(priced, wh, limits=Limits(max_cost_usd=0.01)).where(
+                "tickets", "threatens to cancel"
+            )
         assert fake.count(include_faulted=True) == 0
 
 
-def test_dry_run_plan_matches_the_real_run(make_lm: MakeLM, warehouse_file: str, judge: Any) -> None:
+def test_dry_run_plan_matches_the_real_run(
+    make_lm: MakeLM, warehouse_file: str, judge: Any
+) -> None:
     wh = ticket_warehouse(warehouse_file)
     with FakeAnthropic(where=judge) as fake:
         sem = semantic(make_lm(fake, sub_model="claude-haiku-5-5"), wh)
-        plan = sem.plan("tickets", "threatens to cancel", columns=["body"], where="priority <> 'low'")
+        plan = sem.plan(
+            "tickets", "threatens to cancel", columns=["body"], where="priority <> 'low'"
+        )
         assert fake.count(include_faulted=True) == 0
-        _, _, stats = sem.where("tickets", "threatens to cancel", columns=["body"], where="priority <> 'low'")
+        _, _, stats = sem.where(
+            "tickets", "threatens to cancel", columns=["body"], where="priority <> 'low'"
+        )
         usage = sem.lm.accounting.usage
     assert plan.rows_in == 600 and plan.rows_after_where == stats.rows_after_where < 600
     assert plan.distinct == stats.distinct and plan.to_evaluate == plan.distinct - plan.cached
@@ -185,28 +226,40 @@ def test_dry_run_plan_matches_the_real_run(make_lm: MakeLM, warehouse_file: str,
     assert "to judge in" in plan.describe()
 
 
-def test_adaptive_concurrency_under_a_rate_limit(make_lm: MakeLM, warehouse_file: str, judge: Any, truth: set[int]) -> None:
+def test_adaptive_concurrency_under_a_rate_limit(
+    make_lm: MakeLM, warehouse_file: str, judge: Any, truth: set[int]
+) -> None:
     wh = ticket_warehouse(warehouse_file)
-    with FakeAnthropic(where=judge, max_concurrency=3, latency_s=0.05, rate_limit_retry_after_s=0.01) as fake:
+    with FakeAnthropic(
+        where=judge, max_concurrency=3, latency_s=0.05, rate_limit_retry_after_s=0.01
+    ) as fake:
         lm = make_lm(fake, max_concurrency=12)
-        info, _, _ = semantic(lm, wh, batch_rows=10).where("tickets", "threatens to cancel", columns=["body"])
+        info, _, _ = semantic(lm, wh, batch_rows=10).where(
+            "tickets", "threatens to cancel", columns=["body"]
+        )
         rejected = fake.count("where", include_faulted=True) - fake.count("where")
     assert ids(wh, info.name) == truth
     assert rejected > 0 and lm.limiter.overloads == rejected
     assert lm.limiter.limit < 6  # it came down from 12 towards the server's 3
 
 
-def test_faults_do_not_change_the_result(make_lm: MakeLM, warehouse_file: str, judge: Any, truth: set[int]) -> None:
+def test_faults_do_not_change_the_result(
+    make_lm: MakeLM, warehouse_file: str, judge: Any, truth: set[int]
+) -> None:
     wh = ticket_warehouse(warehouse_file)
     with FakeAnthropic(where=judge, fault_rate=0.10, rate_limit_retry_after_s=0.01, seed=7) as fake:
         lm = make_lm(fake, max_retries=8)
-        info, _, stats = semantic(lm, wh, batch_rows=10).where("tickets", "threatens to cancel", columns=["body"])
+        info, _, stats = semantic(lm, wh, batch_rows=10).where(
+            "tickets", "threatens to cancel", columns=["body"]
+        )
         faulted = fake.count("where", include_faulted=True) - fake.count("where")
     assert faulted > 0 and stats.failed == 0
     assert ids(wh, info.name) == truth
 
 
-def test_provenance_accounts_for_every_row_and_the_whole_cost(make_lm: MakeLM, warehouse_file: str, judge: Any) -> None:
+def test_provenance_accounts_for_every_row_and_the_whole_cost(
+    make_lm: MakeLM, warehouse_file: str, judge: Any
+) -> None:
     wh = ticket_warehouse(warehouse_file)
     with FakeAnthropic(where=judge) as fake:
         sem = semantic(make_lm(fake), wh, progress_interval_s=0.0)
@@ -218,13 +271,17 @@ def test_provenance_accounts_for_every_row_and_the_whole_cost(make_lm: MakeLM, w
     assert rows["n"] == [600] and rows["matches"] == [info.rows]
     assert rows["batches"] == [stats.requests]
     assert rows["cost"][0] == pytest.approx(stats.cost_usd) and stats.cost_usd > 0
-    assert set(wh.query(f"SELECT DISTINCT _decided_by FROM {prov.name}").to_pydict()["_decided_by"]) == {"model"}
+    assert set(
+        wh.query(f"SELECT DISTINCT _decided_by FROM {prov.name}").to_pydict()["_decided_by"]
+    ) == {"model"}
     progress = [e for e in sem.events if e["type"] == "llm_where_progress"]  # type: ignore[attr-defined]
     assert progress and progress[-1]["requests_done"] == stats.requests
     assert "ETA" in progress[0]["summary"] and "match so far" in progress[0]["summary"]
 
 
-def test_where_from_the_repl_reports_plan_summary_and_provenance(make_lm: MakeLM, judge: Any, warehouse_file: str) -> None:
+def test_where_from_the_repl_reports_plan_summary_and_provenance(
+    make_lm: MakeLM, judge: Any, warehouse_file: str
+) -> None:
     from rlm_dagster import run_rlm
 
     script = [
