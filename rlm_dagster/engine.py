@@ -638,18 +638,17 @@ def run_rlm(
     sandbox: str = "auto",
     where_config: WhereConfig | None = None,
 ) -> RLMResult:
-    """Run one RLM over ``warehouse`` and return its answer, trajectory and usage."""
-    schema = OutputSchema.parse(output) if isinstance(output, dict) else output
-    return RLMRun(
+    """Run one RLM over ``warehouse``: :func:`run` with ``tables=warehouse``."""
+    return run(
         question,
-        warehouse=warehouse,
         lm=lm,
+        tables=warehouse,
         limits=limits,
-        output=schema,
+        output=output,
         on_event=on_event,
         sandbox=sandbox,
         where_config=where_config,
-    ).run()
+    )
 
 
 def run(
@@ -662,6 +661,7 @@ def run(
     output: OutputSchema | dict[str, str] | None = None,
     on_event: Callable[[Event], None] | None = None,
     sandbox: str = "auto",
+    where_config: WhereConfig | None = None,
 ) -> RLMResult:
     """Run an RLM without Dagster, over a long ``context`` and/or ``tables``.
 
@@ -681,6 +681,7 @@ def run(
         output=schema,
         on_event=on_event,
         sandbox=sandbox,
+        where_config=where_config,
         context=wire_context(context),
     ).run()
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -12,6 +9,7 @@ from typing import Any
 import dagster as dg
 import duckdb
 import pytest
+from cli import cli_env, materialize_cli
 from dagster_duckdb import DuckDBResource
 
 from rlm_dagster import RLMResource, rlm_asset
@@ -59,7 +57,6 @@ def test_cli_materialize_end_to_end(
 ) -> None:
     """`dagster asset materialize` in a subprocess, real DuckDB file, real SDK, fake server."""
     dagster_home = tmp_path / "dagster_home"
-    dagster_home.mkdir()
     with FakeAnthropic(
         root=ROOT_SCRIPT, sub=lambda r: "pricing and outages", where=judge_from(churn_by_body)
     ) as fake:
@@ -89,26 +86,7 @@ def test_cli_materialize_end_to_end(
                 """
             )
         )
-        env = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
-        env["DAGSTER_HOME"] = str(dagster_home)
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "dagster",
-                "asset",
-                "materialize",
-                "-f",
-                str(defs_file),
-                "--select",
-                "churn",
-            ],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        proc = materialize_cli(defs_file, "churn", cwd=tmp_path, env=cli_env(dagster_home))
         counts = {k: fake.count(k) for k in ("root", "sub", "where")}
     assert proc.returncode == 0, proc.stderr[-4000:]
     log = proc.stdout + proc.stderr

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import os
-import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,33 +11,14 @@ from types import ModuleType
 import dagster as dg
 import duckdb
 import pytest
+from cli import cli_env, materialize_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_readme_main_command_runs_offline_with_demo_model(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
-    env["DAGSTER_HOME"] = str(tmp_path / "home")
-    env["RLM_WAREHOUSE"] = str(tmp_path / "warehouse.duckdb")
-    Path(env["DAGSTER_HOME"]).mkdir()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dagster",
-            "asset",
-            "materialize",
-            "-f",
-            "definitions.py",
-            "--select",
-            "*",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    env = cli_env(tmp_path / "home", RLM_WAREHOUSE=str(tmp_path / "warehouse.duckdb"))
+    proc = materialize_cli("definitions.py", "*", cwd=REPO, env=env, timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     assert "ANTHROPIC_API_KEY is not set: RLM assets use the offline DEMO model" in log

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -12,6 +9,7 @@ from typing import Any
 import dagster as dg
 import duckdb
 import pytest
+from cli import cli_env, materialize_cli
 from dagster._core.definitions.data_version import StaleStatus
 from dagster._utils.test.data_versions import get_stale_status_resolver
 from dagster_duckdb import DuckDBResource
@@ -241,26 +239,8 @@ def test_rlm_assets_run_concurrently_on_one_duckdb_file(
                 """
             )
         )
-        env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home")}
-        Path(env["DAGSTER_HOME"]).mkdir()
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "dagster",
-                "asset",
-                "materialize",
-                "-f",
-                str(defs),
-                "--select",
-                "*",
-            ],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        env = cli_env(tmp_path / "home")
+        proc = materialize_cli(defs, "*", cwd=tmp_path, env=env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
         run = instance.get_runs(limit=1)[0]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 import threading
 from collections.abc import Callable
@@ -14,6 +13,7 @@ from typing import Any
 
 import duckdb
 import pandas as pd
+from cli import cli_env, materialize_cli, materialize_command
 
 from rlm_dagster import Warehouse, run_rlm
 from rlm_dagster.cache import Cache
@@ -108,19 +108,8 @@ def test_sigkilled_materialization_pays_only_for_calls_it_never_completed(
                 """
             )
         )
-        env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home")}
-        Path(env["DAGSTER_HOME"]).mkdir()
-        command = [
-            sys.executable,
-            "-m",
-            "dagster",
-            "asset",
-            "materialize",
-            "-f",
-            str(defs),
-            "--select",
-            "answer",
-        ]
+        env = cli_env(tmp_path / "home")
+        command = materialize_command(defs, "answer")
 
         proc = subprocess.Popen(
             command,
@@ -138,9 +127,7 @@ def test_sigkilled_materialization_pays_only_for_calls_it_never_completed(
         first: dict[str, Any] = {k: fake.count(k) for k in ("root", "sub")}
         fake.reset()
 
-        rerun = subprocess.run(
-            command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-        )
+        rerun = materialize_cli(defs, "answer", cwd=tmp_path, env=env)
         assert rerun.returncode == 0, rerun.stderr[-3000:]
         second = {k: fake.count(k) for k in ("root", "sub")}
 
