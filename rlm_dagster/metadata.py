@@ -43,8 +43,7 @@ def unknown_price_models(accounting: Accounting) -> list[str]:
 
 
 def run_metadata(result: RLMResult, lm: LM) -> dict[str, Any]:
-    """Metadata common to successful and failed runs; key-shaped strings in text values are
-    redacted (the trajectory already is)."""
+    """Metadata common to successful and failed runs, with key-shaped strings redacted."""
     acc = result.accounting
     unknown = unknown_price_models(acc)
     meta: dict[str, Any] = {
@@ -72,7 +71,28 @@ def run_metadata(result: RLMResult, lm: LM) -> dict[str, Any]:
         )
         meta = {"rlm/note": note, **meta}
     meta.update(usage_metadata(acc))
-    return {k: redact(v) if isinstance(v, str) else v for k, v in meta.items()}
+    return {k: _redacted(v) for k, v in meta.items()}
+
+
+def _redacted(value: Any) -> Any:
+    """``value`` with key-shaped strings redacted: text, Markdown and JSON metadata."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dg.MarkdownMetadataValue):
+        return dg.MetadataValue.md(redact(value.md_str or ""))
+    if isinstance(value, dg.JsonMetadataValue):
+        return dg.MetadataValue.json(_redacted_json(value.data))
+    return value
+
+
+def _redacted_json(data: Any) -> Any:
+    if isinstance(data, str):
+        return redact(data)
+    if isinstance(data, dict):
+        return {k: _redacted_json(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_redacted_json(v) for v in data]
+    return data
 
 
 def column_schema(table: pa.Table) -> dg.TableSchema:

@@ -23,9 +23,12 @@ __all__ = ["REDACTED", "redact"]
 
 REDACTED = "[REDACTED]"
 
+# Every pattern starts at a literal or a word boundary and has no unbounded prefix before
+# its keyword, so matching stays linear on long runs of identifier characters (a model can
+# print a gigabyte of "x").
 _SECRET_NAME = (
-    r"(?:[A-Za-z0-9_.-]*?(?:api[_-]?key|apikey|secret|token|passwd|password|pwd|"
-    r"access[_-]?key|private[_-]?key|credentials?|auth))"
+    r"(?:api[_-]?key|apikey|secret[_-]?key|secret|token|passwd|password|pwd|access[_-]?key|"
+    r"private[_-]?key|credentials?|auth)"
 )
 # Whole-string shapes of well-known credentials.
 _SHAPES = re.compile(
@@ -44,24 +47,26 @@ _SHAPES = re.compile(
     ),
     re.S,
 )
-_BEARER = re.compile(r"(?i)\b(bearer|basic)(\s+)[A-Za-z0-9\-._~+/]{8,}=*")
+_BEARER = re.compile(
+    r"(?i)\b(bearer|basic)([ \t]{1,8})(?=[A-Za-z0-9\-._~+/]{0,256}?[0-9=+/])"
+    r"[A-Za-z0-9\-._~+/]{8,}=*"
+)
 _HEADER = re.compile(
-    r"(?i)\b(x-api-key|api-key|authorization|proxy-authorization)(\"?\s*[:=]\s*\"?)"
+    r"(?i)\b(x-api-key|api-key|authorization|proxy-authorization)(\"?[ \t]{0,8}[:=][ \t]{0,8}\"?)"
     r"(?!(?:bearer|basic)\b|\[REDACTED\])[^\s\"',;]{6,}"
 )
-_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://[^\s:/@]+:)[^\s@/]+(@)")
+_URL_PASSWORD = re.compile(r"(?i)(?<![a-z0-9+.\-])([a-z][a-z0-9+.\-]*+://[^\s:/@]++:)[^\s@/]++(@)")
 # name=value, name: value, "name": "value" where the name says it is a secret. A value that
 # is only digits (max_tokens=100000) is a count, not a secret.
 _ASSIGNMENT = re.compile(
-    rf"(?i)({_SECRET_NAME}[\"']?\s*[:=]\s*[\"']?)(?!\d+\b|\[REDACTED\])"
-    rf"([^\s\"',;&)}}\]]{{6,}})"
+    rf"(?i)({_SECRET_NAME}[\"']?[ \t]{{0,8}}[:=][ \t]{{0,8}}[\"']?)"
+    rf"(?!\d{{1,512}}\b|\[REDACTED\])([^\s\"',;&)}}\]]{{6,512}})"
 )
-
-
 # key=<long hex or base64>: a bare "key" is too common a word to hide anything shorter.
 _KEY_VALUE = re.compile(
-    r"(?i)\b([A-Za-z0-9_.-]*key[\"']?\s*[:=]\s*[\"']?)"
-    r"(?=[A-Za-z0-9+/=_\-]*\d)(?=[A-Za-z0-9+/=_\-]*[A-Za-z])([A-Za-z0-9+/=_\-]{16,})"
+    r"(?i)(key[\"']?[ \t]{0,8}[:=][ \t]{0,8}[\"']?)"
+    r"(?=[A-Za-z0-9+/=_\-]{0,256}?\d)(?=[A-Za-z0-9+/=_\-]{0,256}?[A-Za-z])"
+    r"([A-Za-z0-9+/=_\-]{16,256})"
 )
 
 

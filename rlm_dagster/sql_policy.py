@@ -152,15 +152,19 @@ _ALLOWED_TABLE_FUNCTION_NODES: tuple[type[exp.Expr], ...] = (
 
 _STATE_CHANGING_FUNCTIONS = frozenset(
     {
-        "nextval", "setval", "checkpoint", "force_checkpoint", "truncate_duckdb_logs",
+        "nextval", "setval", "checkpoint", "force_checkpoint", "truncate_duckdb_logs", "write_log",
         "create_external_resource", "register_external_resource",
         "register_external_resource_type", "deregister_external_resource",
         "destroy_external_resource", "python_map_function",
     }
 )  # fmt: skip
 _DYNAMIC_SQL_FUNCTIONS = frozenset({"query", "query_table", "json_execute_serialized_sql"})
+_COPY_FUNCTIONS = frozenset({"copy_database", "import_database", "export_database"})
+_EXTENSION_FUNCTIONS = frozenset({"load_extension", "install_extension"})
 _SETTINGS_FUNCTIONS = frozenset(
     {
+        "enable_profile", "disable_profile", "enable_checkpoint_on_shutdown",
+        "disable_checkpoint_on_shutdown",
         "current_setting", "duckdb_settings", "duckdb_secrets", "duckdb_secret_types",
         "duckdb_secret_type_parameters", "which_secret", "load_aws_credentials",
         "enable_logging", "disable_logging", "enable_profiling", "disable_profiling",
@@ -185,6 +189,7 @@ _ENVIRONMENT_FUNCTIONS = frozenset(
         "current_query_id", "current_connection_id", "current_transaction_id",
         "txid_current", "version", "current_version", "user_agent", "in_search_path",
         "system", "shell", "sys_exec", "sys_eval", "test_all_types", "test_vector_types",
+        "extension_versions",
     }
 )  # fmt: skip
 _ENVIRONMENT_PREFIXES = ("duckdb_", "pragma_", "pg_")
@@ -245,6 +250,7 @@ def check_sql(query: str, allowed_tables: Collection[str]) -> exp.Expr:
 
     _check_nested_statements(statement)
     _check_functions(statement, tables)
+    _check_described(statement, tables)
     _check_tables(statement, query, tables)
 
     # Backstop against sqlglot/DuckDB parser differences: DuckDB itself must see one query.
@@ -479,6 +485,17 @@ def _check_nested_statements(statement: exp.Expr) -> None:
             raise _read_only(f"{label} inside a query")
 
 
+def _check_described(statement: exp.Expr, tables: list[str]) -> None:
+    """``SUMMARIZE 'file.csv'`` reads the file: a string literal is never a table."""
+    target = statement.this if isinstance(statement, exp.Describe | exp.Summarize) else None
+    if isinstance(target, exp.Literal) and target.is_string:
+        raise SQLPolicyError(
+            "file-access",
+            f"sql() cannot read files or URLs: {_truncate(target.name, _MAX_NAME_CHARS)!r} is "
+            f"used as a table. Write a bound table's bare name, unquoted: {_tables_text(tables)}.",
+        )
+
+
 def _function_names(func: exp.Func) -> Iterator[str]:
     if isinstance(func, exp.Anonymous):
         yield str(func.name).lower()
@@ -494,6 +511,10 @@ def _classify_function(name: str) -> str | None:
         return "read-only"
     if name in _DYNAMIC_SQL_FUNCTIONS:
         return "table-function"
+    if name in _COPY_FUNCTIONS:
+        return "copy"
+    if name in _EXTENSION_FUNCTIONS:
+        return "extension"
     if name in _SETTINGS_FUNCTIONS or name.startswith("duckdb_secret"):
         return "settings"
     if name in _FILE_FUNCTIONS or name.startswith(_FILE_PREFIXES) or name.endswith(_FILE_SUFFIXES):

@@ -198,6 +198,23 @@ REFUSED: list[tuple[str, str]] = [
     ("SELECT * FROM query_table('tickets')", "table-function"),
     ("SELECT * FROM summary(tickets)", "table-function"),
     ("SELECT * FROM my_macro(1)", "table-function"),
+    # found by auditing every DuckDB function against the policy (issue #5)
+    ("SUMMARIZE '/etc/passwd'", "file-access"),
+    ("SUMMARIZE 'https://example.com/x.csv'", "file-access"),
+    ("SELECT write_log('x')", "read-only"),
+    ("SELECT copy_database('a', 'b')", "copy"),
+    ("SELECT import_database('dump')", "copy"),
+    ("SELECT load_extension('httpfs')", "extension"),
+    ("SELECT enable_profile()", "settings"),
+    ("SELECT * FROM extension_versions()", "environment"),
+    ("SELECT * FROM arrow_scan_dumb(0, 0, 0)", "table-function"),
+    ("SELECT * FROM \"read_csv\"('/etc/passwd')", "file-access"),
+    ("SELECT * FROM main.read_csv('/etc/passwd')", "file-access"),
+    ("SELECT * FROM read_csv(['/etc/passwd'])", "file-access"),
+    ("SELECT list_transform([1], x -> getenv('HOME'))", "environment"),
+    ("FROM tickets SELECT * REPLACE (getenv('X') AS body)", "environment"),
+    ("SELECT 1;\nDROP TABLE tickets;", "single-statement"),
+    ("SELECT * FROM memory.main.tickets", "unbound-table"),
     # unbound-table
     ("SELECT * FROM orders", "unbound-table"),
     ("SELECT * FROM tickets JOIN invoices USING (customer_id)", "unbound-table"),
@@ -317,3 +334,28 @@ def test_no_tables_bound() -> None:
     with pytest.raises(SQLPolicyError) as info:
         check_sql("SELECT * FROM tickets", [])
     assert "none are bound" in str(info.value)
+
+
+def test_every_duckdb_table_function_outside_the_allowlist_is_refused(
+    con: duckdb.DuckDBPyConnection,
+) -> None:
+    # An audit that follows DuckDB upgrades: a new file reader or system table function
+    # must not become reachable just because the policy does not know its name yet.
+    allowlist = {"range", "generate_series", "unnest", "json_each", "json_tree"}
+    names = [
+        name
+        for (name,) in con.sql(
+            "SELECT DISTINCT function_name FROM duckdb_functions() "
+            "WHERE function_type IN ('table', 'table_macro') ORDER BY 1"
+        ).fetchall()
+        if name.isidentifier() and name not in allowlist
+    ]
+    assert len(names) > 50
+    allowed = []
+    for name in names:
+        try:
+            check_sql(f"SELECT * FROM {name}('x')", TABLES)
+        except SQLPolicyError:
+            continue
+        allowed.append(name)
+    assert allowed == []

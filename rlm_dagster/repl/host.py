@@ -5,21 +5,27 @@
     '42\\n'
 
 ``execute`` sends a cell and then serves the worker's RPC calls (``sql``, ``llm_query`` ...)
-with the host's handlers until the cell is done. The cell timeout counts only the worker's
-own time, not the time the host spends answering its calls (a long ``llm_where`` is not a
-runaway cell). A cell that times out or kills its worker ends in a fresh worker, and the
-result says that the variables were lost.
+with the host's handlers until the cell is done. The cell timeout counts the worker's own
+time and the time of its ``sql()`` and ``FINAL()`` calls, not the time the host spends on
+model calls (a long ``llm_where`` is not a runaway cell; model calls are bounded by the run's
+budget). A cell that times out, kills its worker or breaks the protocol ends in a fresh
+worker, and the result says that the variables were lost.
+
+The worker is untrusted: it runs model-written code under :mod:`rlm_dagster.sandbox`, and
+every frame it sends is checked here. A frame that is not what the protocol allows ends the
+cell with an error and a fresh worker; it never reaches the handlers or the engine.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import logging
 import os
+import select
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -29,13 +35,41 @@ from pathlib import Path
 from typing import Any
 
 from rlm_dagster.errors import RLMError, WorkerError
-from rlm_dagster.repl.protocol import ChannelClosed, ChannelTimeout, FrameReader, write_frame
+from rlm_dagster.repl.protocol import (
+    MAX_WORKER_FRAME_BYTES,
+    ChannelClosed,
+    ChannelTimeout,
+    FrameReader,
+    ProtocolError,
+    arrow_to_frame,
+    decode_arrow,
+    encode_arrow,
+    frame_to_arrow,
+    write_frame,
+)
+from rlm_dagster.sandbox import (
+    LEVELS,
+    WorkerLimits,
+    available_levels,
+    build_policy,
+    check_choice,
+    resolve_level,
+    worker_command,
+)
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any]], Any]
 
 _PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
+# Calls whose host time does not count against the cell timeout: model calls, which the
+# run's budget (sub-calls, tokens, USD, wall time) bounds instead.
+_MODEL_CALLS = frozenset({"llm_query", "llm_query_batched", "llm_where", "rlm_query"})
+_STARTUP_TIMEOUT_S = 60.0
+_LOST = (
+    " A fresh REPL was started: variables you defined are lost (tables and functions are "
+    "bound again)."
+)
 
 
 @dataclass(frozen=True)
@@ -52,7 +86,11 @@ class CellResult:
 
 
 class Worker:
-    """A REPL worker process with a persistent namespace, started lazily."""
+    """A REPL worker process with a persistent namespace, started lazily.
+
+    ``sandbox`` is one of :data:`rlm_dagster.sandbox.SANDBOX_CHOICES` (``"auto"`` picks the
+    strongest level this machine has); ``limits`` are the worker's OS resource limits.
+    """
 
     def __init__(
         self,
@@ -63,18 +101,26 @@ class Worker:
         max_capture_chars: int = 1_000_000,
         context: Any = None,
         sandbox: str = "auto",
+        limits: WorkerLimits | None = None,
     ) -> None:
         self.handlers = dict(handlers)
-        self.sandbox = sandbox
+        self.sandbox = check_choice(sandbox)
+        self.level = resolve_level(sandbox)
+        if sandbox == "auto":
+            _note_auto_level(self.level)
+        self.limits = limits or WorkerLimits()
         self.tables = tables
         self.cell_timeout_s = cell_timeout_s
         self.max_capture_chars = max_capture_chars
         self.context = context
         self.restarts = 0
+        self.layers: list[str] = []
         self._proc: subprocess.Popen[bytes] | None = None
         self._reader: FrameReader | None = None
+        self._drain: threading.Thread | None = None
         self._stderr: collections.deque[str] = collections.deque(maxlen=50)
         self._scratch = tempfile.TemporaryDirectory(prefix="rlm-worker-")
+        self._cells = 0
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -89,13 +135,20 @@ class Worker:
             "PYTHONPATH": _PACKAGE_PARENT,
             "PYTHONDONTWRITEBYTECODE": "1",
             "PYTHONUNBUFFERED": "1",
+            # One BLAS/OpenMP thread: the worker's numpy needs no more, and per-thread
+            # buffers would eat into the address-space limit.
+            "OPENBLAS_NUM_THREADS": "1",
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
         }
 
     def start(self) -> None:
         if self._proc is not None:
             return
+        policy = build_policy(self.level, self._scratch.name, self.limits)
+        self._stderr.clear()
         self._proc = subprocess.Popen(
-            [sys.executable, "-s", "-B", "-m", "rlm_dagster.repl.worker"],
+            worker_command(policy, "-m", "rlm_dagster.repl"),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -105,32 +158,53 @@ class Worker:
             close_fds=True,
         )
         assert self._proc.stdout is not None and self._proc.stderr is not None
-        self._reader = FrameReader(self._proc.stdout.fileno())
-        threading.Thread(target=self._drain_stderr, args=(self._proc,), daemon=True).start()
-        self._send(
-            {
-                "op": "init",
-                "tables": self.tables(),
-                "max_capture": self.max_capture_chars,
-                "context": self.context,
-            }
-        )
-        reply = self._read(timeout=60.0)
+        assert self._proc.stdin is not None
+        # Non-blocking, so that a worker that stops reading cannot hang the host.
+        os.set_blocking(self._proc.stdin.fileno(), False)
+        self._reader = FrameReader(self._proc.stdout.fileno(), MAX_WORKER_FRAME_BYTES)
+        drain = threading.Thread(target=self._drain_stderr, args=(self._proc,), daemon=True)
+        drain.start()
+        self._drain = drain
+        try:
+            self._send(
+                {
+                    "op": "init",
+                    "tables": self.tables(),
+                    "max_capture": self.max_capture_chars,
+                    "context": _value_for_worker(self.context),
+                },
+                timeout=_STARTUP_TIMEOUT_S,
+            )
+            reply = self._read(timeout=_STARTUP_TIMEOUT_S)
+        except (OSError, EOFError, TimeoutError, ValueError) as exc:
+            self.kill()
+            raise WorkerError(
+                f"The REPL worker did not start at sandbox level {self.level!r} "
+                f"({type(exc).__name__}). {self._stderr_tail()} If the sandbox is the cause, "
+                "try sandbox='process'."
+            ) from None
         if reply.get("op") != "ready":
+            self.kill()
             raise WorkerError(f"REPL worker did not start: {reply}. {self._stderr_tail()}")
+        layers = reply.get("sandbox")
+        self.layers = [str(x) for x in layers] if isinstance(layers, list) else []
+        log.debug("REPL worker started: sandbox %s (%s)", self.level, ", ".join(self.layers))
 
     def _drain_stderr(self, proc: subprocess.Popen[bytes]) -> None:
-        assert proc.stderr is not None
-        for line in iter(proc.stderr.readline, b""):
-            self._stderr.append(line.decode("utf-8", "replace").rstrip())
+        stream = proc.stderr
+        assert stream is not None
+        # Bounded lines: the worker's stderr is model-controlled and may never send "\n".
+        with contextlib.suppress(OSError, ValueError):
+            for line in iter(lambda: stream.readline(8192), b""):
+                self._stderr.append(line.decode("utf-8", "replace").rstrip())
 
     def _stderr_tail(self) -> str:
         tail = "\n".join(list(self._stderr)[-10:])
         return f"Worker stderr:\n{tail}" if tail else ""
 
-    def _send(self, message: dict[str, Any]) -> None:
+    def _send(self, message: dict[str, Any], timeout: float | None) -> None:
         assert self._proc is not None and self._proc.stdin is not None
-        write_frame(self._proc.stdin.fileno(), message)
+        write_frame(self._proc.stdin.fileno(), message, timeout=timeout)
 
     def _read(self, timeout: float | None) -> dict[str, Any]:
         assert self._reader is not None
@@ -144,17 +218,16 @@ class Worker:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
+        if self._drain is not None:
+            self._drain.join(timeout=2)  # reads stderr to its end; then it can be closed
+            self._drain = None
         for stream in (proc.stdin, proc.stdout, proc.stderr):
             if stream is not None:
-                stream.close()
+                with contextlib.suppress(OSError):
+                    stream.close()
 
     def close(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            try:
-                self._send({"op": "shutdown"})
-                self._proc.wait(timeout=5)
-            except (OSError, subprocess.TimeoutExpired):
-                pass
+        """Stop the worker (it keeps nothing worth a graceful exit) and delete its scratch."""
         self.kill()
         self._scratch.cleanup()
 
@@ -170,46 +243,107 @@ class Worker:
         """Run one cell, serving its RPC calls, within the cell timeout."""
         self.start()
         started = time.monotonic()
-        host_time = 0.0
-        self._send({"op": "exec", "code": code})
-        while True:
-            budget = self.cell_timeout_s - (time.monotonic() - started - host_time)
+        if self._has_pending_frame():
+            return self._restart_after(
+                code,
+                started,
+                "ProtocolError: the REPL sent messages between cells (model code wrote to "
+                "its RPC channel), so this cell did not run.",
+            )
+        self._cells += 1
+        cell_id = self._cells
+        excluded = 0.0  # host time on model calls
+
+        def remaining() -> float:
+            return self.cell_timeout_s - (time.monotonic() - started - excluded)
+
+        try:
+            self._send({"op": "exec", "code": code, "cell": cell_id}, timeout=remaining())
+            while True:
+                message = self._read(timeout=max(remaining(), 0.0))
+                op = message.get("op")
+                if op == "call":
+                    t0 = time.monotonic()
+                    reply = self._serve(message)
+                    if message.get("fn") in _MODEL_CALLS:
+                        excluded += time.monotonic() - t0
+                    self._send(reply, timeout=max(remaining(), 1.0))
+                elif op == "done" and message.get("cell") == cell_id:
+                    return self._done(code, message, time.monotonic() - started)
+                else:
+                    raise ProtocolError(f"unexpected message {str(op)[:40]!r}")
+        except ChannelTimeout:
+            return self._restart_after(
+                code,
+                started,
+                f"TimeoutError: the cell ran longer than {self.cell_timeout_s:g} s and was "
+                "stopped.",
+            )
+        except (ChannelClosed, BrokenPipeError):
+            return self._restart_after(code, started, self._death_reason())
+        except ProtocolError as exc:
+            return self._restart_after(
+                code,
+                started,
+                f"ProtocolError: the REPL sent an invalid message ({exc}); model code must "
+                "not write to the REPL's RPC channel.",
+            )
+
+    def _done(self, code: str, message: dict[str, Any], seconds: float) -> CellResult:
+        stdout, dropped = message.get("stdout", ""), message.get("dropped_chars", 0)
+        error, answer = message.get("error"), message.get("answer")
+        if not isinstance(stdout, str) or type(dropped) is not int or dropped < 0:
+            raise ProtocolError("malformed 'done' message")
+        if error is not None and not isinstance(error, str):
+            raise ProtocolError("malformed 'done' message")
+        if answer is not None:
             try:
-                message = self._read(timeout=max(budget, 0.0))
-            except ChannelTimeout:
-                return self._restart_after(
-                    code,
-                    started,
-                    f"TimeoutError: the cell ran longer than {self.cell_timeout_s:g} s "
-                    "and was stopped.",
-                )
-            except (ChannelClosed, ValueError) as exc:
-                returncode = None
-                if self._proc is not None:
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        returncode = self._proc.wait(timeout=2)
-                return self._restart_after(
-                    code,
-                    started,
-                    f"WorkerDied: the REPL process ended (exit code {returncode}, "
-                    f"{type(exc).__name__}) — likely a memory, CPU or crash limit.",
-                )
-            op = message.get("op")
-            if op == "call":
-                t0 = time.monotonic()
-                self._send(self._serve(message))
-                host_time += time.monotonic() - t0
-            elif op == "done":
-                return CellResult(
-                    code=code,
-                    output=str(message.get("stdout", "")),
-                    error=message.get("error"),
-                    seconds=time.monotonic() - started,
-                    dropped_chars=int(message.get("dropped_chars", 0)),
-                    answer=message.get("answer"),
-                )
-            else:
-                raise WorkerError(f"unexpected message from the REPL worker: {op!r}")
+                answer = _value_from_worker(answer)
+            except (TypeError, ProtocolError) as exc:
+                answer = None
+                error = (error + "\n" if error else "") + f"answer dict rejected: {exc}"
+        return CellResult(
+            code=code,
+            output=stdout,
+            error=error,
+            seconds=seconds,
+            dropped_chars=dropped,
+            answer=answer,
+        )
+
+    def _has_pending_frame(self) -> bool:
+        assert self._proc is not None and self._proc.stdout is not None
+        if self._reader is not None and self._reader.buffered:
+            return True
+        with contextlib.suppress(OSError, ValueError):
+            ready, _, _ = select.select([self._proc.stdout.fileno()], [], [], 0)
+            return bool(ready) and self._proc.poll() is None
+        return False
+
+    def _death_reason(self) -> str:
+        returncode = None
+        if self._proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                returncode = self._proc.wait(timeout=2)
+        signum = -returncode if returncode is not None and returncode < 0 else None
+        if signum is None and self.level == "namespace" and returncode and returncode > 128:
+            signum = returncode - 128  # bubblewrap reports its child's signal this way
+        causes = {
+            signal.SIGKILL: "killed by SIGKILL: out of memory, or killed from outside",
+            signal.SIGXCPU: f"its CPU-time limit of {self.limits.cpu_seconds:,} s",
+            signal.SIGSEGV: "a crash (SIGSEGV), e.g. recursion too deep for the C stack",
+            signal.SIGXFSZ: "its file-size limit",
+            signal.SIGSYS: "a system call the sandbox forbids",
+        }
+        if signum is not None:
+            try:
+                name = signal.Signals(signum).name
+            except ValueError:
+                name = f"signal {signum}"
+            cause = causes.get(signum, f"signal {name}")  # type: ignore[call-overload]
+        else:
+            cause = f"exit code {returncode}"
+        return f"WorkerDied: the REPL process ended ({cause})."
 
     def _restart_after(self, code: str, started: float, reason: str) -> CellResult:
         self.kill()
@@ -218,32 +352,31 @@ class Worker:
         return CellResult(
             code=code,
             output="",
-            error=reason + " A fresh REPL was started: variables you defined are lost "
-            "(tables and functions are bound again).",
+            error=reason + _LOST,
             seconds=time.monotonic() - started,
             restarted=True,
         )
 
     def _serve(self, message: dict[str, Any]) -> dict[str, Any]:
-        call_id = message.get("id")
-        fn = str(message.get("fn"))
+        call_id, fn, args = message.get("id"), message.get("fn"), message.get("args")
+        if type(call_id) is not int or not isinstance(fn, str) or not isinstance(args, dict):
+            raise ProtocolError("malformed 'call' message")
         handler = self.handlers.get(fn)
         if handler is None:
-            return _error_reply(call_id, "HostError", f"unknown function {fn!r}")
+            return _error_reply(call_id, "HostError", f"unknown function {fn[:60]!r}")
         try:
-            return {
-                "op": "reply",
-                "id": call_id,
-                "ok": True,
-                "value": handler(message.get("args") or {}),
-            }
+            if fn == "final" and "value" in args:
+                args = {**args, "value": _value_from_worker(args["value"])}
+            value = _value_for_worker(handler(args))
+            return {"op": "reply", "id": call_id, "ok": True, "value": value}
         except RLMError as exc:
             reply = _error_reply(call_id, type(exc).__name__, str(exc))
             if rule := getattr(exc, "rule", None):
                 reply["error"]["rule"] = rule
             return reply
-        except (TypeError, ValueError) as exc:
-            return _error_reply(call_id, type(exc).__name__, str(exc))
+        except (TypeError, ValueError, KeyError) as exc:
+            kind = "ValueError" if isinstance(exc, ProtocolError) else type(exc).__name__
+            return _error_reply(call_id, kind, str(exc))
         except Exception as exc:
             log.exception("host handler %s failed", fn)
             return _error_reply(call_id, "HostError", f"{fn}() failed in the host: {exc}")
@@ -251,11 +384,55 @@ class Worker:
     def get_var(self, name: str) -> dict[str, Any]:
         """The value of a namespace variable in wire form (for text-level FINAL_VAR)."""
         self.start()
-        self._send({"op": "get_var", "name": name})
-        reply = self._read(timeout=60.0)
-        if "error" in reply:
-            raise NameError(reply["error"])
-        return dict(reply["value"])
+        try:
+            self._send({"op": "get_var", "name": name}, timeout=_STARTUP_TIMEOUT_S)
+            reply = self._read(timeout=_STARTUP_TIMEOUT_S)
+            if reply.get("op") != "var":
+                raise ProtocolError("unexpected reply to get_var")
+            if "error" in reply:
+                raise NameError(str(reply["error"]))
+            return _value_from_worker(reply.get("value"))
+        except (OSError, EOFError, TimeoutError, ProtocolError, TypeError) as exc:
+            self.kill()
+            self.restarts += 1
+            raise NameError(
+                f"the REPL could not return {name!r} ({type(exc).__name__}: {exc}); a fresh "
+                "REPL was started. Call FINAL(value) in code instead."
+            ) from None
+
+
+@functools.cache
+def _note_auto_level(level: str) -> None:
+    """Say once per process which level sandbox='auto' chose, and what a stronger one needs."""
+    missing = available_levels()
+    stronger = [f"{name}: {missing[name]}" for name in LEVELS[: LEVELS.index(level)]]
+    log.info(
+        "REPL sandbox level %r%s",
+        level,
+        f" (unavailable: {'; '.join(stronger)})" if stronger else "",
+    )
+
+
+def _value_from_worker(value: Any) -> dict[str, Any]:
+    """A FINAL value from the worker in the engine's form; frames become Arrow."""
+    if not isinstance(value, dict):
+        raise ProtocolError("a FINAL value must be a JSON object")
+    kind = value.get("kind")
+    if kind == "text" and isinstance(value.get("text"), str):
+        return {"kind": "text", "text": value["text"]}
+    if kind == "table" and isinstance(value.get("name"), str):
+        return {"kind": "table", "name": value["name"]}
+    if kind == "frame":
+        return {"kind": "frame", "arrow": encode_arrow(frame_to_arrow(value.get("frame")))}
+    raise ProtocolError(f"unknown FINAL value kind {str(kind)[:40]!r}")
+
+
+def _value_for_worker(value: Any) -> Any:
+    """A handler's result in the worker's form: an Arrow table becomes a frame."""
+    if isinstance(value, dict) and "arrow" in value:
+        rest = {k: v for k, v in value.items() if k != "arrow"}
+        return {**rest, "frame": arrow_to_frame(decode_arrow(value["arrow"]))}
+    return value
 
 
 def _error_reply(call_id: Any, kind: str, message: str) -> dict[str, Any]:

@@ -1,10 +1,13 @@
 """The REPL worker: runs model-written code in a persistent namespace, in its own process.
 
-Started by :class:`rlm_dagster.repl.host.Worker` as ``python -m rlm_dagster.repl.worker``
-with a scrubbed environment. It holds no API key and no database handle: every namespace
-function (``sql``, ``llm_query``, ``llm_where`` ...) is a stub that sends an RPC to the host
-and waits for the reply. The protocol runs on private duplicates of fds 0 and 1; the real
-fds 0 and 1 are pointed at /dev/null so model code cannot corrupt the channel.
+Started by :class:`rlm_dagster.repl.host.Worker` as ``python -m rlm_dagster.repl POLICY``
+(after :mod:`rlm_dagster.sandbox` has confined the process) with a scrubbed environment. It
+holds no API key and no database handle: every namespace function (``sql``, ``llm_query``,
+``llm_where`` ...) is a stub that sends an RPC to the host and waits for the reply. The
+protocol runs on private duplicates of fds 0 and 1; the real fds 0 and 1 are pointed at
+/dev/null so that printing cannot corrupt the channel. Model code that writes to the channel
+on purpose can only send what the stubs send: the host checks every frame and enforces every
+limit itself.
 """
 
 from __future__ import annotations
@@ -16,16 +19,27 @@ import itertools
 import linecache
 import os
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import pandas as pd
-import pyarrow as pa
 
-from rlm_dagster.repl.protocol import FrameReader, decode_arrow, encode_arrow, write_frame
+from rlm_dagster.repl import guard
+from rlm_dagster.repl.protocol import (
+    MAX_WORKER_FRAME_BYTES,
+    ChannelClosed,
+    FrameReader,
+    decode_frame,
+    encode_frame,
+    write_frame,
+)
+from rlm_dagster.sandbox import Policy
 
-_WORKER_FILES = {os.path.abspath(__file__)}
+_HERE = os.path.dirname(os.path.abspath(__file__))
+# Frames of these files are the REPL's machinery, not the model's code: tracebacks omit them.
+_WORKER_FILES = {os.path.join(_HERE, f) for f in ("worker.py", "guard.py", "protocol.py")}
 _ERROR_TYPES: dict[str, type[Exception]] = {}
 
 
@@ -60,11 +74,12 @@ class _Capture(io.TextIOBase):
     def write(self, s: str) -> int:
         if not isinstance(s, str):
             raise TypeError(f"write() argument must be str, not {type(s).__name__}")
-        # Lone surrogates (e.g. from surrogateescape) cannot be encoded for the channel.
-        s = s.encode("utf-8", "backslashreplace").decode("utf-8")
         room = self.limit - self.kept
         if room > 0:
-            self.parts.append(s[:room])
+            # Lone surrogates (e.g. from surrogateescape) cannot be encoded for the channel;
+            # only the kept part is re-encoded, so a gigabyte print costs no second gigabyte.
+            kept = s[:room].encode("utf-8", "backslashreplace").decode("utf-8")
+            self.parts.append(kept)
             self.kept += min(len(s), room)
         self.dropped += max(0, len(s) - max(room, 0))
         return len(s)
@@ -74,20 +89,22 @@ class _Capture(io.TextIOBase):
 
 
 class Channel:
-    """The worker's end of the RPC channel."""
+    """The worker's end of the RPC channel; one call at a time, from any thread."""
 
     def __init__(self, reader: FrameReader, out_fd: int) -> None:
         self.reader = reader
         self.out_fd = out_fd
         self._ids = itertools.count(1)
+        self._lock = threading.Lock()
 
     def send(self, message: dict[str, Any]) -> None:
-        write_frame(self.out_fd, message)
+        write_frame(self.out_fd, message, max_bytes=MAX_WORKER_FRAME_BYTES)
 
     def call(self, fn: str, **args: Any) -> Any:
-        call_id = next(self._ids)
-        self.send({"op": "call", "id": call_id, "fn": fn, "args": args})
-        reply = self.reader.read()
+        with self._lock:
+            call_id = next(self._ids)
+            self.send({"op": "call", "id": call_id, "fn": fn, "args": args})
+            reply = self.reader.read()
         if reply.get("op") != "reply" or reply.get("id") != call_id:
             raise RuntimeError(
                 f"RPC protocol error: expected reply {call_id}, got {reply.get('op')}"
@@ -154,6 +171,8 @@ class Repl:
             "llm_query": self.llm_query,
             "llm_query_batched": self.llm_query_batched,
             "llm_where": self.llm_where,
+            "rlm_query": self.rlm_query,
+            "rlm_query_batched": self.rlm_query_batched,
             "FINAL": self.final,
             "FINAL_VAR": self.final_var,
             "SHOW_VARS": self.show_vars,
@@ -161,6 +180,7 @@ class Repl:
         ns.update(functions)
         ns["answer"] = {"content": "", "ready": False}
         ns["pd"] = pd
+        ns["SandboxViolation"] = guard.SandboxViolation
         for name in (
             "SQLPolicyError",
             "QueryError",
@@ -171,6 +191,8 @@ class Repl:
             ns[name] = _error_type(name)
         for t in tables:
             ns[t["name"]] = self._handle(t)
+        if isinstance(context, dict) and context.get("kind") == "frame":
+            context = decode_frame(context["frame"])
         if context is not None:
             ns["context"] = context
         self.reserved = set(ns)
@@ -181,7 +203,7 @@ class Repl:
     def sql(self, query: str) -> pd.DataFrame:
         """Run read-only SQL over the bound tables and scratch results; returns a DataFrame."""
         value = self.channel.call("sql", query=str(query))
-        return decode_arrow(value["arrow"]).to_pandas()
+        return decode_frame(value["frame"])
 
     def llm_query(self, prompt: str, model: str | None = None) -> str:
         """One sub-model call; returns its text."""
@@ -227,6 +249,23 @@ class Repl:
         handle = self._handle(info)
         handle.provenance = self._handle(info["provenance"])
         return handle
+
+    def rlm_query(self, prompt: str, context: Any = None) -> str:
+        """A child RLM (its own REPL, the same tables, ``context`` as its ``context``) that
+        works on ``prompt``; returns its answer. Past the depth limit, a plain llm_query."""
+        return str(self.channel.call("rlm_query", prompt=str(prompt), context=_wire(context)))
+
+    def rlm_query_batched(
+        self, prompts: Sequence[str], contexts: Sequence[Any] | None = None
+    ) -> list[str]:
+        """Several child RLMs at once, answers in order."""
+        if isinstance(prompts, str):
+            raise TypeError("rlm_query_batched takes a list of prompts, not one string")
+        wired = None if contexts is None else [_wire(c) for c in contexts]
+        answers = self.channel.call(
+            "rlm_query_batched", prompts=[str(p) for p in prompts], contexts=wired
+        )
+        return [str(a) for a in answers]
 
     def final(self, value: Any) -> None:
         """End the run with ``value``: text, a DataFrame or a table handle."""
@@ -293,6 +332,13 @@ class Repl:
             return {"op": "var", "error": format_error(exc)}
 
 
+def _wire(context: Any) -> Any:
+    """A child's context as it can travel: JSON values, or a DataFrame as a frame."""
+    if isinstance(context, pd.DataFrame):
+        return {"kind": "frame", "frame": encode_frame(context)}
+    return context
+
+
 def encode_value(value: Any) -> dict[str, Any]:
     """A final answer in wire form: text, a frame (Arrow) or a table name."""
     if isinstance(value, Table):
@@ -302,13 +348,7 @@ def encode_value(value: Any) -> dict[str, Any]:
     if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
         value = pd.DataFrame(value)
     if isinstance(value, pd.DataFrame):
-        try:
-            table = pa.Table.from_pandas(value, preserve_index=False)
-        except (pa.ArrowException, ValueError, TypeError) as exc:
-            raise TypeError(
-                f"FINAL could not convert the DataFrame ({exc}); make each column one plain type"
-            ) from None
-        return {"kind": "frame", "arrow": encode_arrow(table)}
+        return {"kind": "frame", "frame": encode_frame(value)}
     return {"kind": "text", "text": value if isinstance(value, str) else str(value)}
 
 
@@ -327,7 +367,11 @@ def format_error(exc: BaseException, max_lines: int = 12) -> str:
     return "Traceback (most recent call last):\n" + "\n".join(text) if frames else "\n".join(text)
 
 
-def main() -> None:
+def main(policy_json: str) -> None:
+    """Serve the host until it closes the channel or kills the process; ``policy_json`` is
+    the sandbox policy."""
+    policy = Policy.from_json(policy_json)
+    del sys.argv[1:]
     in_fd, out_fd = os.dup(0), os.dup(1)
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
@@ -339,21 +383,33 @@ def main() -> None:
     pd.set_option("display.max_rows", 40)
     pd.set_option("display.width", 200)
     pd.set_option("display.max_colwidth", 80)
+    guard.install(policy, protected_fds=(in_fd, out_fd))
     while True:
-        message = reader.read()
+        try:
+            message = reader.read()
+        except ChannelClosed:
+            return
         op = message.get("op")
         if op == "init":
             repl.init(message["tables"], int(message["max_capture"]), message.get("context"))
-            channel.send({"op": "ready", "pid": os.getpid()})
+            layers = [*policy.applied, "audit hooks"]
+            channel.send({"op": "ready", "pid": os.getpid(), "sandbox": layers})
         elif op == "exec":
-            channel.send(repl.execute(str(message["code"])))
+            result = repl.execute(str(message["code"]))
+            result["cell"] = message.get("cell")
+            try:
+                channel.send(result)
+            except ValueError as exc:  # an answer dict too large to send
+                result.pop("answer", None)
+                result["error"] = (result["error"] or "") + f"\nanswer dict not sent: {exc}"
+                channel.send(result)
         elif op == "get_var":
-            channel.send(repl.get_var(str(message["name"])))
-        elif op == "shutdown":
-            return
+            var = repl.get_var(str(message["name"]))
+            try:
+                channel.send(var)
+            except ValueError as exc:
+                channel.send({"op": "var", "error": str(exc)})
+        elif op == "reply":
+            continue  # a late reply to a call model code wrote to the channel itself
         else:
             channel.send({"op": "error", "message": f"unknown op {op!r}"})
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,126 @@
+"""Key-shaped strings never reach trajectories, logs or metadata."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Any
+
+import pytest
+
+from rlm_dagster.engine import Turn, render_trajectory
+from rlm_dagster.redact import REDACTED, redact
+from rlm_dagster.repl.host import CellResult
+
+SECRETS = [
+    ("sk-ant-api03-Xy9_abcdefghijklmnopqrstuvwxyz0123456789-AAAA", "{}"),
+    ("sk-proj-abcdefghijklmnopqrstuvwxyz012345", "OPENAI_API_KEY={}"),
+    ("AKIAIOSFODNN7EXAMPLE", "aws id {} here"),
+    ("wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "aws_secret_access_key = {}"),
+    ("ghp_abcdefghijklmnopqrstuvwxyz0123456789", "token {}"),
+    ("xoxb-1234567890-abcdefghij", "slack: {}"),
+    ("AIzaSyA-abcdefghijklmnopqrstuvwxyz0123456", "google {}"),
+    ("eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.abcdefghijklmnop", "jwt {}"),
+    ("abc123def456ghi789", '{{"api_key": "{}"}}'),
+    ("hunter2hunter2", "password={}"),
+    ("correct-horse-battery", "DB_PASSWORD: {}"),
+    ("s3cr3t-t0k3n-value", "Authorization: Bearer {}"),
+    ("dXNlcjpwYXNzd29yZDEyMw==", "Authorization: Basic {}"),
+    ("abcdef0123456789abcdef", "x-api-key: {}"),
+    ("3f9a8b7c6d5e4f3a2b1c0d9e", "key={}"),
+    ("pa55word", "postgres://app:{}@db.internal:5432/warehouse"),
+    (
+        "MIIEvQIBADANBgkqhkiG9w0BAQEFAASC",
+        "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----",
+    ),
+]
+
+
+@pytest.mark.parametrize(("secret", "template"), SECRETS, ids=[t for _, t in SECRETS])
+def test_key_shaped_strings_are_redacted(secret: str, template: str) -> None:
+    text = "before " + template.format(secret) + " after"
+    out = redact(text)
+    assert secret not in out
+    assert REDACTED in out
+    assert out.startswith("before ") and out.endswith(" after")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "max_tokens=100000, total_tokens: 4096",
+        "Password reset request from customer 42",
+        "author: Jane Doe",
+        "primary_key: customer_id",
+        "The key is to ship fast; tokens are cheap.",
+        "https://example.com/docs/sk-learn",
+        "Bearer of bad news",
+        "a basic understanding of SQL",
+        "SELECT count(*) AS n FROM tickets WHERE body ILIKE '%refund%'",
+        "iteration 3/20: ran 2 cell(s), 14 lines of code; spend so far $0.0123",
+    ],
+)
+def test_ordinary_text_is_unchanged(text: str) -> None:
+    assert redact(text) == text
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["x" * 200_000, "a." * 100_000, "key=" * 50_000, "token=" * 30_000, "http" * 50_000],
+    ids=["identifier-run", "dotted", "key-run", "token-run", "scheme-run"],
+)
+def test_long_adversarial_text_is_redacted_in_linear_time(text: str) -> None:
+    # A quadratic pattern takes minutes on these (the first version did): a model can print
+    # anything, and the host redacts every trajectory.
+    started = time.monotonic()
+    redact(text)
+    assert time.monotonic() - started < 5.0
+
+
+def test_trajectory_is_redacted() -> None:
+    key = "sk-ant-api03-abcdefghijklmnopqrstuvwxyz0123456789"
+    cell = CellResult(code=f"key = '{key}'", output=f"{key}\n", error=None, seconds=0.1)
+    turn = Turn(iteration=1, reply=f"I found {key}.", cells=[cell], note=f"note {key}")
+    markdown = render_trajectory([turn])
+    assert key not in markdown
+    assert markdown.count(REDACTED) == 4
+
+
+def test_run_metadata_and_logs_are_redacted() -> None:
+    from rlm_dagster.assets import _log_event
+    from rlm_dagster.budget import Limits
+    from rlm_dagster.engine import Answer, RLMResult
+    from rlm_dagster.lm import LM, Accounting
+    from rlm_dagster.metadata import run_metadata
+
+    key = "sk-ant-api03-abcdefghijklmnopqrstuvwxyz0123456789"
+    result = RLMResult(
+        question=f"Is {key} valid?",
+        answer=Answer(text="no"),
+        turns=[],
+        accounting=Accounting(),
+        duration_s=1.0,
+        limits=Limits(),
+    )
+    lm = LM(api_key="test", root_model="r", sub_model="s", base_url="http://127.0.0.1:9")
+    try:
+        meta = run_metadata(result, lm)
+    finally:
+        lm.close()
+    assert key not in str(meta)
+    assert meta["rlm/question"] == f"Is {REDACTED} valid?"
+
+    logged: list[str] = []
+
+    class Log:
+        def info(self, message: str) -> None:
+            logged.append(message)
+
+    class Context:
+        log = Log()
+
+    # Fields the log line does not set default to 0/False, so the event shape can grow.
+    event: dict[str, Any] = defaultdict(int, {"type": "iteration", "note": f"key {key}"})
+    _log_event(Context(), event)  # type: ignore[arg-type]
+    _log_event(Context(), {"type": "llm_where", "summary": f"where {key}"})  # type: ignore[arg-type]
+    assert logged and all(key not in m for m in logged)

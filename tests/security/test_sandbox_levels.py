@@ -1,0 +1,297 @@
+"""What each sandbox level enforces in the kernel, below the worker's Python guard.
+
+These programs run in the confined process *without* the audit hook (``python -c`` after
+``rlm_dagster.sandbox``'s first stage), as native code that got past the hook would. They
+pin down the README's table: what every level stops, and what only ``landlock`` and
+``namespace`` stop. Each level is skipped, with the reason, where the machine lacks it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from rlm_dagster.errors import ConfigError
+from rlm_dagster.repl.host import Worker
+from rlm_dagster.sandbox import WorkerLimits, build_policy, resolve_level, worker_command
+
+from .conftest import each_level
+
+ATTACKS = """
+import errno, json, os, resource, socket, sys, threading
+targets = json.loads(os.environ["RLM_TEST_TARGETS"])
+results = {}
+def attempt(name, fn):
+    try:
+        fn()
+        results[name] = "allowed"
+    except OSError as exc:
+        results[name] = errno.errorcode.get(exc.errno, str(exc.errno))
+def fork():
+    if os.fork() == 0:
+        os._exit(0)
+attempt("socket", lambda: socket.socket())
+attempt("unix-socket", lambda: socket.socket(socket.AF_UNIX))
+attempt("fork", fork)
+attempt("exec", lambda: os.execv("/bin/true", ["true"]))
+attempt("kill-host", lambda: os.kill(targets["host_pid"], 0))
+attempt("read-host-environ", lambda: open(f"/proc/{targets['host_pid']}/environ").read())
+attempt("read-home-secret", lambda: open(targets["secret"]).read())
+attempt("read-warehouse", lambda: open(targets["warehouse"], "rb").read(16))
+attempt("write-outside", lambda: open(targets["outside"], "w").write("x"))
+attempt("write-scratch", lambda: open("ok.txt", "w").write("x"))
+attempt("thread", lambda: threading.Thread(target=lambda: None).start())
+status = open("/proc/self/status").read()
+results["caps"] = status.split("CapEff:")[1].split()[0]
+results["no_new_privs"] = status.split("NoNewPrivs:")[1].split()[0]
+results["as"] = resource.getrlimit(resource.RLIMIT_AS)[0]
+results["nofile"] = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+results["hostname"] = socket.gethostname()
+results["applied"] = json.loads(sys.argv[1])["applied"]
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def targets(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    root = tmp_path_factory.mktemp("targets")
+    (root / "home").mkdir()
+    secret = root / "home" / "id_rsa"
+    secret.write_text("PRIVATE")
+    warehouse = root / "warehouse.duckdb"
+    warehouse.write_bytes(b"DUCK")
+    yield {
+        "host_pid": os.getpid(),
+        "secret": str(secret),
+        "warehouse": str(warehouse),
+        "outside": str(root / "written-by-worker.txt"),
+        "home": str(root / "home"),
+    }
+
+
+def run_attacks(level: str, targets: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir(mode=0o700)
+    policy = build_policy(
+        level, str(scratch), WorkerLimits(memory_bytes=1024**3), home=targets["home"]
+    )
+    env = {"PATH": os.defpath, "RLM_TEST_TARGETS": json.dumps(targets), "LANG": "C.UTF-8"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    done = subprocess.run(
+        worker_command(policy, "-c", ATTACKS),
+        cwd=scratch,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return dict(json.loads(done.stdout))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the kernel layers are Linux-only")
+@pytest.mark.parametrize("level", each_level())
+def test_kernel_layers_of_each_level(level: str, targets: dict[str, Any], tmp_path: Path) -> None:
+    got = run_attacks(level, targets, tmp_path)
+    # Every level: seccomp, no_new_privs, rlimits.
+    assert "seccomp" in got["applied"]
+    assert "rlimits (memory, cpu, open files, file size, core" in " ".join(got["applied"])
+    for attack in ("socket", "unix-socket", "fork", "exec", "kill-host"):
+        assert got[attack] == "EPERM", (attack, got)
+    assert got["write-scratch"] == "allowed"
+    assert got["thread"] == "allowed"
+    assert got["no_new_privs"] == "1"
+    assert got["as"] == 1024**3
+    assert got["nofile"] == WorkerLimits().open_files
+    if os.geteuid() == 0:
+        assert got["caps"] == "0000000000000000"
+    if level == "process":
+        # Honest about the gap: native code at this level reads and writes what the host
+        # user can (the Python guard stops Python-level attempts; see the hostile tests).
+        assert got["read-home-secret"] == "allowed"
+        assert got["write-outside"] == "allowed"
+        Path(targets["outside"]).unlink()
+        return
+    for attack in ("read-home-secret", "read-warehouse", "write-outside", "read-host-environ"):
+        assert got[attack] in ("EACCES", "ENOENT", "EPERM", "EROFS"), (attack, got)
+    assert not Path(targets["outside"]).exists()
+    if level == "namespace":
+        assert got["hostname"] == "rlm-worker"
+        assert "namespaces (bubblewrap)" in got["applied"]
+    else:
+        assert any(layer.startswith("landlock") for layer in got["applied"])
+
+
+# -- OS limits, through the real worker ------------------------------------------------------
+
+
+def tiny_worker(level: str, limits: WorkerLimits, **kwargs: Any) -> Worker:
+    frame = pd.DataFrame({"n": [1, 2, 3]})
+    return Worker(
+        {"sql": lambda args: None},
+        tables=lambda: [{"name": "t", "columns": list(frame), "types": ["BIGINT"], "rows": 3}],
+        sandbox=level,
+        limits=limits,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("level", each_level())
+def test_cpu_time_limit_ends_the_worker_with_a_clear_error(level: str) -> None:
+    with tiny_worker(level, WorkerLimits(cpu_seconds=1), cell_timeout_s=60) as worker:
+        worker.execute("kept = 1")
+        result = worker.execute("while True:\n    pass")
+        assert result.restarted
+        assert result.error is not None
+        assert "CPU-time limit of 1 s" in result.error, result.error
+        assert "variables you defined are lost" in result.error
+        assert worker.execute("len(t)").output == "3\n"
+
+
+@pytest.mark.parametrize("level", each_level())
+def test_file_size_and_open_file_limits(level: str) -> None:
+    limits = WorkerLimits(file_size_bytes=1024**2, open_files=64)
+    with tiny_worker(level, limits) as worker:
+        big = worker.execute("open('big.bin', 'wb').write(b'x' * 2 * 1024**2)")
+        assert big.error is not None and "File too large" in big.error, big.error
+        many = worker.execute("files = [open(f'f{i}.txt', 'w') for i in range(100)]")
+        assert many.error is not None and "Too many open files" in many.error, many.error
+        assert not many.restarted
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="task counting reads /proc")
+def test_thread_limit_counts_the_users_tasks_when_not_root(tmp_path: Path) -> None:
+    # Root is exempt from RLIMIT_NPROC, so the limit is only set for other users: check the
+    # plumbing in a child that believes it is uid 65534.
+    code = (
+        "import os, resource, sys\nos.getuid = lambda: 65534\n"
+        "from rlm_dagster.sandbox import WorkerLimits, _set_limits, build_policy\n"
+        f"applied = _set_limits(build_policy('process', {str(tmp_path)!r}, "
+        "WorkerLimits(processes=77)))\n"
+        "print(applied[-1], resource.getrlimit(resource.RLIMIT_NPROC)[0])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    name, limit = done.stdout.split()[-2:]
+    assert name == "tasks"
+    assert int(limit) >= 77
+
+
+def test_worker_loads_no_native_escape_hatches() -> None:
+    with tiny_worker("process", WorkerLimits()) as worker:
+        out = worker.execute(
+            "import sys\n"
+            "sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('ctypes', '_ctypes', 'pyarrow', 'duckdb', 'sqlite3', 'cffi', 'rlm_dagster'))"
+        ).output
+    assert "pyarrow" not in out and "_ctypes" not in out and "duckdb" not in out
+    assert "rlm_dagster.repl.host" not in out and "rlm_dagster.engine" not in out
+    assert "'ctypes'" in out  # the empty stub pandas imports
+
+
+def test_sandbox_value_is_validated() -> None:
+    with pytest.raises(
+        ConfigError, match=r"sandbox='bogus' is not a sandbox level\. Use one of auto"
+    ):
+        tiny_worker("bogus", WorkerLimits())
+
+
+def test_unavailable_level_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import rlm_dagster.sandbox as sandbox
+
+    monkeypatch.setattr(
+        sandbox,
+        "available_levels",
+        lambda: {"namespace": "bubblewrap is not installed (apt-get install bubblewrap)."},
+    )
+    with pytest.raises(ConfigError, match=r"apt-get install bubblewrap.*sandbox='auto'"):
+        resolve_level("namespace")
+    assert resolve_level("auto") == "landlock"
+
+
+def test_worker_limits_are_validated() -> None:
+    with pytest.raises(ConfigError, match="512 MiB"):
+        WorkerLimits(memory_bytes=10)
+    with pytest.raises(ConfigError, match="positive integer"):
+        WorkerLimits(cpu_seconds=0)
+
+
+def test_loopback_listener_sees_no_connection(targets: dict[str, Any], tmp_path: Path) -> None:
+    # The same attack as the hostile suite's, below the Python guard, at the weakest level.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        got = run_attacks("process", targets, tmp_path)
+        listener.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            listener.accept()
+    assert got["socket"] == "EPERM"
+
+
+def test_a_worker_that_cannot_be_confined_fails_with_its_reason(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from rlm_dagster.errors import WorkerError
+    from rlm_dagster.repl import host
+
+    monkeypatch.setattr(
+        host,
+        "worker_command",
+        lambda policy, *args: [sys.executable, "-c", "import sys; sys.exit('landlock: EPERM')"],
+    )
+    worker = tiny_worker("process", WorkerLimits())
+    try:
+        with pytest.raises(WorkerError, match=r"(?s)did not start.*landlock: EPERM.*'process'"):
+            worker.execute("1")
+    finally:
+        worker.close()
+
+
+ORDINARY_WORK = """
+import csv, json, os, pathlib, shutil, tempfile, zipfile, datetime, zoneinfo, decimal
+os.mkdir('out'); os.makedirs('out/deep/er')
+pathlib.Path('out/a.txt').write_text('hello')
+shutil.copy('out/a.txt', 'out/b.txt'); os.chmod('out/b.txt', 0o600)
+os.rename('out/b.txt', 'out/c.txt'); os.replace('out/c.txt', 'out/d.txt'); os.remove('out/d.txt')
+with tempfile.NamedTemporaryFile('w', delete=False) as f:
+    f.write('t')
+with zipfile.ZipFile('out/z.zip', 'w') as z:
+    z.write('out/a.txt')
+t.df().to_csv('out/t.csv', index=False)
+back = pd.read_csv('out/t.csv')
+json.dump({'n': int(back['n'].sum())}, open('out/n.json', 'w'))
+walked = sorted(p for _, _, files in os.walk('out') for p in files)
+shutil.rmtree('out/deep')
+stamp = datetime.datetime(2024, 1, 1, tzinfo=zoneinfo.ZoneInfo('Europe/Paris')).isoformat()
+print(json.load(open('out/n.json'))['n'], walked, stamp, decimal.Decimal('1.10') * 2)
+"""
+
+
+@pytest.mark.parametrize("level", each_level())
+def test_ordinary_scratch_work_is_not_blocked(level: str) -> None:
+    with tiny_worker(level, WorkerLimits()) as worker:
+        worker.handlers["sql"] = lambda args: {"arrow": _arrow_of_n()}
+        result = worker.execute(ORDINARY_WORK)
+    assert result.error is None, result.error
+    assert result.output == (
+        "6 ['a.txt', 'n.json', 't.csv', 'z.zip'] 2024-01-01T00:00:00+01:00 2.20\n"
+    )
+
+
+def _arrow_of_n() -> str:
+    import pyarrow as pa
+
+    from rlm_dagster.repl.protocol import encode_arrow
+
+    return encode_arrow(pa.table({"n": [1, 2, 3]}))
