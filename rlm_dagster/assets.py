@@ -185,6 +185,7 @@ def rlm_asset(
                     on_event=lambda event: _log_event(context, event),
                     sandbox=rlm.sandbox,
                     where_config=rlm.where_config(),
+                    worker_limits=rlm.worker_limits(),
                     context=wire_context(context_value),
                 )
                 try:
@@ -239,10 +240,15 @@ def rlm_asset(
             ) from err
         # The UI lists metadata in order and folds Markdown over 1,000 characters behind a
         # click: a short plain preview goes first.
-        metadata = {"rlm/answer_preview": _one_line(answer.text, 900), **metadata}
+        metadata = {"rlm/answer_preview": redact(_one_line(answer.text, 900)), **metadata}
+        metadata["rlm/sandbox"] = (
+            f"{run.worker.level} ({', '.join(run.worker.layers) or 'no layers'})"
+        )
         metadata.update(
             {
-                "rlm/answer": dg.MetadataValue.md(_answer_markdown(answer.text, answer.form)),
+                "rlm/answer": dg.MetadataValue.md(
+                    redact(_answer_markdown(answer.text, answer.form))
+                ),
                 "rlm/final_form": answer.form,
                 "dagster/row_count": table.num_rows,
                 "dagster/table_name": table_name,

@@ -35,6 +35,7 @@ from rlm_dagster.prompts import render
 from rlm_dagster.redact import redact
 from rlm_dagster.repl import CellResult, Worker
 from rlm_dagster.repl.protocol import decode_arrow, encode_arrow
+from rlm_dagster.sandbox import WorkerLimits
 from rlm_dagster.semantic import Semantic, WhereConfig
 from rlm_dagster.warehouse import TableInfo, Warehouse
 
@@ -221,8 +222,10 @@ class RLMRun:
         depth: int = 0,
         run_id: str = "r0",
         budget: Budget | None = None,
+        worker_limits: WorkerLimits | None = None,
     ) -> None:
         self.question = question
+        self.worker_limits = worker_limits
         self.warehouse = warehouse
         self.lm = lm
         self.limits = limits or Limits()
@@ -269,6 +272,7 @@ class RLMRun:
             max_capture_chars=max(4 * self.limits.max_observation_chars, 100_000),
             sandbox=sandbox,
             context=context,
+            limits=worker_limits,
         )
 
     # -- handlers the worker calls ----------------------------------------------------------
@@ -315,6 +319,7 @@ class RLMRun:
             depth=self.depth + 1,
             run_id=f"{self.run_id}.{next(self._child_ids)}",
             budget=self.budget,
+            worker_limits=self.worker_limits,
         )
         self.on_event({"type": "rlm_query", "run_id": child.run_id, "depth": child.depth})
         try:

@@ -22,6 +22,7 @@ from pydantic import Field
 from rlm_dagster.cache import Cache, default_cache_path
 from rlm_dagster.errors import ConfigError, MissingAPIKey
 from rlm_dagster.lm import LM
+from rlm_dagster.sandbox import WorkerLimits
 from rlm_dagster.semantic import WhereConfig
 
 PROVIDERS = ("anthropic", "demo")
@@ -55,6 +56,12 @@ class RLMResource(dg.ConfigurableResource):
             "strongest this machine has. See the README's Security model."
         ),
     )
+    worker_memory_mb: int = Field(
+        default=4_096, description="Address-space limit of each REPL worker, in MiB."
+    )
+    worker_cpu_s: int = Field(
+        default=3_600, description="CPU seconds each REPL worker may use before it is replaced."
+    )
     cache_path: str | None = Field(
         default=None,
         description="SQLite cache of model results (safe across processes); default "
@@ -71,6 +78,11 @@ class RLMResource(dg.ConfigurableResource):
     def open_cache(self) -> Cache:
         """The persistent cache at ``cache_path`` (or the default location)."""
         return Cache(self.cache_path or default_cache_path())
+
+    def worker_limits(self) -> WorkerLimits:
+        return WorkerLimits(
+            memory_bytes=self.worker_memory_mb * 1024**2, cpu_seconds=self.worker_cpu_s
+        )
 
     def where_config(self) -> WhereConfig:
         if self.where_batch_rows < 1 or self.where_batch_tokens < 1:

@@ -291,3 +291,26 @@ def test_errors_a_retry_cannot_fix_are_not_retried(warehouse_file: str) -> None:
     message, meta = step_failure(result)
     assert "rejected the API key (401)" in message and meta["rlm/retryable"] is False
     assert attempts == 1
+
+
+def test_worker_limits_and_sandbox_level_come_from_the_resource(warehouse_file: str) -> None:
+    asset = rlm_asset(name="limits", question="q?", tables=["tickets"])
+    script = [
+        "```repl\nimport resource\nFINAL(str(resource.getrlimit(resource.RLIMIT_AS)[0]))\n```"
+    ]
+    with FakeAnthropic(root=script) as fake:
+        rlm = RLMResource(
+            api_key="k",
+            base_url=fake.base_url,
+            root_model="fake-root",
+            worker_memory_mb=768,
+            sandbox="process",
+        )
+        result = run_asset(asset, rlm, warehouse_file)
+    assert result.success
+    meta = {
+        k: v.value
+        for k, v in result.get_asset_materialization_events()[0].materialization.metadata.items()
+    }
+    assert meta["rlm/answer_preview"] == str(768 * 1024**2)
+    assert meta["rlm/sandbox"].startswith("process")
