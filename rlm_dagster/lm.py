@@ -93,15 +93,23 @@ class ModelTotals:
 
 
 class Accounting:
-    """Thread-safe list of completed calls with per-model and per-role totals."""
+    """Thread-safe list of completed calls with per-model and per-role totals.
+
+    The run totals are kept as calls arrive: the budget reads them before every request."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._records: list[CallRecord] = []
+        self._cost_usd = 0.0
+        self._paid_usd = 0.0
+        self._usage = Usage()
 
     def add(self, record: CallRecord) -> None:
         with self._lock:
             self._records.append(record)
+            self._cost_usd += record.cost_usd or 0.0
+            self._paid_usd += record.paid_usd
+            self._usage = self._usage + record.usage
 
     @property
     def records(self) -> list[CallRecord]:
@@ -115,19 +123,16 @@ class Accounting:
     def cost_usd(self) -> float:
         """What the run's calls cost, replayed ones at their original price: budgets use it, so
         a retried run meets its limits at the same points. Unknown prices count as nothing."""
-        return sum(r.cost_usd or 0.0 for r in self.records)
+        return self._cost_usd
 
     @property
     def paid_usd(self) -> float:
         """What this process actually paid (cache hits excluded)."""
-        return sum(r.paid_usd for r in self.records)
+        return self._paid_usd
 
     @property
     def usage(self) -> Usage:
-        total = Usage()
-        for r in self.records:
-            total = total + r.usage
-        return total
+        return self._usage
 
     def by_model(self) -> dict[str, ModelTotals]:
         out: dict[str, ModelTotals] = {}
