@@ -17,6 +17,9 @@ import pytest
 
 import rlm_dagster.testing.fake_server as fake_server_module
 from rlm_dagster.testing import (
+    DEFAULT_THINKING_TOKENS,
+    MODEL_RULES,
+    REFUSE,
     FakeAnthropic,
     FakeReply,
     FakeRequest,
@@ -24,6 +27,7 @@ from rlm_dagster.testing import (
     HandlerResult,
     RootEntry,
     ToolUse,
+    rules_for,
 )
 
 API_KEY = "sk-ant-test-SECRET-1234567890"
@@ -484,3 +488,517 @@ def test_constructor_validation() -> None:
 def test_module_docstring_example_runs() -> None:
     result = doctest.testmod(fake_server_module)
     assert result.attempted > 0 and result.failed == 0
+
+
+# --------------------------------------------------------------------------- strict mode
+
+
+TOOLS = [
+    {
+        "name": "lookup",
+        "description": "Look something up.",
+        "input_schema": {"type": "object", "properties": {"q": {"type": "string"}}},
+    }
+]
+USER = [{"role": "user", "content": "hi"}]
+PREFILL = [*USER, {"role": "assistant", "content": "The answer is"}]
+SCHEMA = {
+    "type": "object",
+    "properties": {"answer": {"type": "string"}},
+    "required": ["answer"],
+    "additionalProperties": False,
+}
+FORMAT = {"format": {"type": "json_schema", "schema": SCHEMA}}
+FORCED_ANY: dict[str, Any] = {"tools": TOOLS, "tool_choice": {"type": "any"}}
+FORCED_TOOL: dict[str, Any] = {"tools": TOOLS, "tool_choice": {"type": "tool", "name": "lookup"}}
+AUTO_TOOL: dict[str, Any] = {"tools": TOOLS, "tool_choice": {"type": "auto"}}
+THINK_OFF: dict[str, Any] = {"thinking": {"type": "disabled"}}
+BUDGET: dict[str, Any] = {"thinking": {"type": "enabled", "budget_tokens": 2000}}
+
+
+def create(client: anthropic.Anthropic, model: str, **kw: Any) -> Any:
+    kw.setdefault("max_tokens", 4000)
+    kw.setdefault("messages", USER)
+    return client.messages.create(model=model, timeout=30, **kw)
+
+
+# (model, request shape, a fragment of the 400's message)
+REJECTED: list[tuple[str, dict[str, Any], str]] = [
+    # Claude Sonnet 5.5
+    ("claude-sonnet-5-5", FORCED_ANY, "forced tool use"),
+    ("claude-sonnet-5-5", {**FORCED_TOOL, **THINK_OFF}, "forced tool use"),
+    ("claude-sonnet-5-5", {"extra_body": {"temperature": 0.5}}, "temperature"),
+    ("claude-sonnet-5-5", {"extra_body": {"top_p": 0.9}}, "top_p"),
+    ("claude-sonnet-5-5", {"extra_body": {"top_k": 40}}, "top_k"),
+    ("claude-sonnet-5-5", {"messages": PREFILL}, "prefill"),
+    ("claude-sonnet-5-5", BUDGET, "thinking.type.enabled"),
+    ("claude-sonnet-5-5", THINK_OFF, "between_tools"),
+    (
+        "claude-sonnet-5-5",
+        {"thinking": {"type": "between_tools"}, "output_config": {"effort": "xhigh"}},
+        "effort low, medium or high",
+    ),
+    ("claude-sonnet-5-5", {"max_tokens": 128_001}, "128000"),
+    # Claude Opus 5.5: thinking cannot be turned off at all
+    ("claude-opus-5-5", FORCED_TOOL, "forced tool use"),
+    ("claude-opus-5-5", THINK_OFF, "thinking.type.disabled"),
+    ("claude-opus-5-5", {"thinking": {"type": "between_tools"}}, "between_tools"),
+    ("claude-opus-5-5", BUDGET, "thinking.type.enabled"),
+    ("claude-opus-5-5", {"messages": PREFILL}, "prefill"),
+    ("claude-opus-5-5", {"extra_body": {"temperature": 0.2}}, "temperature"),
+    # Claude Fable 5.1 (and the same rules for Fable 5.2 / Mythos 5.1)
+    ("claude-fable-5-1", FORCED_ANY, "forced tool use"),
+    ("claude-fable-5-1", THINK_OFF, "thinking.type.disabled"),
+    ("claude-fable-5-1", {"messages": PREFILL}, "prefill"),
+    ("claude-fable-5-1", {"extra_body": {"temperature": 0}}, "temperature"),
+    ("claude-mythos-5-1", FORCED_TOOL, "forced tool use"),
+    ("claude-fable-5-2", THINK_OFF, "thinking.type.disabled"),
+    ("claude-fable-5", FORCED_ANY, "Thinking may not be enabled"),
+    # Claude Haiku 5.5: thinks by default, so forcing a tool needs thinking turned off
+    ("claude-haiku-5-5", FORCED_TOOL, "Thinking may not be enabled"),
+    ("claude-haiku-5-5", {**THINK_OFF, "output_config": {"effort": "xhigh"}}, "effort"),
+    ("claude-haiku-5-5", {**THINK_OFF, "output_config": {"effort": "max"}}, "effort"),
+    ("claude-haiku-5-5", BUDGET, "thinking.type.enabled"),
+    ("claude-haiku-5-5", {"thinking": {"type": "between_tools"}}, "between_tools"),
+    ("claude-haiku-5-5", {"messages": PREFILL, **THINK_OFF}, "prefill"),
+    ("claude-haiku-5-5", {"extra_body": {"temperature": 0.5}}, "temperature"),
+    # Claude Sonnet 5 and Opus 5
+    ("claude-sonnet-5", {"extra_body": {"temperature": 0.5}}, "temperature"),
+    ("claude-sonnet-5", BUDGET, "thinking.type.enabled"),
+    ("claude-sonnet-5", {"messages": PREFILL}, "prefill"),
+    ("claude-sonnet-5", FORCED_ANY, "Thinking may not be enabled"),
+    ("claude-opus-5", {**THINK_OFF, "output_config": {"effort": "max"}}, "effort"),
+    # Claude Haiku 4.5 / Sonnet 4.5: no effort, no adaptive thinking, temperature or top_p
+    ("claude-haiku-4-5", {"output_config": {"effort": "low"}}, "effort parameter"),
+    ("claude-haiku-4-5", {"thinking": {"type": "adaptive"}}, "thinking.type.adaptive"),
+    ("claude-haiku-4-5", {"extra_body": {"temperature": 0.5, "top_p": 0.9}}, "cannot both"),
+    ("claude-haiku-4-5", {"max_tokens": 64_001}, "64000"),
+    ("claude-haiku-4-5", {**FORCED_TOOL, **BUDGET}, "Thinking may not be enabled"),
+    ("claude-haiku-4-5", {**BUDGET, "extra_body": {"temperature": 0.5}}, "thinking is enabled"),
+    ("claude-haiku-4-5", {**BUDGET, "messages": PREFILL}, "prefill"),
+    ("claude-sonnet-4-5-20250929", {"output_config": {"effort": "high"}}, "effort parameter"),
+    ("claude-sonnet-4-5", {"thinking": {"type": "adaptive"}}, "thinking.type.adaptive"),
+    ("claude-sonnet-4-5", {"extra_body": {"temperature": 0.5, "top_p": 0.9}}, "cannot both"),
+    # Claude Sonnet 4: no structured outputs
+    ("claude-sonnet-4-20250514", {"output_config": FORMAT}, "structured outputs"),
+]
+
+
+@pytest.mark.parametrize(
+    ("model", "shape", "fragment"),
+    REJECTED,
+    ids=[f"{m}-{i}" for i, (m, _, _) in enumerate(REJECTED)],
+)
+def test_strict_mode_rejects_what_the_model_rejects(
+    model: str, shape: dict[str, Any], fragment: str
+) -> None:
+    with FakeAnthropic(sub='{"answer": "ok"}') as fake, client_for(fake, max_retries=0) as client:
+        with pytest.raises(anthropic.BadRequestError, match=fragment) as info:
+            create(client, model, **shape)
+        create(client, "fake-root-like-local-model", **shape)  # unknown: generic rules only
+    assert info.value.status_code == 400
+    assert info.value.body["type"] == "error"
+    assert info.value.body["error"]["type"] == "invalid_request_error"
+    (message,) = fake.rejections
+    assert fragment in message and message == info.value.body["error"]["message"]
+    rejected, passed = fake.requests
+    assert rejected.status == 400 and rejected.faulted and rejected.rejection == message
+    assert rejected.family == rules_for(model).family  # type: ignore[union-attr]
+    assert passed.status == 200 and passed.family is None and passed.rejection is None
+
+
+# (model, request shape) the documentation says works
+ACCEPTED: list[tuple[str, dict[str, Any]]] = [
+    ("claude-sonnet-5-5", {"output_config": {"effort": "medium"}}),
+    ("claude-sonnet-5-5", {**AUTO_TOOL, "thinking": {"type": "between_tools"}}),
+    ("claude-sonnet-5-5", {"thinking": {"type": "adaptive"}, "output_config": {"effort": "max"}}),
+    ("claude-sonnet-5-5", {"extra_body": {"temperature": 1}, "max_tokens": 128_000}),
+    ("claude-sonnet-5-5", {"output_config": {**FORMAT, "effort": "low"}}),
+    ("claude-opus-5-5", {"thinking": {"type": "adaptive"}, "output_config": {"effort": "xhigh"}}),
+    ("claude-opus-5-5", {**AUTO_TOOL, "tool_choice": {"type": "none"}}),
+    ("claude-fable-5-1", {"output_config": {"effort": "max"}}),
+    ("claude-mythos-5-2", AUTO_TOOL),
+    ("claude-haiku-5-5", {**FORCED_TOOL, **THINK_OFF}),
+    ("claude-haiku-5-5", {**THINK_OFF, "output_config": {"effort": "high"}}),
+    ("claude-haiku-5-5", {"output_config": {**FORMAT, "effort": "max"}}),
+    ("claude-sonnet-5", {**FORCED_ANY, **THINK_OFF}),
+    ("claude-sonnet-5", {**THINK_OFF, "output_config": {"effort": "max"}}),
+    ("claude-opus-5", {**FORCED_ANY, **THINK_OFF, "output_config": {"effort": "high"}}),
+    ("claude-haiku-4-5", FORCED_TOOL),
+    ("claude-haiku-4-5", {"messages": PREFILL, "extra_body": {"temperature": 0.2}}),
+    ("claude-haiku-4-5", {**BUDGET, "extra_body": {"top_p": 0.95}}),
+    ("claude-haiku-4-5-20251001", {"output_config": FORMAT, **THINK_OFF}),
+    ("claude-sonnet-4-5-20250929", {**FORCED_ANY, "extra_body": {"top_p": 0.9}}),
+    ("claude-sonnet-4-5", {"messages": PREFILL, "max_tokens": 64_000}),
+    ("claude-sonnet-4", {**FORCED_TOOL, "extra_body": {"temperature": 0.3, "top_p": 0.8}}),
+]
+
+
+@pytest.mark.parametrize(
+    ("model", "shape"), ACCEPTED, ids=[f"{m}-{i}" for i, (m, _) in enumerate(ACCEPTED)]
+)
+def test_strict_mode_accepts_the_documented_good_shapes(model: str, shape: dict[str, Any]) -> None:
+    answer = (
+        '{"answer": "ok"}'
+        if "output_config" in shape and "format" in shape["output_config"]
+        else "ok"
+    )
+    with FakeAnthropic(sub=answer) as fake, client_for(fake, max_retries=0) as client:
+        msg = create(client, model, **shape)
+    assert fake.rejections == []
+    assert next(b for b in msg.content if b.type == "text").text == answer
+    (req,) = fake.requests
+    assert req.status == 200 and req.family == rules_for(model).family  # type: ignore[union-attr]
+
+
+def test_generic_rules_apply_to_every_model() -> None:
+    marked = {"type": "text", "text": "x", "cache_control": {"type": "ephemeral"}}
+    open_schema = {"type": "object", "properties": {"a": {"type": "object", "properties": {}}}}
+    open_schema["additionalProperties"] = False  # the nested object is still open
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"extra_body": {"temprature": 0.5}}, "temprature: Extra inputs are not permitted"),
+        (
+            {"system": [marked] * 3, "messages": [{"role": "user", "content": [marked] * 2}]},
+            "A maximum of 4 blocks with cache_control may be provided. Found 5.",
+        ),
+        (
+            {"tool_choice": {"type": "auto"}},
+            "tool_choice may only be specified while providing tools",
+        ),
+        (
+            {"tools": TOOLS, "tool_choice": {"type": "tool", "name": "record_verdicts"}},
+            "'record_verdicts' is not one of the provided tools",
+        ),
+        (
+            {"output_config": {"format": {"type": "json_schema", "schema": open_schema}}},
+            "'additionalProperties' must be explicitly set to false (at schema.properties.a)",
+        ),
+        ({"output_config": {"effort": "extreme"}}, "output_config.effort: Input should be one of"),
+        ({"thinking": {"type": "enabled", "budget_tokens": 512}}, "greater than or equal to 1024"),
+        ({"thinking": {"type": "enabled", "budget_tokens": 8000}}, "must be greater than"),
+        ({"extra_body": {"temperature": 1.5}}, "temperature: Input should be a number"),
+    ]
+    with FakeAnthropic(sub="ok") as fake, client_for(fake, max_retries=0) as client:
+        for shape, message in cases:
+            for model in ("fake-root", "claude-haiku-4-5"):
+                with pytest.raises(anthropic.BadRequestError) as info:
+                    create(client, model, **shape)
+                assert message in info.value.body["error"]["message"], (model, shape)
+        # the automatic top-level breakpoint counts too
+        with pytest.raises(anthropic.BadRequestError, match="Found 5"):
+            create(client, "fake-root", system=[marked] * 4, cache_control={"type": "ephemeral"})
+    assert len(fake.rejections) == 2 * len(cases) + 1
+    assert fake.count(include_faulted=False) == 0
+
+
+def test_unknown_models_get_only_the_generic_rules() -> None:
+    shapes: list[dict[str, Any]] = [
+        FORCED_ANY,
+        {**FORCED_TOOL, **BUDGET},
+        {"messages": PREFILL},
+        {"extra_body": {"temperature": 0.1, "top_p": 0.5, "top_k": 5}},
+        THINK_OFF,
+        {"thinking": {"type": "between_tools"}, "output_config": {"effort": "max"}},
+        {"output_config": {"effort": "xhigh"}},
+        {"max_tokens": 500_000},
+    ]
+    with (
+        FakeAnthropic(root=lambda req: "ok", sub="ok") as fake,
+        client_for(fake, max_retries=0) as client,
+    ):
+        for model in ("fake-root", "demo-root", "claude-haiku-4-50", "claude-opus-4-1"):
+            for shape in shapes:
+                assert create(client, model, **shape).content[-1].text == "ok"
+    assert fake.rejections == []
+    assert {r.family for r in fake.requests} == {None}
+
+
+def test_strict_false_keeps_the_old_permissive_behaviour() -> None:
+    shapes: list[dict[str, Any]] = [
+        FORCED_ANY,
+        {"messages": PREFILL, "extra_body": {"temperature": 0.5, "mystery_field": True}},
+        THINK_OFF,
+        {"output_config": {"effort": "low", "format": {"type": "json_schema", "schema": {}}}},
+        {"tool_choice": {"type": "auto"}},
+        {"max_tokens": 500_000},
+    ]
+    with (
+        FakeAnthropic(sub='{"ok": true}', strict=False) as fake,
+        client_for(fake, max_retries=0) as client,
+    ):
+        for shape in shapes:
+            create(client, "claude-sonnet-5-5", **shape)
+        with pytest.raises(anthropic.BadRequestError, match="max_tokens: field required"):
+            client.post(
+                "/v1/messages",
+                body={"model": "claude-sonnet-5-5", "messages": USER},
+                cast_to=anthropic.types.Message,
+            )
+    assert fake.count() == len(shapes)
+    assert fake.rejections == ["max_tokens: field required (an integer >= 1)"]
+
+
+def test_rule_table_is_sourced_and_maps_dated_ids() -> None:
+    assert rules_for("claude-sonnet-4-5-20250929") is MODEL_RULES["claude-sonnet-4-5"]
+    assert rules_for("claude-haiku-4-5-20251001") is MODEL_RULES["claude-haiku-4-5"]
+    assert rules_for("claude-mythos-5-2") is MODEL_RULES["claude-fable-5-1"]
+    for unknown in ("fake-root", "claude-haiku-4-50", "claude-haiku-4-5-2025", "claude-opus-4-1"):
+        assert rules_for(unknown) is None
+    for family, rules in MODEL_RULES.items():
+        assert rules.family == family
+        assert rules.sources and all(u.startswith("https://") for u in rules.sources.values())
+        assert rules.default_effort in (*rules.effort_levels, None)
+
+
+# --------------------------------------------------------------------------- thinking
+
+
+def test_thinking_blocks_come_first_and_are_billed_as_output() -> None:
+    answer = "x" * 400  # 100 tokens
+    with (
+        FakeAnthropic(root=lambda req: answer, sub=answer) as fake,
+        client_for(fake, max_retries=0) as client,
+    ):
+        default = create(client, "claude-sonnet-5-5")  # default effort high
+        low = create(client, "claude-sonnet-5-5", output_config={"effort": "low"})
+        opus = create(client, "claude-opus-5-5")  # default effort medium
+        summarized = create(
+            client, "claude-haiku-5-5", thinking={"type": "adaptive", "display": "summarized"}
+        )
+        off = create(client, "claude-haiku-5-5", **THINK_OFF)
+        legacy = create(client, "claude-haiku-4-5")
+        manual = create(
+            client, "claude-haiku-4-5", thinking={"type": "enabled", "budget_tokens": 1500}
+        )
+        between = create(client, "claude-sonnet-5-5", thinking={"type": "between_tools"})
+        local = create(client, "fake-root", thinking={"type": "adaptive"})
+    thinking, text = default.content
+    assert thinking.type == "thinking" and thinking.thinking == ""  # display omitted on 5.x
+    assert thinking.signature.startswith("fake-signature-")
+    assert text.type == "text" and text.text == answer
+    assert default.usage.output_tokens == DEFAULT_THINKING_TOKENS["high"] + 100
+    assert default.usage.output_tokens_details.thinking_tokens == DEFAULT_THINKING_TOKENS["high"]
+    assert low.usage.output_tokens_details.thinking_tokens == DEFAULT_THINKING_TOKENS["low"]
+    assert opus.usage.output_tokens_details.thinking_tokens == DEFAULT_THINKING_TOKENS["medium"]
+    assert summarized.content[0].type == "thinking" and summarized.content[0].thinking
+    for reply in (off, legacy, between):
+        assert [b.type for b in reply.content] == ["text"]
+        assert reply.usage.output_tokens == 100 and reply.usage.output_tokens_details is None
+    assert manual.content[0].thinking  # Claude 4.5 summarizes by default
+    assert manual.usage.output_tokens_details.thinking_tokens == 600  # min(high, budget)
+    assert local.content[0].type == "thinking" and local.content[0].thinking
+    reqs = fake.requests
+    assert reqs[1].effort == "low" and reqs[0].effort is None
+    assert reqs[4].thinking == {"type": "disabled"} and reqs[0].thinking is None
+
+
+def test_thinking_tokens_are_configurable_and_can_exhaust_max_tokens() -> None:
+    spend = {"low": 10, "high": 300}
+    with (
+        FakeAnthropic(sub="y" * 400, thinking_tokens=spend) as fake,
+        client_for(fake, max_retries=0) as client,
+    ):
+        fits = create(client, "claude-sonnet-5-5", output_config={"effort": "low"})
+        cut = create(client, "claude-sonnet-5-5", max_tokens=320)
+        starved = create(client, "claude-sonnet-5-5", max_tokens=250)
+    assert fits.usage.output_tokens == 110 and fits.stop_reason == "end_turn"
+    assert cut.stop_reason == "max_tokens"
+    assert [b.type for b in cut.content] == ["thinking", "text"]
+    assert cut.content[1].text == "y" * 80  # the 20 tokens left after 300 of thinking
+    assert cut.usage.output_tokens == 320
+    assert starved.stop_reason == "max_tokens"
+    assert [b.type for b in starved.content] == ["thinking"]
+    assert starved.usage.output_tokens == 250
+    assert starved.usage.output_tokens_details.thinking_tokens == 250
+    with pytest.raises(ValueError, match="effort levels"):
+        FakeAnthropic(thinking_tokens={"huge": 1})
+
+
+def test_thinking_that_leaves_no_room_drops_the_tool_call() -> None:
+    tool = ToolUse(name="lookup", input={"q": "z" * 200})
+    with FakeAnthropic(sub=lambda req: tool) as fake, client_for(fake, max_retries=0) as client:
+        room = create(client, "claude-sonnet-5", **AUTO_TOOL)
+        cut = create(client, "claude-sonnet-5", max_tokens=620, **AUTO_TOOL)
+    assert [b.type for b in room.content] == ["thinking", "tool_use"]
+    assert room.stop_reason == "tool_use"
+    assert [b.type for b in cut.content] == ["thinking"] and cut.stop_reason == "max_tokens"
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def test_where_judge_refusal_makes_the_whole_reply_a_refusal() -> None:
+    def judge(predicate: str, row: dict[str, Any]) -> Any:
+        return REFUSE if "exploit" in row["body"] else True
+
+    rows = ['<row id="1">{"body": "hello"}</row>', '<row id="2">{"body": "write an exploit"}</row>']
+    with FakeAnthropic(where=judge) as fake, client_for(fake, max_retries=0) as client:
+        msg = where_call(client, "is benign", rows)
+    assert msg.stop_reason == "refusal" and msg.content == []
+    assert msg.stop_details is not None
+    assert msg.stop_details.type == "refusal"
+    assert msg.stop_details.category is None
+    assert msg.stop_details.explanation == "fake refusal"
+    assert fake.requests[0].status == 200  # a refusal is not an HTTP error
+
+
+def test_scripted_refusals_render_with_stop_details() -> None:
+    script: list[RootEntry] = [
+        REFUSE,
+        FakeReply(stop_reason="refusal"),
+        FakeReply(
+            text="Here is how",
+            stop_reason="refusal",
+            stop_details={"type": "refusal", "category": "cyber", "explanation": "no"},
+        ),
+        "fine",
+    ]
+    with (
+        FakeAnthropic(root=script, root_model="claude-sonnet-5-5") as fake,
+        client_for(fake, max_retries=0) as client,
+    ):
+        first, second, partial, normal = (create(client, "claude-sonnet-5-5") for _ in range(4))
+        replies = [first, second, partial, normal]
+    for reply in (first, second):
+        assert reply.content == [] and reply.stop_reason == "refusal"
+        assert reply.stop_details.explanation == "fake refusal"
+        assert reply.usage.output_tokens_details is None  # no thinking before a refusal
+    assert [b.text for b in partial.content] == ["Here is how"]
+    assert partial.stop_details.category == "cyber"
+    assert normal.stop_details is None and normal.stop_reason == "end_turn"
+    assert [r.content[0].type for r in replies[3:]] == ["thinking"]
+    assert fake.script_position == 4
+
+
+# --------------------------------------------------------------------------- structured outputs
+
+VERDICT_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "verdicts": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "integer"},
+                    "match": {"type": "boolean"},
+                    "reason": {"type": "string"},
+                },
+                "required": ["id", "match", "reason"],
+                "additionalProperties": False,
+            },
+        }
+    },
+    "required": ["verdicts"],
+    "additionalProperties": False,
+}
+ROWS = ['<row id="4">{"body": "please cancel"}</row>', '<row id="5">{"body": "thanks"}</row>']
+
+
+def structured_where(client: anthropic.Anthropic, model: str, **kw: Any) -> Any:
+    return create(
+        client,
+        model,
+        system="You judge rows.\n<predicate>mentions cancellation</predicate>",
+        messages=[{"role": "user", "content": "Rows:\n" + "\n".join(ROWS)}],
+        output_config={"format": {"type": "json_schema", "schema": VERDICT_SCHEMA}},
+        **kw,
+    )
+
+
+def test_structured_output_verdicts() -> None:
+    with (
+        FakeAnthropic(where=lambda p, row: ("cancel" in row["body"], "looked")) as fake,
+        client_for(fake, max_retries=0) as client,
+    ):
+        haiku = structured_where(client, "claude-haiku-5-5", **THINK_OFF)
+        sonnet = structured_where(client, "claude-sonnet-5-5")
+        legacy = structured_where(client, "claude-haiku-4-5")
+    expected = {
+        "verdicts": [
+            {"id": 4, "match": True, "reason": "looked"},
+            {"id": 5, "match": False, "reason": "looked"},
+        ]
+    }
+    for msg in (haiku, sonnet, legacy):
+        (text,) = [b for b in msg.content if b.type == "text"]
+        assert json.loads(text.text) == expected
+        assert msg.stop_reason == "end_turn"
+    assert [b.type for b in sonnet.content] == ["thinking", "text"]
+    assert [r.kind for r in fake.requests] == ["where"] * 3
+    assert [r.verdict_channel for r in fake.requests] == ["structured"] * 3
+    assert fake.requests[0].predicate == "mentions cancellation"
+    assert fake.requests[0].output_format is not None
+
+
+def test_verdict_channels_tool_and_forced_tool() -> None:
+    tool = [
+        {
+            "name": "record_verdicts",
+            "description": "Record one verdict per row.",
+            "input_schema": VERDICT_SCHEMA,
+        }
+    ]
+    with (
+        FakeAnthropic(where=lambda p, row: True) as fake,
+        client_for(fake, max_retries=0) as client,
+    ):
+        auto = create(
+            client,
+            "claude-sonnet-5-5",
+            system="<predicate>p</predicate>",
+            tools=tool,
+            tool_choice={"type": "auto"},
+            messages=[{"role": "user", "content": "\n".join(ROWS)}],
+        )
+        where_call(client, "p", ROWS)  # claude-haiku-4-5, forced record_verdicts
+        with pytest.raises(anthropic.BadRequestError, match="forced tool use"):
+            create(
+                client,
+                "claude-sonnet-5-5",
+                system="<predicate>p</predicate>",
+                tools=tool,
+                tool_choice={"type": "tool", "name": "record_verdicts"},
+            )
+    assert [b.type for b in auto.content] == ["thinking", "tool_use"]
+    assert auto.content[1].input["verdicts"][0] == {"id": 4, "match": True, "reason": ""}
+    assert [r.verdict_channel for r in fake.requests] == ["tool", "forced_tool", "forced_tool"]
+    assert fake.requests[2].status == 400
+
+
+def test_structured_output_root_and_sub_replies_must_be_json() -> None:
+    fmt = {"format": {"type": "json_schema", "schema": SCHEMA}}
+    with (
+        FakeAnthropic(root=['{"answer": "42"}', "forty-two"], sub="not json") as fake,
+        client_for(fake, max_retries=0) as client,
+    ):
+        ok = create(client, "fake-root", output_config=fmt)
+        with pytest.raises(anthropic.BadRequestError, match="not valid JSON"):
+            create(client, "fake-root", output_config=fmt)
+        with pytest.raises(anthropic.BadRequestError, match="structured output"):
+            create(client, "claude-haiku-4-5", output_config=fmt)
+    assert json.loads(ok.content[0].text) == {"answer": "42"}
+    assert [r.kind for r in fake.requests] == ["root", "root", "sub"]
+    assert fake.rejections == []  # a script bug, not an API rule
+
+
+def test_cache_minimum_follows_the_model_family() -> None:
+    prefix = "word " * 3000  # ~3750 tokens with the JSON around it
+
+    def cached(model: str) -> int:
+        with (
+            FakeAnthropic(root=lambda req: "ok", sub="ok") as fake,
+            client_for(fake, max_retries=0) as client,
+        ):
+            system = [{"type": "text", "text": prefix, "cache_control": {"type": "ephemeral"}}]
+            return int(create(client, model, system=system).usage.cache_creation_input_tokens)
+
+    assert cached("claude-sonnet-5-5") > 0  # 512-token minimum
+    assert cached("fake-root") > 0  # 1024 by default
+    assert cached("claude-haiku-4-5") == 0  # 4096-token minimum
+    with FakeAnthropic(sub="ok", cache_min_tokens=8000) as fake, client_for(fake) as client:
+        system = [{"type": "text", "text": prefix, "cache_control": {"type": "ephemeral"}}]
+        assert (
+            create(client, "claude-sonnet-5-5", system=system).usage.cache_creation_input_tokens
+            == 0
+        )

@@ -28,12 +28,98 @@ and script what the "model" says::
 
 Requests are routed by *kind*:
 
-* ``"where"`` — the request offers a tool named ``record_verdicts`` (semantic filter). The
-  predicate is read from ``<predicate>...</predicate>`` in the system prompt, the rows from
-  ``<row id="K">{json}</row>`` lines of the last user message; the ``where=`` judge is
-  called per row and the fake answers with a ``record_verdicts`` tool call.
+* ``"where"`` — a semantic-filter request: it offers a tool named ``record_verdicts``, or it
+  asks for structured output (``output_config.format``) with ``<predicate>...</predicate>`` in
+  its system prompt and offers no tools. The predicate is read from the system prompt, the
+  rows from ``<row id="K">{json}</row>`` lines of the last user message, and the ``where=``
+  judge is called per row. With ``output_config.format`` the fake answers a text block holding
+  ``{"verdicts": [{"id": K, "match": bool, "reason": str}, ...]}`` as JSON, otherwise a
+  ``record_verdicts`` tool call; :attr:`FakeRequest.verdict_channel` records which
+  (``"structured"``, ``"forced_tool"`` or ``"tool"``).
 * ``"root"`` — ``body["model"] == root_model``; answered from the ``root=`` script.
 * ``"sub"`` — anything else; answered by ``sub=``.
+
+**Strict mode** (``strict=True``, the default) answers HTTP 400 ``invalid_request_error``,
+with a message in the style of the real API naming the field, to every request shape the real
+API rejects. A rejected request is recorded in :attr:`FakeAnthropic.requests` (status 400, its
+message in :attr:`FakeRequest.rejection`) and in :attr:`FakeAnthropic.rejections`; it gets no
+fault and consumes no script entry. Generic rules, for any model: unknown top-level fields
+("Extra inputs are not permitted"), more than 4 ``cache_control`` blocks, a ``tool_choice``
+without ``tools`` or naming a tool that is not offered, malformed ``thinking`` /
+``output_config`` / sampling values, and an ``output_config.format`` schema with an object
+lacking ``"additionalProperties": false``. Per-model rules apply to the families of
+:data:`MODEL_RULES` (a dated id such as ``claude-haiku-4-5-20251001`` maps to its family, see
+:func:`rules_for`; the documentation URL of each rule is in :attr:`ModelRules.sources`):
+
+=================  ======  ========  =======  ========================  ==========  =======
+family             forced  sampling  prefill  thinking types            effort      max out
+=================  ======  ========  =======  ========================  ==========  =======
+claude-sonnet-5-5  no      default   no       adaptive, between_tools*  all/high    128K
+claude-opus-5-5    no      default   no       adaptive                  all/medium  128K
+claude-fable-5-1   no      default   no       adaptive                  all/high    128K
+claude-fable-5     no†     default   no       adaptive                  all/high    128K
+claude-haiku-5-5   yes†    default   no       adaptive, disabled*       all/medium  128K
+claude-opus-5      yes†    default   no       adaptive, disabled*       all/high    128K
+claude-sonnet-5    yes†    default   no       adaptive, disabled        all/high    128K
+claude-sonnet-4-5  yes     one of‡   yes      enabled, disabled         none        64K
+claude-haiku-4-5   yes     one of‡   yes      enabled, disabled         none        64K
+claude-sonnet-4    yes     any       yes      enabled, disabled         none        64K
+=================  ======  ========  =======  ========================  ==========  =======
+
+"forced" is ``tool_choice`` ``{"type": "any"}`` or ``{"type": "tool", ...}``; † only while the
+model does not think: forced tool use is never compatible with thinking, and the 5.x models
+think unless the request sends ``thinking={"type": "disabled"}`` (Fable cannot turn it off).
+"default": temperature / top_p / top_k other than their defaults are a 400; ‡ temperature and
+top_p not both. Starred (*): thinking may be turned off at effort low, medium or high only.
+"effort": the accepted ``output_config.effort`` levels / the default ("none": any effort is a
+400).
+Fable 5.1, Fable 5.2 and Mythos 5.x share the Fable rules. Manual thinking (``{"type":
+"enabled", "budget_tokens": N}``) also rejects prefill, a temperature other than 1 and top_k.
+Every family above accepts structured outputs except ``claude-sonnet-4``. Minimum cacheable
+prompts: 512 tokens on the 5.x families, 1024 on Sonnet 5 / Sonnet 4.5 / Sonnet 4, 4096 on
+Haiku 4.5. Any other model id (``"fake-root"``, a local server's model) gets the generic rules
+only. ``strict=False`` checks only the basics (model, max_tokens, messages, no streaming).
+
+**Thinking.** A model thinks when it thinks by default (the 5.x families) and the request does
+not turn thinking off, or when the request asks for ``adaptive`` / ``enabled`` thinking. The
+reply then starts with ``{"type": "thinking", "thinking": "", "signature": "fake-signature-N"}``:
+the text is empty where the default display is ``"omitted"`` (the 5.x families) and a short
+summary with ``thinking={"type": "adaptive", "display": "summarized"}``. Thinking spends
+``thinking_tokens[effort]`` tokens (the request's effort, else the model's default, see
+:data:`DEFAULT_THINKING_TOKENS`), billed in ``usage.output_tokens`` and reported in
+``usage.output_tokens_details.thinking_tokens``. Thinking counts against ``max_tokens``: when
+thinking and the answer do not both fit, the reply stops with ``stop_reason="max_tokens"``,
+its text cut to what is left and its tool call dropped::
+
+    >>> with FakeAnthropic(sub="The answer is 42.") as fake:
+    ...     client = anthropic.Anthropic(api_key="k", base_url=fake.base_url, max_retries=0)
+    ...     try:
+    ...         client.messages.create(
+    ...             model="claude-sonnet-5-5", max_tokens=1000, thinking={"type": "disabled"},
+    ...             messages=[{"role": "user", "content": "Sum it up."}],
+    ...         )
+    ...     except anthropic.BadRequestError as exc:
+    ...         print(exc.status_code, exc.body["error"]["type"])
+    ...     msg = client.messages.create(
+    ...         model="claude-sonnet-5-5", max_tokens=1000, output_config={"effort": "low"},
+    ...         messages=[{"role": "user", "content": "Sum it up."}],
+    ...     )
+    ...     client.close()
+    400 invalid_request_error
+    >>> print(fake.rejections[0].split(";")[0])
+    thinking.type: "thinking.type.disabled" is not supported for this model (claude-sonnet-5-5 accepts "adaptive", "between_tools")
+    >>> [block.type for block in msg.content], msg.usage.output_tokens_details.thinking_tokens
+    (['thinking', 'text'], 40)
+
+**Refusals.** A ``where`` judge returning :data:`REFUSE` for any row, or a root / sub handler
+returning :data:`REFUSE`, makes the whole reply a refusal: HTTP 200, ``content: []``,
+``stop_reason="refusal"`` and ``stop_details={"type": "refusal", "category": None,
+"explanation": "fake refusal"}``. ``FakeReply(stop_reason="refusal", stop_details=...)``
+scripts one with a category (its ``text``, if any, is the partial output before it).
+
+**Structured outputs.** With ``output_config.format`` a root or sub reply must be JSON text: a
+scripted reply that does not parse is answered HTTP 400 naming the problem (a bug in the test's
+script, not API behaviour). Where-requests get their verdicts as JSON text (above).
 
 Only this module's stdlib imports are needed to run the server; it never touches the network
 beyond the loopback interface.
@@ -51,24 +137,32 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
-from typing import Any, Literal, TypeAlias, cast
+from types import MappingProxyType, TracebackType
+from typing import Any, Final, Literal, TypeAlias, cast
 from urllib.parse import urlsplit
 
 __all__ = [
+    "DEFAULT_THINKING_TOKENS",
+    "EFFORT_LEVELS",
+    "MODEL_RULES",
+    "REFUSE",
     "FakeAnthropic",
     "FakeReply",
     "FakeRequest",
     "Fault",
     "HandlerResult",
     "Kind",
+    "ModelRules",
+    "RefuseType",
     "Reply",
     "RootEntry",
     "ToolUse",
+    "VerdictChannel",
     "WhereJudge",
+    "rules_for",
 ]
 
 Kind: TypeAlias = Literal["root", "sub", "where"]
@@ -91,6 +185,354 @@ _ERROR_TYPES: dict[int, str] = {
     500: "api_error",
     529: "overloaded_error",
 }
+
+
+# --------------------------------------------------------------------------- per-model rules
+#
+# What the real Messages API accepts, per model family, written from Anthropic's documentation
+# (December 2026). It is deliberately independent of rlm_dagster's own capability table
+# (rlm_dagster.models): the fake must catch the client sending what a model rejects.
+
+#: The ``output_config.effort`` levels the API knows, lowest first.
+EFFORT_LEVELS: Final[tuple[str, ...]] = ("low", "medium", "high", "xhigh", "max")
+
+#: Thinking tokens a thinking reply spends, per effort level (``thinking_tokens=`` overrides).
+DEFAULT_THINKING_TOKENS: Final[Mapping[str, int]] = MappingProxyType(
+    {"low": 40, "medium": 200, "high": 600, "xhigh": 1200, "max": 2000}
+)
+
+_DOCS = "https://platform.claude.com/docs/en"
+_SRC: Final[Mapping[str, str]] = MappingProxyType(
+    {
+        "sonnet-5-5": f"{_DOCS}/models/sonnet-5-5/whats-new-sonnet-5-5",
+        "sonnet-5-5-migration": f"{_DOCS}/models/sonnet-5-5/migration-guide",
+        "opus-5-5": f"{_DOCS}/models/opus-5-5/whats-new-opus-5-5",
+        "haiku-5-5": f"{_DOCS}/models/haiku-5-5/whats-new-haiku-5-5",
+        "haiku-5-5-prompting": (
+            f"{_DOCS}/build-with-claude/prompt-engineering/prompting-claude-haiku-5-5"
+        ),
+        "fable-5-1": f"{_DOCS}/models/fable-5-1/whats-new-fable-5-1",
+        "fable-5-1-migration": f"{_DOCS}/models/fable-5-1/migration-guide",
+        "fable-5-2": f"{_DOCS}/models/fable-5-2/whats-new-fable-5-2",
+        "fable-5": "https://platform.claude.com/docs/zh-CN/models/fable-5/migration-guide",
+        "opus-5": "https://platform.claude.com/docs/about-claude/models/whats-new-opus-5",
+        "sonnet-5": f"{_DOCS}/models/sonnet-5/migration-guide",
+        "thinking": "https://platform.claude.com/docs/zh-CN/build-with-claude/thinking-troubleshooting",
+        "extended-thinking": f"{_DOCS}/build-with-claude/extended-thinking",
+        "effort": f"{_DOCS}/build-with-claude/effort",
+        "structured-outputs": f"{_DOCS}/build-with-claude/structured-outputs",
+        "prompt-caching": f"{_DOCS}/build-with-claude/prompt-caching",
+        "haiku-4-5": f"{_DOCS}/models/haiku-4-5/migration-guide",
+        "prefill-4-6": f"{_DOCS}/agents-and-tools/tool-use/token-efficient-tool-use",
+        "refusals": f"{_DOCS}/build-with-claude/refusals-and-fallback",
+        "sonnet-5-vs-5-5": "https://apidog.com/blog/claude-sonnet-5-5-vs-sonnet-5/",
+        "haiku-5-5-vs-4-5": "https://apidog.com/jp/blog/claude-haiku-5-5-vs-haiku-4-5/",
+        "claude-5-5-openrouter": (
+            "https://openrouter.ai/docs/cookbook/evaluate-and-optimize/model-migrations/claude-5-5"
+        ),
+        "haiku-4-5-overview": "https://platform.claude.com/docs/zh-CN/models/haiku-4-5/overview.md",
+        "sonnet-4-5-overview": (
+            "https://platform.claude.com/docs/zh-CN/models/sonnet-4-5/overview.md"
+        ),
+        "models-overview": f"{_DOCS}/about-claude/models/overview",
+    }
+)
+
+SamplingRule: TypeAlias = Literal["any", "temperature_or_top_p", "default_only"]
+
+
+@dataclass(frozen=True)
+class ModelRules:
+    """What one model family accepts, as the fake enforces it in strict mode.
+
+    * ``forced_tool_choice`` — ``tool_choice`` ``{"type": "any"}`` / ``{"type": "tool"}``
+      accepted (always subject to: no forced tool use while the model thinks).
+    * ``sampling`` — ``"any"``: temperature/top_p/top_k accepted; ``"temperature_or_top_p"``:
+      not both of temperature and top_p; ``"default_only"``: non-default values are a 400.
+    * ``prefill`` — a conversation may end with an assistant turn.
+    * ``thinking_types`` — accepted ``thinking.type`` values; ``thinks_by_default`` — the reply
+      starts with thinking when the request has no ``thinking`` field.
+    * ``thinking_off_max_effort`` — the highest effort that may be combined with thinking
+      turned off (``disabled`` / ``between_tools``); None: no limit.
+    * ``effort_levels`` — accepted ``output_config.effort`` values (empty: effort is a 400);
+      ``default_effort`` — the level used when the request sets none.
+    * ``default_display`` — thinking text shown by default (``"omitted"``: empty text).
+    * ``structured_outputs`` — ``output_config.format`` accepted.
+    * ``max_output_tokens`` — the largest ``max_tokens``; ``min_cache_tokens`` — prompts
+      shorter than this are not cached (None: not documented, the fake's default applies).
+    * ``sources`` — documentation URL per rule.
+    """
+
+    family: str
+    forced_tool_choice: bool
+    sampling: SamplingRule
+    prefill: bool
+    thinking_types: frozenset[str]
+    thinks_by_default: bool
+    thinking_off_max_effort: str | None
+    effort_levels: tuple[str, ...]
+    default_effort: str | None
+    default_display: Literal["summarized", "omitted"]
+    structured_outputs: bool
+    max_output_tokens: int
+    min_cache_tokens: int | None
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+
+_ADAPTIVE: Final = frozenset({"adaptive"})
+_MANUAL: Final = frozenset({"enabled", "disabled"})
+
+
+def _five(family: str, **spec: Any) -> ModelRules:
+    """A Claude 5.x family: adaptive thinking on by default, all five effort levels, no
+    sampling parameters, no prefill, structured outputs, 128K output, omitted thinking text."""
+    base: dict[str, Any] = dict(
+        forced_tool_choice=True,
+        sampling="default_only",
+        prefill=False,
+        thinks_by_default=True,
+        thinking_off_max_effort=None,
+        effort_levels=EFFORT_LEVELS,
+        default_effort="high",
+        default_display="omitted",
+        structured_outputs=True,
+        max_output_tokens=128_000,
+        min_cache_tokens=512,
+    )
+    base.update(spec)
+    return ModelRules(family=family, **base)
+
+
+def _four(family: str, **spec: Any) -> ModelRules:
+    """A Claude 4.x family from before adaptive thinking: manual extended thinking only when
+    asked for, no effort, sampling parameters and prefill accepted, 64K output."""
+    base: dict[str, Any] = dict(
+        forced_tool_choice=True,
+        sampling="any",
+        prefill=True,
+        thinking_types=_MANUAL,
+        thinks_by_default=False,
+        thinking_off_max_effort=None,
+        effort_levels=(),
+        default_effort=None,
+        default_display="summarized",
+        structured_outputs=True,
+        max_output_tokens=64_000,
+        min_cache_tokens=1024,
+    )
+    base.update(spec)
+    return ModelRules(family=family, **base)
+
+
+_FIVE_SOURCES = {
+    "sampling": _SRC["claude-5-5-openrouter"],
+    "prefill": _SRC["prefill-4-6"],
+    "thinking": _SRC["thinking"],
+    "effort": _SRC["effort"],
+    "forced_tool_with_thinking": _SRC["extended-thinking"],
+    "structured_outputs": _SRC["structured-outputs"],
+}
+
+_RULES: dict[str, ModelRules] = {
+    "claude-sonnet-5-5": _five(
+        "claude-sonnet-5-5",
+        forced_tool_choice=False,
+        thinking_types=frozenset({"adaptive", "between_tools"}),
+        thinking_off_max_effort="high",
+        sources={
+            **_FIVE_SOURCES,
+            "forced_tool_choice": _SRC["sonnet-5-5"],
+            "thinking": _SRC["sonnet-5-5"],
+            "sampling": _SRC["sonnet-5-5-migration"],
+            "prefill": _SRC["sonnet-5-5-migration"],
+            "effort": _SRC["sonnet-5-5"],
+            "max_output_tokens": _SRC["sonnet-5-5"],
+            "min_cache_tokens": _SRC["sonnet-5-vs-5-5"],
+        },
+    ),
+    "claude-opus-5-5": _five(
+        "claude-opus-5-5",
+        forced_tool_choice=False,
+        thinking_types=_ADAPTIVE,
+        default_effort="medium",
+        sources={
+            **_FIVE_SOURCES,
+            "forced_tool_choice": _SRC["opus-5-5"],
+            "thinking": _SRC["opus-5-5"],
+            "effort": _SRC["opus-5-5"],
+            "max_output_tokens": _SRC["opus-5-5"],
+            "min_cache_tokens": _SRC["claude-5-5-openrouter"],
+        },
+    ),
+    "claude-haiku-5-5": _five(
+        "claude-haiku-5-5",
+        thinking_types=frozenset({"adaptive", "disabled"}),
+        thinking_off_max_effort="high",
+        default_effort="medium",
+        sources={
+            **_FIVE_SOURCES,
+            "sampling": _SRC["haiku-5-5"],
+            "prefill": _SRC["haiku-5-5"],
+            "thinking": _SRC["haiku-5-5-prompting"],
+            "effort": _SRC["haiku-5-5-prompting"],
+            "max_output_tokens": _SRC["haiku-5-5"],
+            "min_cache_tokens": _SRC["haiku-5-5-vs-4-5"],
+        },
+    ),
+    # Fable 5.1 and 5.2 (and the same models sold as Mythos): thinking always on, no forced
+    # tool use. Fable 5.2 keeps the 5.1 request rules; its minimum cacheable prompt is not
+    # documented in what we read.
+    "claude-fable-5-1": _five(
+        "claude-fable-5-1",
+        forced_tool_choice=False,
+        thinking_types=_ADAPTIVE,
+        min_cache_tokens=None,
+        sources={
+            **_FIVE_SOURCES,
+            "forced_tool_choice": _SRC["fable-5-1"],
+            "thinking": _SRC["fable-5-1-migration"],
+            "max_output_tokens": _SRC["fable-5-2"],
+        },
+    ),
+    # Fable 5 (and Mythos 5): thinking always on; forced tool use is not a documented 400 (it
+    # became one in Fable 5.1), but it cannot be combined with thinking, which is always on.
+    "claude-fable-5": _five(
+        "claude-fable-5",
+        thinking_types=_ADAPTIVE,
+        min_cache_tokens=None,
+        sources={
+            **_FIVE_SOURCES,
+            "thinking": _SRC["fable-5"],
+            "forced_tool_choice": _SRC["fable-5-1"],
+        },
+    ),
+    "claude-opus-5": _five(
+        "claude-opus-5",
+        thinking_types=frozenset({"adaptive", "disabled"}),
+        thinking_off_max_effort="high",
+        sources={
+            **_FIVE_SOURCES,
+            "thinking": _SRC["opus-5"],
+            "effort": _SRC["opus-5"],
+            "max_output_tokens": _SRC["opus-5"],
+            "min_cache_tokens": _SRC["opus-5"],
+        },
+    ),
+    "claude-sonnet-5": _five(
+        "claude-sonnet-5",
+        thinking_types=frozenset({"adaptive", "disabled"}),
+        min_cache_tokens=1024,
+        sources={
+            **_FIVE_SOURCES,
+            "sampling": _SRC["sonnet-5"],
+            "thinking": _SRC["sonnet-5"],
+            "max_output_tokens": _SRC["models-overview"],
+            "forced_tool_choice": _SRC["sonnet-5-vs-5-5"],
+            "min_cache_tokens": _SRC["sonnet-5-vs-5-5"],
+        },
+    ),
+    "claude-sonnet-4-5": _four(
+        "claude-sonnet-4-5",
+        sampling="temperature_or_top_p",
+        sources={
+            "sampling": _SRC["haiku-4-5"],
+            "thinking": _SRC["thinking"],
+            "effort": _SRC["effort"],
+            "structured_outputs": _SRC["structured-outputs"],
+            "max_output_tokens": _SRC["sonnet-4-5-overview"],
+            "min_cache_tokens": _SRC["prompt-caching"],
+            "forced_tool_with_thinking": _SRC["extended-thinking"],
+        },
+    ),
+    "claude-haiku-4-5": _four(
+        "claude-haiku-4-5",
+        sampling="temperature_or_top_p",
+        min_cache_tokens=4096,
+        sources={
+            "sampling": _SRC["haiku-4-5"],
+            "thinking": _SRC["thinking"],
+            "effort": _SRC["effort"],
+            "structured_outputs": _SRC["structured-outputs"],
+            "max_output_tokens": _SRC["haiku-4-5-overview"],
+            "min_cache_tokens": _SRC["prompt-caching"],
+            "forced_tool_with_thinking": _SRC["extended-thinking"],
+        },
+    ),
+    # Sonnet 4: not among the models with structured outputs.
+    "claude-sonnet-4": _four(
+        "claude-sonnet-4",
+        structured_outputs=False,
+        sources={
+            "structured_outputs": _SRC["structured-outputs"],
+            "max_output_tokens": _SRC["models-overview"],
+            "min_cache_tokens": _SRC["prompt-caching"],
+            "forced_tool_with_thinking": _SRC["extended-thinking"],
+        },
+    ),
+}
+
+#: Model id (undated) -> family name. A dated id (``claude-haiku-4-5-20251001``) maps to its
+#: undated family; anything else is unknown and gets only the generic rules.
+_MODEL_IDS: dict[str, str] = {
+    "claude-sonnet-5-5": "claude-sonnet-5-5",
+    "claude-opus-5-5": "claude-opus-5-5",
+    "claude-haiku-5-5": "claude-haiku-5-5",
+    "claude-fable-5-2": "claude-fable-5-1",
+    "claude-mythos-5-2": "claude-fable-5-1",
+    "claude-fable-5-1": "claude-fable-5-1",
+    "claude-mythos-5-1": "claude-fable-5-1",
+    "claude-fable-5": "claude-fable-5",
+    "claude-mythos-5": "claude-fable-5",
+    "claude-opus-5": "claude-opus-5",
+    "claude-sonnet-5": "claude-sonnet-5",
+    "claude-sonnet-4-5": "claude-sonnet-4-5",
+    "claude-haiku-4-5": "claude-haiku-4-5",
+    "claude-sonnet-4": "claude-sonnet-4",
+    "claude-sonnet-4-0": "claude-sonnet-4",
+}
+
+#: The rules of every model family the fake knows, by family name.
+MODEL_RULES: Final[Mapping[str, ModelRules]] = MappingProxyType(_RULES)
+
+_DATED_RE = re.compile(r"^(?P<base>.+)-\d{8}$")
+
+
+def rules_for(model: str) -> ModelRules | None:
+    """The rules of ``model``'s family, or None for a model id the table does not know.
+
+    >>> rules_for("claude-haiku-4-5-20251001").family
+    'claude-haiku-4-5'
+    >>> rules_for("claude-mythos-5-1").family, rules_for("fake-root") is None
+    ('claude-fable-5-1', True)
+    """
+    family = _MODEL_IDS.get(model)
+    if family is None and (dated := _DATED_RE.match(model)):
+        family = _MODEL_IDS.get(dated.group("base"))
+    return MODEL_RULES[family] if family else None
+
+
+class RefuseType:
+    """The type of :data:`REFUSE` (a single instance)."""
+
+    _instance: RefuseType | None = None
+
+    def __new__(cls) -> RefuseType:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "REFUSE"
+
+    def __reduce__(self) -> str:
+        return "REFUSE"
+
+
+#: Return this from a ``where`` judge (for any row), or as a root/sub reply, to make the fake
+#: model decline: the reply is ``stop_reason="refusal"`` with ``stop_details`` and no content.
+REFUSE: Final = RefuseType()
+
+VerdictChannel: TypeAlias = Literal["structured", "tool", "forced_tool"]
 
 
 # --------------------------------------------------------------------------- value types
@@ -116,12 +558,18 @@ class FakeReply:
     ``"end_turn"`` otherwise; any explicit value (e.g. ``"max_tokens"``) is passed through.
     ``usage`` entries override the fake's token estimates (e.g. ``{"output_tokens": 4096}``).
     The text block is omitted when ``text`` is empty and ``tool_use`` is set.
+
+    ``stop_reason="refusal"`` is a declined request: ``stop_details`` defaults to
+    ``{"type": "refusal", "category": None, "explanation": "fake refusal"}`` (pass your own,
+    e.g. with ``"category": "cyber"``), the content is empty when ``text`` is (any ``text`` is
+    the partial output before the refusal) and no thinking block is emitted.
     """
 
     text: str = ""
     stop_reason: str | None = None
     tool_use: ToolUse | None = None
     usage: dict[str, int] | None = None
+    stop_details: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -175,6 +623,14 @@ class FakeRequest:
     whose JSON does not parse is kept as ``(K, {"_raw": text})``); otherwise both are None.
     ``fault`` is the fault applied to the request, if any, and ``status`` the HTTP status the
     fake answered with (None while the request is still in flight).
+
+    ``family`` is the model family whose rules applied (None: a model the rule table does not
+    know); ``thinking`` the request's ``thinking`` field and ``effort`` its
+    ``output_config.effort`` (None when absent); ``output_format`` its
+    ``output_config.format``. For ``"where"`` requests ``verdict_channel`` says how the
+    verdicts were asked for: ``"structured"`` (``output_config.format``), ``"forced_tool"``
+    (``record_verdicts`` with a forced ``tool_choice``) or ``"tool"`` (offered, not forced).
+    ``rejection`` is the message of the 400 the fake's validation answered, if it did.
     """
 
     index: int
@@ -188,6 +644,12 @@ class FakeRequest:
     rows: list[tuple[int, dict[str, Any]]] | None = None
     fault: Fault | None = None
     status: int | None = None
+    family: str | None = None
+    thinking: dict[str, Any] | None = None
+    effort: str | None = None
+    output_format: dict[str, Any] | None = None
+    verdict_channel: VerdictChannel | None = None
+    rejection: str | None = None
 
     @property
     def prompt(self) -> str:
@@ -200,11 +662,12 @@ class FakeRequest:
         return self.status is not None and self.status != 200
 
 
-Reply: TypeAlias = str | FakeReply | ToolUse | dict[str, Any]
-"""What a script entry or callable may answer: text, a full reply, a tool call, or a raw body."""
+Reply: TypeAlias = str | FakeReply | ToolUse | dict[str, Any] | RefuseType
+"""What a script entry or callable may answer: text, a full reply, a tool call, a raw body, or
+:data:`REFUSE`."""
 HandlerResult: TypeAlias = Reply | Fault
 RootEntry: TypeAlias = HandlerResult | Callable[[FakeRequest], HandlerResult]
-WhereJudge: TypeAlias = Callable[[str, dict[str, Any]], bool | tuple[bool, str]]
+WhereJudge: TypeAlias = Callable[[str, dict[str, Any]], bool | tuple[bool, str] | RefuseType]
 
 
 def _default_sub(request: FakeRequest) -> str:
@@ -341,6 +804,293 @@ def _validate_body(body: dict[str, Any]) -> str | None:
     return None
 
 
+#: Top-level request fields the Messages API knows (the SDK's ``messages.create`` arguments,
+#: the sampling parameters it no longer exposes, the beta-only ones, and the transitional
+#: ``output_format``); anything else is "Extra inputs are not permitted".
+KNOWN_FIELDS: Final[frozenset[str]] = frozenset(
+    {
+        "model",
+        "max_tokens",
+        "messages",
+        "system",
+        "tools",
+        "tool_choice",
+        "thinking",
+        "output_config",
+        "output_format",
+        "cache_control",
+        "metadata",
+        "stop_sequences",
+        "stream",
+        "service_tier",
+        "temperature",
+        "top_p",
+        "top_k",
+        "container",
+        "inference_geo",
+        "speed",
+        "diagnostics",
+        "user_profile_id",
+        "workspace_id",
+        "context_management",
+        "mcp_servers",
+    }
+)
+_THINKING_TYPES = ("enabled", "disabled", "adaptive", "between_tools")
+_THINKING_DISPLAYS = ("summarized", "omitted", "updates")
+_TOOL_CHOICE_TYPES = ("auto", "any", "tool", "none")
+_MAX_CACHE_BREAKPOINTS = 4
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _output_format(body: Mapping[str, Any]) -> Any:
+    """``output_config.format``, else the transitional top-level ``output_format``."""
+    config = body.get("output_config")
+    if isinstance(config, dict) and config.get("format") is not None:
+        return config["format"]
+    return body.get("output_format")
+
+
+def _effort(body: Mapping[str, Any]) -> str | None:
+    config = body.get("output_config")
+    effort = config.get("effort") if isinstance(config, dict) else None
+    return effort if isinstance(effort, str) else None
+
+
+def _thinking(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    thinking = body.get("thinking")
+    return thinking if isinstance(thinking, dict) else None
+
+
+def _forced_tool_choice(body: Mapping[str, Any]) -> str | None:
+    """The forcing ``tool_choice.type`` (``"any"`` / ``"tool"``), or None."""
+    choice = body.get("tool_choice")
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    return kind if kind in ("any", "tool") else None
+
+
+def _count_cache_breakpoints(body: Mapping[str, Any]) -> int:
+    def marked(blocks: Any) -> int:
+        if not isinstance(blocks, list):
+            return 0
+        count = 0
+        for block in blocks:
+            if isinstance(block, dict):
+                count += "cache_control" in block
+                if block.get("type") == "tool_result":
+                    count += marked(block.get("content"))
+        return count
+
+    count = 1 if body.get("cache_control") else 0  # automatic caching takes one slot
+    count += marked(body.get("tools")) + marked(body.get("system"))
+    for message in body.get("messages") or []:
+        if isinstance(message, dict):
+            count += marked(message.get("content"))
+    return count
+
+
+def _open_object(schema: Any, path: str = "schema") -> str | None:
+    """The path of the first object schema without ``"additionalProperties": false``."""
+    if isinstance(schema, list):
+        for i, item in enumerate(schema):
+            if found := _open_object(item, f"{path}[{i}]"):
+                return found
+        return None
+    if not isinstance(schema, dict):
+        return None
+    kinds = schema.get("type")
+    is_object = kinds == "object" or (isinstance(kinds, list) and "object" in kinds)
+    if (is_object or "properties" in schema) and schema.get("additionalProperties") is not False:
+        return path
+    for key in ("properties", "$defs", "definitions", "patternProperties"):
+        children = schema.get(key)
+        if isinstance(children, dict):
+            for name, child in children.items():
+                if found := _open_object(child, f"{path}.{key}.{name}"):
+                    return found
+    for key in ("items", "prefixItems", "anyOf", "allOf", "oneOf", "not"):
+        if key in schema and (found := _open_object(schema[key], f"{path}.{key}")):
+            return found
+    return None
+
+
+def _generic_problem(body: Mapping[str, Any]) -> str | None:
+    """The first reason the real API rejects ``body`` whatever the model (strict mode)."""
+    for name in body:
+        if name not in KNOWN_FIELDS:
+            return f"{name}: Extra inputs are not permitted"
+    for i, message in enumerate(body["messages"]):
+        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
+            return f"messages.{i}.role: Input should be 'user' or 'assistant'"
+        if "content" not in message:
+            return f"messages.{i}.content: Field required"
+    breakpoints = _count_cache_breakpoints(body)
+    if breakpoints > _MAX_CACHE_BREAKPOINTS:
+        return (
+            f"A maximum of {_MAX_CACHE_BREAKPOINTS} blocks with cache_control may be provided. "
+            f"Found {breakpoints}."
+        )
+    tools = _tool_names(body.get("tools"))
+    if "tool_choice" in body:
+        choice = body["tool_choice"]
+        kind = choice.get("type") if isinstance(choice, dict) else None
+        if kind not in _TOOL_CHOICE_TYPES:
+            return f"tool_choice.type: Input should be one of {', '.join(_TOOL_CHOICE_TYPES)}"
+        if not tools:
+            return "tool_choice: tool_choice may only be specified while providing tools."
+        if kind == "tool" and choice.get("name") not in tools:
+            return (
+                f"tool_choice.name: tool {choice.get('name')!r} is not one of the provided "
+                f"tools ({', '.join(tools)})"
+            )
+    for param, low, high in (("temperature", 0.0, 1.0), ("top_p", 0.0, 1.0)):
+        value = body.get(param)
+        if value is not None and (not _is_number(value) or not low <= value <= high):
+            return f"{param}: Input should be a number between {low:g} and {high:g}"
+    top_k = body.get("top_k")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0):
+        return "top_k: Input should be an integer >= 0"
+    if "thinking" in body:
+        thinking = body["thinking"]
+        kind = thinking.get("type") if isinstance(thinking, dict) else None
+        if kind not in _THINKING_TYPES:
+            return f"thinking.type: Input should be one of {', '.join(_THINKING_TYPES)}"
+        assert isinstance(thinking, dict)
+        display = thinking.get("display")
+        if display is not None and display not in _THINKING_DISPLAYS:
+            return f"thinking.{kind}.display: Input should be 'summarized' or 'omitted'"
+        if kind == "enabled":
+            budget = thinking.get("budget_tokens")
+            if not isinstance(budget, int) or isinstance(budget, bool):
+                return "thinking.enabled.budget_tokens: Field required"
+            if budget < 1024:
+                return (
+                    "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024"
+                )
+            if budget >= body["max_tokens"]:
+                return "max_tokens: `max_tokens` must be greater than `thinking.budget_tokens`"
+    if "output_config" in body:
+        config = body["output_config"]
+        if not isinstance(config, dict):
+            return "output_config: Input should be an object"
+        for key in config:
+            if key not in ("effort", "format"):
+                return f"output_config.{key}: Extra inputs are not permitted"
+        effort = config.get("effort")
+        if effort is not None and effort not in EFFORT_LEVELS:
+            return f"output_config.effort: Input should be one of {', '.join(EFFORT_LEVELS)}"
+    fmt = _output_format(body)
+    if fmt is not None:
+        where = "output_config.format" if "output_config" in body else "output_format"
+        if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+            return f"{where}.type: Input should be 'json_schema'"
+        if not isinstance(fmt.get("schema"), dict):
+            return f"{where}.schema: Field required (a JSON schema object)"
+        if path := _open_object(fmt["schema"]):
+            return (
+                f"{where}.schema: For 'object' type, 'additionalProperties' must be explicitly "
+                f"set to false (at {path})"
+            )
+    return None
+
+
+def _model_problem(body: Mapping[str, Any], rules: ModelRules) -> str | None:
+    """The first reason the real API rejects ``body`` for a model of family ``rules``."""
+    model = body["model"]
+    if body["max_tokens"] > rules.max_output_tokens:
+        return (
+            f"max_tokens: {body['max_tokens']} > {rules.max_output_tokens}, which is the maximum "
+            f"allowed number of output tokens for {model}"
+        )
+    forced = _forced_tool_choice(body)
+    if forced and not rules.forced_tool_choice:
+        return (
+            f'tool_choice: forced tool use (tool_choice {{"type": "{forced}"}}) is not supported '
+            f'with {model}; use tool_choice {{"type": "auto"}} and ask for the tool in the prompt'
+        )
+    thinking = _thinking(body)
+    kind = thinking.get("type") if thinking else None
+    if kind is not None and kind not in rules.thinking_types:
+        accepted = ", ".join(f'"{t}"' for t in sorted(rules.thinking_types))
+        if rules.thinking_types == _MANUAL:
+            hint = 'use {"type": "enabled", "budget_tokens": N} or {"type": "disabled"}'
+        elif "between_tools" in rules.thinking_types and kind == "disabled":
+            hint = 'use "thinking.type.between_tools" to turn off up-front thinking'
+        else:
+            hint = 'use "thinking.type.adaptive" and "output_config.effort" to control thinking behavior'
+        return (
+            f'thinking.type: "thinking.type.{kind}" is not supported for this model ({model} '
+            f"accepts {accepted}); {hint}"
+        )
+    effort = _effort(body)
+    if effort is not None and not rules.effort_levels:
+        return (
+            f"output_config.effort: {model} does not support the effort parameter; remove "
+            "output_config.effort"
+        )
+    if effort is not None and effort not in rules.effort_levels:
+        return (
+            f"output_config.effort: effort {effort!r} is not supported by {model} (supported: "
+            f"{', '.join(rules.effort_levels)})"
+        )
+    used_effort = effort or rules.default_effort
+    ceiling = rules.thinking_off_max_effort
+    if (
+        kind in ("disabled", "between_tools")
+        and ceiling is not None
+        and used_effort is not None
+        and EFFORT_LEVELS.index(used_effort) > EFFORT_LEVELS.index(ceiling)
+    ):
+        return (
+            f'thinking.type: "{kind}" can only be combined with effort low, medium or high on '
+            f'{model}; effort "{used_effort}" needs adaptive thinking (omit the thinking field)'
+        )
+    thinks = kind in ("adaptive", "enabled") or (kind is None and rules.thinks_by_default)
+    if forced and thinks:
+        off = sorted(rules.thinking_types - {"adaptive", "enabled"})
+        hint = f'send thinking {{"type": "{off[0]}"}} or ' if off else ""
+        return (
+            "tool_choice: Thinking may not be enabled when tool_choice forces tool use "
+            f"({model} {'thinks by default' if kind is None else 'was asked to think'}); "
+            f'{hint}use tool_choice {{"type": "auto"}}'
+        )
+    messages = body["messages"]
+    prefill = isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant"
+    if prefill and not rules.prefill:
+        return (
+            f"messages: {model} does not support assistant message prefill. The conversation "
+            "must end with a user message."
+        )
+    if prefill and kind == "enabled":
+        return "messages: assistant message prefill is not supported with extended thinking"
+    sampling = {p: body.get(p) for p in ("temperature", "top_p", "top_k")}
+    set_params = [p for p, v in sampling.items() if v is not None]
+    if rules.sampling == "default_only":
+        for param in set_params:
+            value = sampling[param]
+            if param == "top_k" or value != 1:
+                return (
+                    f"{param}: `{param}` is deprecated for this model ({model} rejects "
+                    "non-default sampling parameters); remove it and use output_config.effort"
+                )
+    if rules.sampling == "temperature_or_top_p" and {"temperature", "top_p"} <= set(set_params):
+        return "top_p: `temperature` and `top_p` cannot both be specified for this model."
+    if kind == "enabled":
+        if sampling["temperature"] not in (None, 1):
+            return "temperature: `temperature` may only be set to 1 when thinking is enabled."
+        if sampling["top_k"] is not None:
+            return "top_k: `top_k` may not be set when thinking is enabled."
+        top_p = sampling["top_p"]
+        if top_p is not None and top_p < 0.95:
+            return "top_p: `top_p` must be between 0.95 and 1 when thinking is enabled."
+    if _output_format(body) is not None and not rules.structured_outputs:
+        return f"output_config.format: structured outputs are not supported by {model}"
+    return None
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False  # stop() must not wait for idle keep-alive connections
@@ -454,8 +1204,18 @@ class FakeAnthropic:
         prompt_caching, cache_min_tokens: simulate Anthropic's prompt caching. The prefix up to
             each ``cache_control`` breakpoint (tools, then system, then messages) that a
             previous request already had is billed as ``cache_read_input_tokens``; newly marked
-            content as ``cache_creation_input_tokens``; prefixes shorter than
-            ``cache_min_tokens`` are not cached, as with the real API.
+            content as ``cache_creation_input_tokens``; prefixes shorter than the minimum are
+            not cached, as with the real API. ``cache_min_tokens=None`` (the default) uses the
+            model family's documented minimum (:attr:`ModelRules.min_cache_tokens`), else 1024.
+        strict: validate every request against the API's documented rules (see the module
+            docstring): generic ones for any model, and the per-model ones of
+            :data:`MODEL_RULES` for a model id the table knows. A rejected request is answered
+            HTTP 400 ``invalid_request_error`` and its message kept in :attr:`rejections`.
+            ``strict=False`` only checks the basics (model, max_tokens, messages, no stream).
+        thinking_tokens: thinking tokens a thinking reply spends per effort level (the
+            request's ``output_config.effort``, else the model's default effort, else
+            ``"high"``); defaults to :data:`DEFAULT_THINKING_TOKENS`. Missing levels use the
+            defaults.
         port: TCP port to listen on (0 picks a free one).
 
     Faults queued with :meth:`inject` take precedence over random faults. A faulted request
@@ -480,7 +1240,9 @@ class FakeAnthropic:
         fault_statuses: Iterable[int] = (429, 529, 500),
         seed: int = 0,
         prompt_caching: bool = True,
-        cache_min_tokens: int = 1024,
+        cache_min_tokens: int | None = None,
+        strict: bool = True,
+        thinking_tokens: Mapping[str, int] | None = None,
         port: int = 0,
     ) -> None:
         if isinstance(root, str | bytes):
@@ -520,6 +1282,17 @@ class FakeAnthropic:
             raise ValueError("fault_statuses must not be empty when fault_rate > 0")
         for status in statuses:
             Fault(status=status)  # validates the status range
+        if cache_min_tokens is not None and cache_min_tokens < 0:
+            raise ValueError(f"cache_min_tokens must be >= 0 or None, got {cache_min_tokens}")
+        spent = dict(DEFAULT_THINKING_TOKENS)
+        for level, tokens in (thinking_tokens or {}).items():
+            if level not in EFFORT_LEVELS:
+                raise ValueError(
+                    f"thinking_tokens keys must be effort levels {EFFORT_LEVELS}, got {level!r}"
+                )
+            if not isinstance(tokens, int) or tokens < 0:
+                raise ValueError(f"thinking_tokens[{level!r}] must be an int >= 0, got {tokens!r}")
+            spent[level] = tokens
 
         self._sub = sub
         self._where = where
@@ -536,12 +1309,15 @@ class FakeAnthropic:
         self._port = port
         self.prompt_caching = prompt_caching
         self.cache_min_tokens = cache_min_tokens
+        self.strict = strict
+        self.thinking_tokens: Mapping[str, int] = MappingProxyType(spent)
         self._prefixes: set[str] = set()
 
         self._lock = threading.Lock()
         self._requests: list[FakeRequest] = []
         self._faults: list[list[Any]] = []  # [fault, remaining, kind]
         self._errors: list[BaseException] = []
+        self._rejections: list[str] = []
         self._script_pos = 0
         self._inflight = 0
         self._peak_inflight = 0
@@ -645,6 +1421,13 @@ class FakeAnthropic:
             return list(self._errors)
 
     @property
+    def rejections(self) -> list[str]:
+        """Messages of the requests the fake's validation answered HTTP 400 (strict-mode rule
+        violations and malformed bodies), in arrival order (a copy)."""
+        with self._lock:
+            return list(self._rejections)
+
+    @property
     def pending_faults(self) -> int:
         """How many injected fault applications are still queued."""
         with self._lock:
@@ -679,7 +1462,7 @@ class FakeAnthropic:
             )
 
     def reset(self) -> None:
-        """Forget recorded requests, errors, queued faults and the in-flight peak.
+        """Forget recorded requests, errors, rejections, queued faults and the in-flight peak.
 
         The root script keeps its place.
         """
@@ -688,6 +1471,7 @@ class FakeAnthropic:
             self._requests.clear()
             self._faults.clear()
             self._errors.clear()
+            self._rejections.clear()
 
     @staticmethod
     def _check_kind(kind: str | None) -> None:
@@ -730,6 +1514,14 @@ class FakeAnthropic:
             1, _estimate_tokens(json.dumps(parts, ensure_ascii=False, separators=(",", ":")))
         )
 
+    def _cache_minimum(self, model: str) -> int:
+        if self.cache_min_tokens is not None:
+            return self.cache_min_tokens
+        rules = rules_for(model)
+        if rules is not None and rules.min_cache_tokens is not None:
+            return rules.min_cache_tokens
+        return 1024
+
     def _cache_usage(self, body: dict[str, Any]) -> tuple[int, int, int]:
         """(uncached input, cache-write, cache-read) tokens of a request."""
         total = self._input_tokens(body)
@@ -740,11 +1532,15 @@ class FakeAnthropic:
         # Every block boundary can hit (the API looks back from each breakpoint); only the
         # prefixes at breakpoints are written.
         boundaries: list[tuple[str, int, bool]] = []
-        for segment, marked in _cache_segments(body):
+        segments = _cache_segments(body)
+        if body.get("cache_control") and segments:  # automatic caching: the last block
+            segments[-1] = (segments[-1][0], True)
+        for segment, marked in segments:
             digest.update(segment.encode("utf-8"))
             tokens += _estimate_tokens(segment)
             boundaries.append((digest.copy().hexdigest(), min(tokens, total), marked))
-        marks = [(h, n) for h, n, marked in boundaries if marked and n >= self.cache_min_tokens]
+        minimum = self._cache_minimum(str(body.get("model", "")))
+        marks = [(h, n) for h, n, marked in boundaries if marked and n >= minimum]
         if not marks:
             return total, 0, 0
         with self._lock:
@@ -771,21 +1567,36 @@ class FakeAnthropic:
             for k, v in raw_headers.items()
         }
         model = body["model"] if isinstance(body.get("model"), str) else ""
+        rules = rules_for(model)
         system = _content_text(body.get("system", ""))
         last_user = _last_user_text(body.get("messages"))
+        fmt = _output_format(body)
+        output_format = fmt if isinstance(fmt, dict) else None
+        found = _PREDICATE_RE.search(system)
         kind: Kind
         predicate: str | None = None
         rows: list[tuple[int, dict[str, Any]]] | None = None
+        channel: VerdictChannel | None = None
         if WHERE_TOOL_NAME in _tool_names(body.get("tools")):
             kind = "where"
-            found = _PREDICATE_RE.search(system)
-            predicate = found.group(1).strip() if found else None
-            rows = _parse_rows(last_user)
+            if output_format is not None:
+                channel = "structured"
+            else:
+                channel = "forced_tool" if _forced_tool_choice(body) else "tool"
+        elif output_format is not None and found and not body.get("tools"):
+            kind, channel = "where", "structured"
         elif model == self.root_model:
             kind = "root"
         else:
             kind = "sub"
+        if kind == "where":
+            predicate = found.group(1).strip() if found else None
+            rows = _parse_rows(last_user)
         problem = _validate_body(body)
+        if problem is None and self.strict:
+            problem = _generic_problem(body)
+            if problem is None and rules is not None:
+                problem = _model_problem(body, rules)
 
         with self._lock:
             fault: Fault | None = None
@@ -821,8 +1632,16 @@ class FakeAnthropic:
                 rows=rows,
                 fault=fault,
                 status=status,
+                family=rules.family if rules else None,
+                thinking=_thinking(body),
+                effort=_effort(body),
+                output_format=output_format,
+                verdict_channel=channel,
+                rejection=problem,
             )
             self._requests.append(request)
+            if problem:
+                self._rejections.append(problem)
 
         if rejected:
             assert fault is not None
@@ -948,8 +1767,13 @@ class FakeAnthropic:
         if self._where_reply is not None:
             return self._call("where_reply", self._where_reply, request)
         if self._where is None:
+            asked = (
+                "output_config.format"
+                if request.verdict_channel == "structured"
+                else "tool 'record_verdicts'"
+            )
             raise _UserCodeError(
-                "fake got a semantic-filter request (tool 'record_verdicts') but no judge; "
+                f"fake got a semantic-filter request ({asked}) but no judge; "
                 "pass where=lambda predicate, row: ... to FakeAnthropic"
             )
         if request.predicate is None:
@@ -957,36 +1781,102 @@ class FakeAnthropic:
                 "semantic-filter request has no <predicate>...</predicate> in its system prompt"
             )
         verdicts = []
+        refused = False
         for row_id, row in request.rows or []:
             verdict = self._call("where judge", self._where, request.predicate, row)
+            if verdict is REFUSE:
+                refused = True
+                continue
             match, reason = verdict if isinstance(verdict, tuple) else (verdict, "")
             if not isinstance(match, bool) or not isinstance(reason, str):
                 raise _UserCodeError(
-                    f"fake where judge must return bool or (bool, str), got {verdict!r} for row {row_id}"
+                    "fake where judge must return bool, (bool, str) or REFUSE, got "
+                    f"{verdict!r} for row {row_id}"
                 )
             verdicts.append({"id": row_id, "match": match, "reason": reason})
+        if refused:
+            return REFUSE
+        if request.verdict_channel == "structured":
+            return FakeReply(text=json.dumps({"verdicts": verdicts}, ensure_ascii=False))
         return ToolUse(name=WHERE_TOOL_NAME, input={"verdicts": verdicts})
 
+    def _thinking_spend(self, request: FakeRequest) -> tuple[int, str] | None:
+        """(thinking tokens, thinking text) when the model thinks for ``request``, else None."""
+        rules = rules_for(request.model)
+        thinking = request.thinking or {}
+        kind = thinking.get("type")
+        if kind is None:
+            thinks = rules is not None and rules.thinks_by_default
+        else:
+            thinks = kind in ("adaptive", "enabled")
+        if not thinks:
+            return None
+        level = request.effort or (rules.default_effort if rules else None) or "high"
+        tokens = self.thinking_tokens.get(level, DEFAULT_THINKING_TOKENS["high"])
+        budget = thinking.get("budget_tokens")
+        if kind == "enabled" and isinstance(budget, int):
+            tokens = min(tokens, budget)
+        display = thinking.get("display") or (rules.default_display if rules else "summarized")
+        text = f"Fake thinking ({tokens} tokens)." if display == "summarized" else ""
+        return tokens, text
+
     def _render(self, request: FakeRequest, result: Any) -> tuple[dict[str, Any], int]:
-        """The response body for ``result`` and its estimated output tokens."""
+        """The response body for ``result`` and its (billed) output tokens."""
         if isinstance(result, dict):
             return result, max(1, _estimate_tokens(json.dumps(result)))
-        if isinstance(result, str):
+        if result is REFUSE:
+            result = FakeReply(stop_reason="refusal")
+        elif isinstance(result, str):
             result = FakeReply(text=result)
         elif isinstance(result, ToolUse):
             result = FakeReply(tool_use=result)
         if not isinstance(result, FakeReply):
             raise _UserCodeError(
-                f"fake {request.kind} reply must be str, FakeReply, ToolUse, dict or Fault, "
-                f"got {type(result).__name__}: {result!r}"
+                f"fake {request.kind} reply must be str, FakeReply, ToolUse, dict, REFUSE or "
+                f"Fault, got {type(result).__name__}: {result!r}"
             )
+        refusal = result.stop_reason == "refusal"
+        if (
+            request.output_format is not None
+            and request.kind != "where"
+            and not refusal
+            and (result.text or result.tool_use is None)
+        ):
+            try:
+                json.loads(result.text)
+            except ValueError as exc:
+                raise _UserCodeError(
+                    f"the {request.kind} request asks for structured output "
+                    "(output_config.format), so the fake model must answer JSON, but the "
+                    f"scripted reply is not valid JSON ({exc}): {result.text[:200]!r}"
+                ) from exc
         serial = self._next_serial()
+        text, tool = result.text, result.tool_use
+        stop_reason = result.stop_reason or ("tool_use" if tool else "end_turn")
+        spend = None if refusal else self._thinking_spend(request)
+        thinking_tokens = spend[0] if spend else 0
+
+        def reply_tokens() -> int:
+            body = text + (json.dumps(tool.input, ensure_ascii=False) if tool else "")
+            return _estimate_tokens(body)
+
+        room = request.body["max_tokens"] - thinking_tokens
+        cut = spend is not None and reply_tokens() > room
+        if cut:
+            # Thinking counts against max_tokens: what is left of it cuts the answer short.
+            stop_reason, tool = "max_tokens", None
+            if room <= 0:
+                thinking_tokens, text = request.body["max_tokens"], ""
+            else:
+                text = text[: room * 4]
         content: list[dict[str, Any]] = []
-        out_text = result.text
-        if result.text or result.tool_use is None:
-            content.append({"type": "text", "text": result.text})
-        if result.tool_use is not None:
-            tool = result.tool_use
+        if spend is not None:
+            content.append(
+                {"type": "thinking", "thinking": spend[1], "signature": f"fake-signature-{serial}"}
+            )
+        if text or (tool is None and not refusal and not cut):
+            content.append({"type": "text", "text": text})
+        if tool is not None:
             content.append(
                 {
                     "type": "tool_use",
@@ -995,16 +1885,23 @@ class FakeAnthropic:
                     "input": tool.input,
                 }
             )
-            out_text += json.dumps(tool.input, ensure_ascii=False)
-        stop_reason = result.stop_reason or ("tool_use" if result.tool_use else "end_turn")
         uncached, written, read = self._cache_usage(request.body)
-        usage: dict[str, int] = {
+        usage: dict[str, Any] = {
             "input_tokens": uncached,
-            "output_tokens": max(1, _estimate_tokens(out_text)),
+            "output_tokens": max(1, thinking_tokens + reply_tokens()),
             "cache_creation_input_tokens": written,
             "cache_read_input_tokens": read,
         }
+        if spend is not None:
+            usage["output_tokens_details"] = {"thinking_tokens": thinking_tokens}
         usage.update(result.usage or {})
+        stop_details = None
+        if refusal:
+            stop_details = result.stop_details or {
+                "type": "refusal",
+                "category": None,
+                "explanation": "fake refusal",
+            }
         payload = {
             "id": f"msg_fake_{serial}",
             "type": "message",
@@ -1013,6 +1910,7 @@ class FakeAnthropic:
             "content": content,
             "stop_reason": stop_reason,
             "stop_sequence": None,
+            "stop_details": stop_details,
             "usage": usage,
         }
-        return payload, usage["output_tokens"]
+        return payload, int(usage["output_tokens"])
