@@ -42,7 +42,7 @@ from rlm_dagster.budget import Budget
 from rlm_dagster.cache import Cache
 from rlm_dagster.lm import LM, CallRecord, Completion, Usage, cached_system
 from rlm_dagster.prompts import render
-from rlm_dagster.semantic import RECORD_VERDICTS_TOOL, Semantic, parse_verdicts
+from rlm_dagster.semantic import VERDICTS_SCHEMA, Semantic, parse_verdicts
 
 FIXED_S = 0.2
 PER_TOKEN_S = 0.00002
@@ -156,6 +156,7 @@ class InstantLM(LM):
             kwargs.get("max_tokens"),
             kwargs.get("tools"),
             kwargs.get("tool_choice"),
+            kwargs.get("output_format"),
         )
         text = request["messages"][-1]["content"]
         verdicts = []
@@ -164,10 +165,10 @@ class InstantLM(LM):
             match, reason = judge(PREDICATE, json.loads(rest[: -len("</row>")]))
             verdicts.append({"id": int(head[len('<row id="') :]), "match": match, "reason": reason})
         usage = Usage(input_tokens=len(text) // 4, output_tokens=25 * len(verdicts))
-        record = CallRecord(kwargs["role"], kwargs["model"], usage, 0.0, 0.0, "tool_use")
+        record = CallRecord(kwargs["role"], kwargs["model"], usage, 0.0, 0.0, "end_turn")
         self.accounting.add(record)
         return Completion(
-            text="", stop_reason="tool_use", record=record, tool_input={"verdicts": verdicts}
+            text=json.dumps({"verdicts": verdicts}), stop_reason="end_turn", record=record
         )
 
 
@@ -243,7 +244,10 @@ def run_naive(base_url: str, frame: pd.DataFrame) -> Measure:
 
     sample = frame.iloc[:NAIVE_MAX_ROWS]
     lm = lm_for(base_url)
-    system = cached_system(render("where_system.md", predicate=PREDICATE))
+    answer_format = render("where_answer_json.md").strip()
+    system = cached_system(
+        render("where_system.md", predicate=PREDICATE, answer_format=answer_format)
+    )
     matches: set[int] = set()
 
     async def one(row_id: int, text: str) -> None:
@@ -255,10 +259,9 @@ def run_naive(base_url: str, frame: pd.DataFrame) -> Measure:
                 {"role": "user", "content": f'<row id="0">{json.dumps({"text": text})}</row>'}
             ],
             max_tokens=260,
-            tools=[RECORD_VERDICTS_TOOL],
-            tool_choice={"type": "tool", "name": "record_verdicts"},
+            output_format={"type": "json_schema", "schema": VERDICTS_SCHEMA},
         )
-        verdicts, _ = parse_verdicts(reply.tool_input, 1)
+        verdicts, _ = parse_verdicts(json.loads(reply.text), 1)
         if verdicts.get(0) and verdicts[0].match:
             matches.add(row_id)
 

@@ -18,7 +18,8 @@
         },
     )
 
-Layers (see ARCHITECTURE.md): ``lm`` (Anthropic SDK, accounting) -> ``warehouse`` +
+Layers (see ARCHITECTURE.md): ``models`` + ``prices`` (what each model accepts and costs) ->
+``lm`` (Anthropic SDK, requests shaped by the model's profile, accounting) -> ``warehouse`` +
 ``sql_policy`` (read-only DuckDB snapshot) -> ``semantic`` (llm_where, llm_query_batched) ->
 ``repl`` (the worker process and its RPC) -> ``engine`` (the root loop, no Dagster) ->
 ``resource`` / ``assets`` / ``metadata`` (the Dagster adapter). ``testing`` holds the fake
@@ -40,6 +41,7 @@ _EXPORTS = {
     "ConfigError": "rlm_dagster.errors",
     "MissingAPIKey": "rlm_dagster.errors",
     "ModelError": "rlm_dagster.errors",
+    "ModelRefused": "rlm_dagster.errors",
     "NoFinalAnswer": "rlm_dagster.errors",
     "OutputSchemaError": "rlm_dagster.errors",
     "QueryError": "rlm_dagster.errors",
@@ -64,6 +66,7 @@ if TYPE_CHECKING:
         ConfigError,
         MissingAPIKey,
         ModelError,
+        ModelRefused,
         NoFinalAnswer,
         OutputSchemaError,
         QueryError,
@@ -101,6 +104,7 @@ __all__ = [
     "Limits",
     "MissingAPIKey",
     "ModelError",
+    "ModelRefused",
     "NoFinalAnswer",
     "OutputSchema",
     "OutputSchemaError",

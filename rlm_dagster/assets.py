@@ -28,6 +28,7 @@ from rlm_dagster.budget import Limits
 from rlm_dagster.engine import Event, RLMResult, RLMRun, wire_context
 from rlm_dagster.errors import BudgetExceeded, ConfigError, ModelError, NoFinalAnswer, RLMError
 from rlm_dagster.metadata import column_schema, run_metadata, unknown_price_models
+from rlm_dagster.models import EFFORTS
 from rlm_dagster.output import OutputSchema
 from rlm_dagster.prompts import PROMPT_VERSION
 from rlm_dagster.redact import redact
@@ -60,6 +61,8 @@ def rlm_asset(
     owners: Sequence[str] | None = None,
     root_model: str | None = None,
     sub_model: str | None = None,
+    root_effort: str | None = None,
+    sub_effort: str | None = None,
     partitions_def: dg.PartitionsDefinition | None = None,
     partition_column: str | Mapping[str, str] | None = None,
     retry_policy: dg.RetryPolicy | None = DEFAULT_RETRY_POLICY,
@@ -70,8 +73,8 @@ def rlm_asset(
 ) -> dg.AssetsDefinition:
     """Define an asset whose value is an RLM's answer to ``question`` over ``tables``.
 
-    ``root_model`` / ``sub_model`` override the resource's models for this asset (and enter
-    its code version). With ``partitions_def`` (time-window or static), ``partition_column``
+    ``root_model`` / ``sub_model`` override the resource's models for this asset, and
+    ``root_effort`` / ``sub_effort`` its efforts (all enter its code version). With ``partitions_def`` (time-window or static), ``partition_column``
     names the column that the partition key filters: one name for every bound table, or a
     ``{table: column}`` mapping (tables left out are bound whole, e.g. dimension tables); the
     output table gets a ``_partition`` column and is replaced one partition at a time.
@@ -88,6 +91,9 @@ def rlm_asset(
             f"rlm_asset({name!r}): tables= must be a non-empty list of table names, e.g. "
             '["tickets", "customers"].'
         )
+    for option, effort in (("root_effort", root_effort), ("sub_effort", sub_effort)):
+        if effort is not None and effort not in EFFORTS:
+            raise ConfigError(f"rlm_asset({name!r}): {option}={effort!r}: use one of {EFFORTS}.")
     schema = OutputSchema.parse(output) if output is not None else None
     limits = Limits(
         max_iterations=max_iterations,
@@ -119,6 +125,7 @@ def rlm_asset(
             "tables": list(tables),
             "limits": limits.as_dict(),
             "models": [root_model, sub_model],
+            **({"efforts": [root_effort, sub_effort]} if root_effort or sub_effort else {}),
             "partition_columns": partition_columns,
             "context": None
             if context is None
@@ -156,7 +163,13 @@ def rlm_asset(
             partition = context.partition_key if context.has_partition_key else None
             with (
                 rlm.open_cache() as cache,
-                rlm.open_lm(cache=cache, root_model=root_model, sub_model=sub_model) as lm,
+                rlm.open_lm(
+                    cache=cache,
+                    root_model=root_model,
+                    sub_model=sub_model,
+                    root_effort=root_effort,
+                    sub_effort=sub_effort,
+                ) as lm,
             ):
                 lm.context.update(
                     run_id=context.run.run_id, asset=key.to_user_string(), partition=partition
@@ -412,6 +425,8 @@ def _log_event(context: dg.AssetExecutionContext, event: Event) -> None:
         context.log.info(
             f"rlm_query: starting child RLM {event['run_id']} at depth {event['depth']}"
         )
+    elif event["type"] == "warning":
+        context.log.warning(redact(str(event["summary"])))
 
 
 def _one_line(text: str, limit: int) -> str:

@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS ledger (
     model                       TEXT NOT NULL,
     input_tokens                INTEGER NOT NULL,
     output_tokens               INTEGER NOT NULL,
+    thinking_tokens             INTEGER NOT NULL DEFAULT 0,
     cache_creation_input_tokens INTEGER NOT NULL,
     cache_read_input_tokens     INTEGER NOT NULL,
     cost_usd                    REAL,
@@ -73,6 +74,7 @@ LEDGER_FIELDS = (
     "model",
     "input_tokens",
     "output_tokens",
+    "thinking_tokens",
     "cache_creation_input_tokens",
     "cache_read_input_tokens",
     "cost_usd",
@@ -118,6 +120,12 @@ class Cache:
         self._con.execute("PRAGMA synchronous=NORMAL")
         self._con.execute("PRAGMA busy_timeout=30000")
         self._con.executescript(_SCHEMA)
+        columns = {row[1] for row in self._con.execute("PRAGMA table_info(ledger)")}
+        if "thinking_tokens" not in columns:  # a ledger written before thinking was recorded
+            with self._con:
+                self._con.execute(
+                    "ALTER TABLE ledger ADD COLUMN thinking_tokens INTEGER NOT NULL DEFAULT 0"
+                )
 
     def get_verdicts(self, keys: Sequence[str]) -> dict[str, tuple[bool, str]]:
         """Cached verdicts among ``keys``: key -> (match, reason)."""
@@ -163,7 +171,13 @@ class Cache:
             self._con.executemany(
                 f"INSERT INTO ledger ({', '.join(LEDGER_FIELDS)}, created) "
                 f"VALUES ({', '.join('?' * len(LEDGER_FIELDS))}, ?)",
-                [(*(row.get(f) for f in LEDGER_FIELDS), now) for row in rows],
+                [
+                    (
+                        *(row.get(f, 0 if f == "thinking_tokens" else None) for f in LEDGER_FIELDS),
+                        now,
+                    )
+                    for row in rows
+                ],
             )
 
     def ledger(self, run_id: str | None = None) -> list[dict[str, Any]]:

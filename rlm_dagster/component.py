@@ -133,6 +133,8 @@ _TEMPLATE = textwrap.dedent(
       # tags: {{domain: support}}
       # root_model: claude-sonnet-5-5  # override the RLMResource's models for this asset
       # sub_model: claude-haiku-5-5
+      # root_effort: high  # override the RLMResource's efforts for this asset
+      # sub_effort: low
       # One run per day of tickets; customers is bound whole:
       # partitions_def: {{type: daily, start_date: "2026-01-01"}}
       # partition_column: {{tickets: created_at}}
@@ -186,6 +188,10 @@ class RLMComponent(dg.Component, dg.Resolvable, dg.Model):
     owners: Annotated[list[str] | None, _doc('Asset owners, e.g. ["team:support"].')] = None
     root_model: Annotated[str | None, _doc("Overrides RLMResource.root_model.")] = None
     sub_model: Annotated[str | None, _doc("Overrides RLMResource.sub_model.")] = None
+    root_effort: Annotated[
+        str | None, _doc("Overrides RLMResource.root_effort (low, medium, high, xhigh, max).")
+    ] = None
+    sub_effort: Annotated[str | None, _doc("Overrides RLMResource.sub_effort.")] = None
     partitions_def: Annotated[
         dg.PartitionsDefinition | None,
         dg.Resolver(

@@ -21,6 +21,12 @@ from rlm_dagster.testing import FakeAnthropic, FakeRequest
 
 DEMO_ROOT_MODEL = "demo-root"
 DEMO_SUB_MODEL = "demo-sub"
+# The demo server answers like a Claude model without thinking or effort (Haiku 4.5), and
+# costs nothing.
+DEMO_PROFILES = {
+    model: {"like": "claude-haiku-4-5", "input_usd_per_mtok": 0.0, "output_usd_per_mtok": 0.0}
+    for model in (DEMO_ROOT_MODEL, DEMO_SUB_MODEL)
+}
 
 CHURN_PREDICATE = "The customer threatens to cancel, not renew, or move to a competitor."
 

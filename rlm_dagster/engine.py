@@ -116,6 +116,8 @@ class Turn:
     iteration: int
     reply: str
     cells: list[CellResult] = field(default_factory=list)
+    thinking: str = ""  # the model's thinking text (empty where the model omits it)
+    thinking_tokens: int = 0
     note: str = ""
     sub_calls: int = 0
     cost_usd: float = 0.0
@@ -175,6 +177,13 @@ def render_trajectory(turns: list[Turn], max_chars: int = 1_500) -> str:
             f"### Turn {t.iteration} · {t.seconds:.1f} s · {t.sub_calls} sub-calls · "
             f"${t.cost_usd:.4f} so far"
         )
+        # Thinking is shown apart from the reply, clipped and labelled, never as the model's
+        # prose; most 5.x models omit its text, and then only its size is shown.
+        if t.thinking.strip():
+            thought = _clip(" ".join(t.thinking.split()), min(max_chars, 600))
+            parts.append(f"> _thinking ({t.thinking_tokens:,} tokens):_ {thought}")
+        elif t.thinking_tokens:
+            parts.append(f"> _thought for {t.thinking_tokens:,} tokens (text not returned)_")
         prose = _ANY_FENCE.sub("", t.reply).strip()
         if prose:
             parts.append(_clip(prose, max_chars))
@@ -383,6 +392,8 @@ class RLMRun:
                 context=_context_description(self.context),
             )
         )
+        if self.depth == 0:
+            self._announce_profiles()
         messages: list[dict[str, Any]] = self.messages
         messages[:] = [
             {
@@ -416,6 +427,25 @@ class RLMRun:
             )
         return self._partial(started)
 
+    def _announce_profiles(self) -> None:
+        """Say once per run which models run on the conservative profile."""
+        for role, model in (("root", self.lm.root_model), ("sub", self.lm.sub_model)):
+            if not self.lm.catalog.profile(model).known:
+                self.on_event(
+                    {
+                        "type": "warning",
+                        "summary": (
+                            f"{role} model {model!r} is not in rlm_dagster's model table: it runs "
+                            "with the conservative profile (no effort or thinking settings, no "
+                            "structured outputs, llm_where verdicts through an offered tool, "
+                            "4,096 output tokens, compaction at 32K context). Declare what it "
+                            f"supports with RLMResource(model_profiles={{{model!r}: {{...}}}})."
+                        ),
+                    }
+                )
+                if self.lm.sub_model == self.lm.root_model:
+                    break
+
     def _partial(self, started: float) -> RLMResult:
         return RLMResult(
             question=self.question,
@@ -437,7 +467,7 @@ class RLMRun:
     ) -> None:
         t0 = time.monotonic()
         self.budget.check()
-        compact(messages, int(0.75 * self.limits.context_window_tokens))
+        compact(messages, int(0.75 * self._context_budget()))
         reply = self.lm.complete(
             role="root",
             model=self.lm.root_model,
@@ -445,7 +475,13 @@ class RLMRun:
             messages=_with_cache_mark(messages),
             depth=self.depth,
         )
-        turn = Turn(iteration=iteration, reply=reply.text)
+        reply.check_not_refused(f"root turn {iteration} of run {self.run_id}")
+        turn = Turn(
+            iteration=iteration,
+            reply=reply.text,
+            thinking=reply.thinking,
+            thinking_tokens=reply.record.usage.thinking_tokens,
+        )
         self.turns.append(turn)
         self._turn_children = turn.children
         notes: list[str] = []
@@ -514,6 +550,16 @@ class RLMRun:
                 {"role": "assistant", "content": reply.text or "(empty reply)"},
                 {"role": "user", "content": body},
             ]
+
+    def _context_budget(self) -> int:
+        """Tokens the conversation may grow to: the asset's limit, the root model's window, and
+        its long-prompt price threshold (past which the whole turn costs more)."""
+        profile = self.lm.catalog.profile(self.lm.root_model)
+        return min(
+            self.limits.context_window_tokens,
+            profile.context_window,
+            profile.long_prompt_threshold or profile.context_window,
+        )
 
     def _observation(self, i: int, n: int, cell: CellResult) -> str:
         out = truncate(cell.output, self.limits.max_observation_chars, cell.dropped_chars)

@@ -64,6 +64,15 @@ class ModelError(RLMError):
         self.retryable = retryable
 
 
+class ModelRefused(ModelError):
+    """The model stopped with ``stop_reason: "refusal"`` (its safety policy declined the
+    request). Retrying the same request gets the same answer, so it is never retryable."""
+
+    def __init__(self, message: str, *, category: str | None = None) -> None:
+        super().__init__(message, retryable=False)
+        self.category = category
+
+
 class BudgetExceeded(RLMError):
     """A host-enforced limit (sub-calls, tokens, USD, wall time, depth) was reached."""
 

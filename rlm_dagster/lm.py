@@ -28,12 +28,21 @@ from typing import Any, TypeVar
 import anthropic
 
 from rlm_dagster.cache import Cache, call_key
-from rlm_dagster.errors import ModelError
-from rlm_dagster.prices import cost_usd
+from rlm_dagster.errors import ConfigError, ModelError, ModelRefused
+from rlm_dagster.models import ModelCatalog
 
 T = TypeVar("T")
 
 ROLES = ("root", "sub", "where")
+# The root writes code turn after turn, and the REPL loop is where it reasons (it runs code,
+# reads the output, tries again), so a turn needs less up-front thinking than a one-shot
+# answer: "medium". Sub-calls and llm_where classify or summarise short texts: "low", with
+# up-front thinking off where the model allows it.
+DEFAULT_ROOT_EFFORT = "medium"
+DEFAULT_SUB_EFFORT = "low"
+# max_tokens room for thinking on top of the answer's own room, per effort: thinking tokens
+# count against max_tokens, and are billed only as used.
+THINKING_ROOM = {"low": 2_048, "medium": 8_192, "high": 16_384, "xhigh": 32_768, "max": 32_768}
 
 
 @dataclass(frozen=True)
@@ -41,9 +50,10 @@ class Usage:
     """Token counts of one or more calls."""
 
     input_tokens: int = 0
-    output_tokens: int = 0
+    output_tokens: int = 0  # billed output, thinking included
     cache_creation_input_tokens: int = 0
     cache_read_input_tokens: int = 0
+    thinking_tokens: int = 0  # the part of output_tokens spent thinking (already in it)
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
@@ -51,6 +61,7 @@ class Usage:
             self.output_tokens + other.output_tokens,
             self.cache_creation_input_tokens + other.cache_creation_input_tokens,
             self.cache_read_input_tokens + other.cache_read_input_tokens,
+            self.thinking_tokens + other.thinking_tokens,
         )
 
     @property
@@ -223,12 +234,29 @@ def _retry_after(err: anthropic.AnthropicError) -> float | None:
 
 @dataclass(frozen=True)
 class Completion:
-    """The parts of a Messages API reply the engine uses."""
+    """The parts of a Messages API reply the engine uses.
+
+    ``text`` joins the reply's text blocks only: thinking blocks are kept apart in
+    ``thinking`` (their text, empty where the model omits it) and never read as prose."""
 
     text: str
     stop_reason: str | None
     record: CallRecord
-    tool_input: dict[str, Any] | None = None
+    tool_calls: tuple[tuple[str, dict[str, Any]], ...] = ()
+    thinking: str = ""
+
+    def tool_input(self, name: str) -> dict[str, Any] | None:
+        """The input of the first call of tool ``name`` in the reply (other tools ignored)."""
+        return next((args for called, args in self.tool_calls if called == name), None)
+
+    def check_not_refused(self, what: str) -> None:
+        """Raise :class:`ModelRefused` if the model stopped with ``refusal``."""
+        if self.stop_reason == "refusal":
+            raise ModelRefused(
+                f"{self.record.model} refused {what} (stop_reason: refusal). The request "
+                "falls under the model's usage policy; retrying the same request will not "
+                "help. Rephrase the question, or use another model for this asset."
+            )
 
 
 def _model_error(err: anthropic.AnthropicError, model: str, base_url: str) -> ModelError:
@@ -268,11 +296,13 @@ def _model_error(err: anthropic.AnthropicError, model: str, base_url: str) -> Mo
 
 
 def _usage(raw: Any) -> Usage:
+    details = getattr(raw, "output_tokens_details", None)
     return Usage(
         input_tokens=raw.input_tokens or 0,
         output_tokens=raw.output_tokens or 0,
         cache_creation_input_tokens=getattr(raw, "cache_creation_input_tokens", None) or 0,
         cache_read_input_tokens=getattr(raw, "cache_read_input_tokens", None) or 0,
+        thinking_tokens=getattr(details, "thinking_tokens", None) or 0,
     )
 
 
@@ -297,6 +327,11 @@ class LM:
         sub_max_tokens: int = 1024,
         provider: str = "anthropic",
         cache: Cache | None = None,
+        catalog: ModelCatalog | None = None,
+        root_effort: str | None = DEFAULT_ROOT_EFFORT,
+        sub_effort: str | None = DEFAULT_SUB_EFFORT,
+        root_thinking: str = "auto",
+        sub_thinking: str = "off",
     ) -> None:
         self.root_model = root_model
         self.sub_model = sub_model
@@ -306,6 +341,14 @@ class LM:
         self.root_max_tokens = root_max_tokens
         self.sub_max_tokens = sub_max_tokens
         self.max_retries = max_retries
+        self.catalog = catalog or ModelCatalog()
+        # Per role ("root"; "sub" covers llm_query, llm_where and rlm_query's fallback).
+        self.effort = {"root": root_effort, "sub": sub_effort}
+        self.thinking_mode = {"root": root_thinking, "sub": sub_thinking}
+        for model in {root_model, sub_model}:
+            profile = self.catalog.profile(model)
+            for role in ("root", "sub"):
+                profile.thinking_param(self.thinking_mode[role], profile.effort(self.effort[role]))
         self.accounting = Accounting()
         self.cache = cache
         self._ledger: list[dict[str, Any]] = []
@@ -339,10 +382,13 @@ class LM:
         max_tokens: int | None = None,
         tools: list[dict[str, Any]] | None = None,
         tool_choice: dict[str, Any] | None = None,
+        output_format: dict[str, Any] | None = None,
         depth: int = 0,
     ) -> Completion:
         """One blocking call (the root loop's turns and single sub-calls)."""
-        kwargs = self._request(role, model, system, messages, max_tokens, tools, tool_choice)
+        kwargs = self._request(
+            role, model, system, messages, max_tokens, tools, tool_choice, output_format
+        )
         key, hit = self._cached(role, kwargs, depth)
         if hit is not None:
             return hit
@@ -365,12 +411,15 @@ class LM:
         max_tokens: int | None = None,
         tools: list[dict[str, Any]] | None = None,
         tool_choice: dict[str, Any] | None = None,
+        output_format: dict[str, Any] | None = None,
         depth: int = 0,
     ) -> Completion:
         """One call on the LM's event loop under the adaptive limiter, retried on 429, 529,
         5xx and connection errors (``retry-after`` honoured, else jittered backoff)."""
         assert self._aclient is not None, "call acomplete through LM.run_async"
-        kwargs = self._request(role, model, system, messages, max_tokens, tools, tool_choice)
+        kwargs = self._request(
+            role, model, system, messages, max_tokens, tools, tool_choice, output_format
+        )
         key, hit = self._cached(role, kwargs, depth)
         if hit is not None:
             return hit
@@ -449,16 +498,35 @@ class LM:
         max_tokens: int | None,
         tools: list[dict[str, Any]] | None,
         tool_choice: dict[str, Any] | None,
+        output_format: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
+        """The request body, shaped by the model's profile: only fields it accepts are sent."""
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, not {role!r}")
+        profile = self.catalog.profile(model)
+        forced = bool(tool_choice) and (tool_choice or {}).get("type") in ("tool", "any")
+        if forced and not profile.forced_tool_choice:
+            raise ConfigError(
+                f"{model!r} does not accept a forced tool_choice (its profile: "
+                f"{profile.family}); offer the tool with tool_choice auto instead."
+            )
+        if output_format is not None and not profile.structured_outputs:
+            raise ConfigError(
+                f"{model!r} has no structured outputs (its profile: {profile.family}); "
+                "declare them with RLMResource(model_profiles=...) if the endpoint has them."
+            )
         if self.before_call is not None:
             self.before_call(role)
+        kind = "root" if role == "root" else "sub"
+        effort = profile.effort(self.effort[kind])
+        thinking = profile.thinking_param(self.thinking_mode[kind], effort)
         if max_tokens is None:
             max_tokens = self.root_max_tokens if role == "root" else self.sub_max_tokens
+        if profile.thinks(thinking):
+            max_tokens += THINKING_ROOM[effort or profile.default_effort or "high"]
         kwargs: dict[str, Any] = {
             "model": model,
-            "max_tokens": max_tokens,
+            "max_tokens": min(max_tokens, profile.max_output_tokens),
             "system": system,
             "messages": list(messages),
         }
@@ -466,6 +534,15 @@ class LM:
             kwargs["tools"] = tools
         if tool_choice:
             kwargs["tool_choice"] = tool_choice
+        if thinking is not None:
+            kwargs["thinking"] = thinking
+        output_config: dict[str, Any] = {}
+        if effort is not None:
+            output_config["effort"] = effort
+        if output_format is not None:
+            output_config["format"] = output_format
+        if output_config:
+            kwargs["output_config"] = output_config
         return kwargs
 
     def _cached(
@@ -484,7 +561,7 @@ class LM:
             role=role,
             model=request["model"],
             usage=usage,
-            cost_usd=cost_usd(request["model"], usage),
+            cost_usd=self.catalog.cost_usd(request["model"], usage),
             latency_s=0.0,
             stop_reason=stored["stop_reason"],
             cache_hit=True,
@@ -495,7 +572,8 @@ class LM:
             text=stored["text"],
             stop_reason=stored["stop_reason"],
             record=record,
-            tool_input=stored["tool_input"],
+            tool_calls=tuple((name, args) for name, args in stored.get("tool_calls", ())),
+            thinking=stored.get("thinking", ""),
         )
         return key, completion
 
@@ -513,30 +591,32 @@ class LM:
             role=role,
             model=model,
             usage=usage,
-            cost_usd=cost_usd(model, usage),
+            cost_usd=self.catalog.cost_usd(model, usage),
             latency_s=latency,
             stop_reason=message.stop_reason,
             depth=depth,
         )
-        texts = [b.text for b in message.content if getattr(b, "type", None) == "text"]
-        tool_input = next(
-            (dict(b.input) for b in message.content if getattr(b, "type", None) == "tool_use"),
-            None,
-        )
+        blocks = [(getattr(b, "type", None), b) for b in message.content]
         completion = Completion(
-            text="".join(texts),
+            text="".join(b.text for kind, b in blocks if kind == "text"),
             stop_reason=message.stop_reason,
             record=record,
-            tool_input=tool_input,
+            tool_calls=tuple(
+                (str(b.name), dict(b.input)) for kind, b in blocks if kind == "tool_use"
+            ),
+            thinking="\n\n".join(b.thinking for kind, b in blocks if kind == "thinking"),
         )
-        if key is not None and self.cache is not None:
+        # A refusal is paid and recorded, but not cached: re-running the same request is a
+        # deliberate new attempt, not a replay.
+        if key is not None and self.cache is not None and message.stop_reason != "refusal":
             self.cache.put_call(
                 key,
                 model,
                 {
                     "text": completion.text,
                     "stop_reason": completion.stop_reason,
-                    "tool_input": tool_input,
+                    "tool_calls": [list(call) for call in completion.tool_calls],
+                    "thinking": completion.thinking,
                     "usage": asdict(usage),
                 },
             )

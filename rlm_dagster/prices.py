@@ -41,6 +41,8 @@ class Price:
 
 
 PRICES: dict[str, Price] = {
+    "claude-fable-5-2": Price(8.0, 40.0, cache_read=0.025),
+    "claude-mythos-5-2": Price(8.0, 40.0, cache_read=0.025),
     "claude-fable-5-1": Price(10.0, 50.0, cache_read=0.025),
     "claude-mythos-5-1": Price(10.0, 50.0, cache_read=0.025),
     "claude-fable-5": Price(10.0, 50.0),
@@ -83,8 +85,12 @@ def price_for(model: str) -> Price | None:
 def cost_usd(model: str, usage: Usage) -> float | None:
     """USD cost of one call, or ``None`` when the model's price is unknown."""
     price = price_for(model)
-    if price is None:
-        return None
+    return None if price is None else price_cost(price, usage)
+
+
+def price_cost(price: Price, usage: Usage) -> float:
+    """USD cost of one call's ``usage`` at ``price``; the long-prompt tier applies to the whole
+    request when its prompt (input + cache reads + cache writes) passes the threshold."""
     prompt = usage.input_tokens + usage.cache_read_input_tokens + usage.cache_creation_input_tokens
     long = price.long_prompt_threshold is not None and prompt > price.long_prompt_threshold
     input_rate = price.long_input if long else price.input

@@ -15,17 +15,44 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import dagster as dg
 from pydantic import Field
 
 from rlm_dagster.cache import Cache, default_cache_path
 from rlm_dagster.errors import ConfigError, MissingAPIKey
-from rlm_dagster.lm import LM
+from rlm_dagster.lm import DEFAULT_ROOT_EFFORT, DEFAULT_SUB_EFFORT, LM
+from rlm_dagster.models import EFFORTS, THINKING_MODES, ModelCatalog
 from rlm_dagster.sandbox import WorkerLimits
 from rlm_dagster.semantic import WhereConfig
 
 PROVIDERS = ("anthropic", "demo")
+
+
+class ModelProfileConfig(dg.Config):
+    """What a model accepts, for a model rlm_dagster's table does not know (a local server's
+    name, a newer release). Fields left out come from ``like`` (a known family) or, without
+    it, from the conservative profile."""
+
+    like: str | None = Field(default=None, description="A known family to start from.")
+    tools: bool | None = Field(default=None, description="Accepts tools (tool_choice auto).")
+    forced_tool_choice: bool | None = Field(default=None, description="Accepts a forced tool.")
+    structured_outputs: bool | None = Field(
+        default=None, description="Accepts output_config.format (JSON schema)."
+    )
+    thinks_by_default: bool | None = Field(default=None, description="Thinks unless told not to.")
+    thinking_off: str | None = Field(
+        default=None, description="'disabled' or 'between_tools': how to turn thinking off."
+    )
+    effort_levels: list[str] | None = Field(
+        default=None, description="output_config.effort levels it accepts."
+    )
+    default_effort: str | None = Field(default=None, description="Its effort when none is sent.")
+    max_output_tokens: int | None = Field(default=None, description="Largest max_tokens.")
+    context_window: int | None = Field(default=None, description="Context window in tokens.")
+    input_usd_per_mtok: float | None = Field(default=None, description="Input price, USD/MTok.")
+    output_usd_per_mtok: float | None = Field(default=None, description="Output price, USD/MTok.")
 
 
 class RLMResource(dg.ConfigurableResource):
@@ -74,6 +101,50 @@ class RLMResource(dg.ConfigurableResource):
     max_retries: int = Field(
         default=6, description="Retries of a call on 429/529/5xx, honouring retry-after."
     )
+    root_effort: str | None = Field(
+        default=DEFAULT_ROOT_EFFORT,
+        description="output_config.effort of root turns (low, medium, high, xhigh, max; null = "
+        "the model's default). Sent only to models that take effort.",
+    )
+    sub_effort: str | None = Field(
+        default=DEFAULT_SUB_EFFORT,
+        description="Effort of llm_query, llm_query_batched and llm_where calls.",
+    )
+    root_thinking: str = Field(
+        default="auto", description="'auto' (the model's default) or 'off' for root turns."
+    )
+    sub_thinking: str = Field(
+        default="off",
+        description="'off' turns up-front thinking off for sub-calls where the model allows it.",
+    )
+    model_profiles: dict[str, ModelProfileConfig] = Field(
+        default_factory=dict,
+        description="Profiles of models rlm_dagster does not know, by model id.",
+    )
+
+    def model_post_init(self, context: Any, /) -> None:
+        # Definition load: a model that cannot return verdicts, or a bad effort or thinking
+        # value, is an error now, not after the run has started paying.
+        super().model_post_init(context)
+        if isinstance(self.sub_model, str) and isinstance(self.model_profiles, dict):
+            self.catalog().check_can_judge(self.sub_model)
+        for name in ("root_effort", "sub_effort"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value not in EFFORTS:
+                raise ConfigError(f"RLMResource({name}={value!r}): use one of {EFFORTS} or None.")
+        for name in ("root_thinking", "sub_thinking"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value not in THINKING_MODES:
+                raise ConfigError(f"RLMResource({name}={value!r}): use one of {THINKING_MODES}.")
+
+    def catalog(self) -> ModelCatalog:
+        """The built-in model profiles plus the ones declared in ``model_profiles``."""
+        return ModelCatalog(
+            {
+                model: (spec.model_dump() if isinstance(spec, dg.Config) else dict(spec))
+                for model, spec in (self.model_profiles or {}).items()
+            }
+        )
 
     def open_cache(self) -> Cache:
         """The persistent cache at ``cache_path`` (or the default location)."""
@@ -95,15 +166,22 @@ class RLMResource(dg.ConfigurableResource):
         cache: Cache | None = None,
         root_model: str | None = None,
         sub_model: str | None = None,
+        root_effort: str | None = None,
+        sub_effort: str | None = None,
     ) -> Iterator[LM]:
-        """An ``LM`` for one run (models overridable per asset); for the demo provider, with
-        its fake server running."""
+        """An ``LM`` for one run (models and efforts overridable per asset); for the demo
+        provider, with its fake server running."""
         if self.provider not in PROVIDERS:
             raise ConfigError(f"RLMResource(provider={self.provider!r}): use one of {PROVIDERS}.")
         if self.max_concurrency < 1:
             raise ConfigError("RLMResource(max_concurrency=...) must be at least 1.")
         if self.provider == "demo":
-            from rlm_dagster.demo import DEMO_ROOT_MODEL, DEMO_SUB_MODEL, demo_server
+            from rlm_dagster.demo import (
+                DEMO_PROFILES,
+                DEMO_ROOT_MODEL,
+                DEMO_SUB_MODEL,
+                demo_server,
+            )
 
             with demo_server() as fake:
                 lm = LM(
@@ -116,12 +194,23 @@ class RLMResource(dg.ConfigurableResource):
                     max_retries=self.max_retries,
                     provider="demo",
                     cache=cache,
+                    catalog=ModelCatalog(DEMO_PROFILES),
                 )
                 try:
                     yield lm
                 finally:
                     lm.close()
             return
+        catalog = self.catalog()
+        sub = sub_model or self.sub_model
+        catalog.check_can_judge(sub)
+        settings: dict[str, Any] = {
+            "catalog": catalog,
+            "root_effort": root_effort or self.root_effort,
+            "sub_effort": sub_effort or self.sub_effort,
+            "root_thinking": self.root_thinking,
+            "sub_thinking": self.sub_thinking,
+        }
         key = self.api_key
         if not key:
             if not self.base_url:
@@ -135,12 +224,13 @@ class RLMResource(dg.ConfigurableResource):
             api_key=key,
             base_url=self.base_url,
             root_model=root_model or self.root_model,
-            sub_model=sub_model or self.sub_model,
+            sub_model=sub,
             max_concurrency=self.max_concurrency,
             request_timeout_s=self.request_timeout_s,
             max_retries=self.max_retries,
             provider="anthropic",
             cache=cache,
+            **settings,
         )
         try:
             yield lm

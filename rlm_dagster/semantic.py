@@ -9,15 +9,20 @@ one verdict per distinct projected value, the persistent verdict cache, then pac
 (a row cap and a token budget per request) sent concurrently under the LM's adaptive limiter.
 Each request speaks the wire protocol of ARCHITECTURE.md: the predicate sits in the system
 prompt (a cache-marked prefix identical across batches), rows go in the user message as
-``<row id="K">{json}</row>`` lines, and the model must call ``record_verdicts``. A reply with
+``<row id="K">{json}</row>`` lines, and the verdicts come back through the best channel the
+sub model's profile allows (:attr:`~rlm_dagster.models.ModelProfile.verdict_channel`):
+structured outputs, a forced ``record_verdicts`` tool, or that tool offered with
+``tool_choice`` auto; only that channel of the reply is read. A reply with
 missing, duplicated or malformed ids is re-asked for those rows in a smaller batch, then one
-row alone; a row that still fails is NULL with its error, never silently true or false.
+row alone; a row that still fails, or that the model refuses, is NULL with its error, never
+silently true or false.
 The plan is priced before anything is sent, and refused when it cannot fit the budget.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -32,33 +37,37 @@ from rlm_dagster.budget import Budget
 from rlm_dagster.cache import Cache, verdict_key
 from rlm_dagster.errors import ModelError, QueryError
 from rlm_dagster.lm import LM, Usage, cached_system
-from rlm_dagster.prices import cost_usd
+from rlm_dagster.models import VerdictChannel
 from rlm_dagster.prompts import render
 from rlm_dagster.sql_policy import check_sql
 from rlm_dagster.warehouse import TableInfo, Warehouse, quote_ident
 
+VERDICTS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "verdicts": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "integer"},
+                    "match": {"type": "boolean"},
+                    "reason": {"type": "string", "description": "at most 15 words"},
+                },
+                "required": ["id", "match", "reason"],
+                "additionalProperties": False,
+            },
+        }
+    },
+    "required": ["verdicts"],
+    "additionalProperties": False,
+}
 RECORD_VERDICTS_TOOL: dict[str, Any] = {
     "name": "record_verdicts",
     "description": "Record, for every row id you were given, whether the predicate holds.",
-    "input_schema": {
-        "type": "object",
-        "properties": {
-            "verdicts": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "id": {"type": "integer"},
-                        "match": {"type": "boolean"},
-                        "reason": {"type": "string", "description": "at most 15 words"},
-                    },
-                    "required": ["id", "match", "reason"],
-                },
-            }
-        },
-        "required": ["verdicts"],
-    },
+    "input_schema": VERDICTS_SCHEMA,
 }
+REFUSED = "refused by the model (stop_reason: refusal)"
 
 _KEY = "__rlm_value"
 VERDICT_REASON = "_verdict_reason"
@@ -67,6 +76,16 @@ _TOOL_OVERHEAD_TOKENS = 400  # tool definition + the API's tool-use preamble
 _ROW_OVERHEAD_TOKENS = 8  # <row id="K"></row>
 _OUTPUT_TOKENS_PER_ROW = 25
 _OUTPUT_TOKENS_PER_REQUEST = 30
+# Thinking a judge that cannot turn it off (Opus 5.5, Fable) spends per request, by effort.
+_THINKING_TOKENS_PER_REQUEST = {
+    "low": 300,
+    "medium": 1_000,
+    "high": 3_000,
+    "xhigh": 6_000,
+    "max": 6_000,
+}
+# Room kept under a long-prompt price threshold for the tokenizer's variance from our estimate.
+_TIER_MARGIN = 0.8
 
 Event = dict[str, Any]
 
@@ -206,6 +225,7 @@ class Semantic:
             messages=[{"role": "user", "content": prompt}],
             depth=self.depth,
         )
+        reply.check_not_refused("the llm_query prompt")
         return reply.text
 
     def query_batched(self, prompts: Sequence[str], model: str | None = None) -> list[str]:
@@ -224,6 +244,8 @@ class Semantic:
                 if not err.retryable:
                     raise
                 return f"ERROR: {err}"
+            if reply.stop_reason == "refusal":
+                return "ERROR: refused by the model (stop_reason: refusal)"
             return reply.text
 
         async def run() -> list[str]:
@@ -309,6 +331,10 @@ class Semantic:
         values: list[str] = encoded.dictionary.to_pylist()
         rows = data.drop_columns([c for c in (_KEY, VERDICT_REASON) if c in data.column_names])
         model = self.lm.sub_model
+        self.lm.catalog.check_can_judge(model)
+        profile = self.lm.catalog.profile(model)
+        channel = profile.verdict_channel
+        assert channel is not None
         cache_keys = [verdict_key(predicate, model, v) for v in values]
         hits = self.cache.get_verdicts(cache_keys) if self.cache else {}
         cached = {
@@ -317,11 +343,38 @@ class Semantic:
             if (hit := hits.get(key)) is not None
         }
         todo = [i for i in range(len(values)) if i not in cached]
-        system_text = render("where_system.md", predicate=predicate)
-        batches = self._pack(todo, values)
+        answer_format = render(
+            "where_answer_json.md" if channel == "structured" else "where_answer_tool.md"
+        ).strip()
+        system_text = render("where_system.md", predicate=predicate, answer_format=answer_format)
         prefix_tokens = len(system_text) // 4 + _TOOL_OVERHEAD_TOKENS
-        est_in = len(batches) * prefix_tokens + sum(self._row_tokens(values[i]) for i in todo)
-        est_out = len(batches) * _OUTPUT_TOKENS_PER_REQUEST + len(todo) * _OUTPUT_TOKENS_PER_ROW
+        # A request stays under the model's long-prompt price tier (Haiku 5.5 bills a whole
+        # request at the long rate once its prompt passes 100K tokens) and its context window.
+        ceiling = min(
+            profile.long_prompt_threshold or profile.context_window, profile.context_window
+        )
+        batch_tokens = max(
+            1, min(self.config.batch_tokens, int(ceiling * _TIER_MARGIN) - prefix_tokens)
+        )
+        batches = self._pack(todo, values, batch_tokens)
+        effort = profile.effort(self.lm.effort["sub"])
+        thinks = profile.thinks(profile.thinking_param(self.lm.thinking_mode["sub"], effort))
+        thinking_est = (
+            _THINKING_TOKENS_PER_REQUEST[effort or profile.default_effort or "high"]
+            if thinks
+            else 0
+        )
+        requests_in = [prefix_tokens + sum(self._row_tokens(values[i]) for i in b) for b in batches]
+        requests_out = [
+            _OUTPUT_TOKENS_PER_REQUEST + _OUTPUT_TOKENS_PER_ROW * len(b) + thinking_est
+            for b in batches
+        ]
+        est_in, est_out = sum(requests_in), sum(requests_out)
+        costs = [
+            self.lm.catalog.cost_usd(model, Usage(input_tokens=i, output_tokens=o))
+            for i, o in zip(requests_in, requests_out, strict=True)
+        ]
+        est_cost = None if any(c is None for c in costs) else sum(c or 0.0 for c in costs)
         concurrency = max(1, int(self.lm.limiter.limit))
         latencies = [r.latency_s for r in self.lm.accounting.records if r.role == "where"]
         latency = sum(latencies) / len(latencies) if latencies else self.config.default_latency_s
@@ -334,7 +387,7 @@ class Semantic:
             requests=len(batches),
             est_input_tokens=est_in,
             est_output_tokens=est_out,
-            est_cost_usd=cost_usd(model, Usage(input_tokens=est_in, output_tokens=est_out)),
+            est_cost_usd=est_cost,
             est_wall_s=-(-len(batches) // concurrency) * latency,
             concurrency=concurrency,
             model=model,
@@ -348,18 +401,18 @@ class Semantic:
             batches,
             cached_system(system_text),
             plan,
+            channel,
+            profile.forced_tool_choice,
         )
 
-    def _pack(self, todo: list[int], values: list[str]) -> list[list[int]]:
+    def _pack(self, todo: list[int], values: list[str], batch_tokens: int) -> list[list[int]]:
         """Consecutive values into requests of at most ``batch_rows`` rows and ``batch_tokens``."""
         batches: list[list[int]] = []
         current: list[int] = []
         tokens = 0
         for i in todo:
             cost = self._row_tokens(values[i])
-            if current and (
-                len(current) >= self.config.batch_rows or tokens + cost > self.config.batch_tokens
-            ):
+            if current and (len(current) >= self.config.batch_rows or tokens + cost > batch_tokens):
                 batches.append(current)
                 current, tokens = [], 0
             current.append(i)
@@ -482,6 +535,18 @@ class Semantic:
         stats.requests += 1
         lines = [f'<row id="{k}">{self._clip(job.values[i])}</row>' for k, i in enumerate(batch)]
         cost = 0.0
+        request: dict[str, Any] = {}
+        if job.channel == "structured":
+            request["output_format"] = {"type": "json_schema", "schema": VERDICTS_SCHEMA}
+        else:
+            request["tools"] = [RECORD_VERDICTS_TOOL]
+            request["tool_choice"] = (
+                {"type": "tool", "name": RECORD_VERDICTS_TOOL["name"]}
+                if job.channel == "forced_tool"
+                else {"type": "auto"}
+            )
+        refused = False
+        judged: dict[int, Verdict]
         try:
             reply = await self.lm.acomplete(
                 role="where",
@@ -489,13 +554,22 @@ class Semantic:
                 system=job.system,
                 messages=[{"role": "user", "content": "\n".join(lines)}],
                 max_tokens=200 + 60 * len(batch),
-                tools=[RECORD_VERDICTS_TOOL],
-                tool_choice={"type": "tool", "name": "record_verdicts"},
                 depth=self.depth,
+                **request,
             )
             cost = reply.record.cost_usd or 0.0
             stats.cost_usd += cost
-            judged, problem = parse_verdicts(reply.tool_input, len(batch))
+            # A refusal covers the whole reply: nothing in it is read, and the batch is split
+            # until only the refused rows are left (each NULL, with the refusal recorded).
+            refused = reply.stop_reason == "refusal"
+            if refused:
+                judged, problem = {}, REFUSED
+            elif job.channel == "structured":
+                judged, problem = parse_verdicts(_json_object(reply.text), len(batch))
+            else:
+                judged, problem = parse_verdicts(
+                    reply.tool_input(RECORD_VERDICTS_TOOL["name"]), len(batch)
+                )
         except ModelError as err:
             if not err.retryable:
                 raise
@@ -511,7 +585,11 @@ class Semantic:
         if len(batch) == 1:
             stats.errors.append(problem)
             out[batch[0]] = Verdict(
-                None, error=problem, decided_by="failed", batch=batch_id, cost_usd=share
+                None,
+                error=problem,
+                decided_by="refused" if refused else "failed",
+                batch=batch_id,
+                cost_usd=share,
             )
             return out
         stats.reasked += len(missing)
@@ -557,7 +635,9 @@ class Semantic:
         if limit is not None:
             matches = matches.slice(0, limit)
         stats.matches = matches.num_rows
-        stats.failed = sum(counts[i] for i, v in enumerate(per_value) if v.decided_by == "failed")
+        stats.failed = sum(
+            counts[i] for i, v in enumerate(per_value) if v.decided_by in ("failed", "refused")
+        )
         return matches, provenance
 
     def _clip(self, value: str) -> str:
@@ -578,6 +658,8 @@ class _Job:
     batches: list[list[int]]  # value positions per request
     system: list[dict[str, Any]]
     plan: WherePlan
+    channel: VerdictChannel  # structured outputs, forced tool, or offered tool (auto)
+    forced_tool: bool
 
     @cached_property
     def counts(self) -> list[int]:
@@ -598,10 +680,18 @@ def _sql_string(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def _json_object(text: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def parse_verdicts(tool_input: dict[str, Any] | None, n: int) -> tuple[dict[int, Verdict], str]:
     """Valid verdicts by row id, and a description of what was wrong with the rest."""
     if not isinstance(tool_input, dict) or not isinstance(tool_input.get("verdicts"), list):
-        return {}, "reply did not call record_verdicts with a verdicts list"
+        return {}, "reply held no verdicts object with a verdicts list"
     seen: dict[int, Verdict] = {}
     duplicated: set[int] = set()
     problems: list[str] = []

@@ -13,8 +13,8 @@ import pytest
 from rlm_dagster import BudgetExceeded, Limits, NoFinalAnswer, Warehouse, run_rlm
 from rlm_dagster.budget import Budget
 from rlm_dagster.lm import LM
-from rlm_dagster.semantic import Semantic, WhereConfig
-from rlm_dagster.testing import FakeAnthropic, FakeRequest, ToolUse
+from rlm_dagster.semantic import VERDICTS_SCHEMA, Semantic, WhereConfig
+from rlm_dagster.testing import FakeAnthropic, FakeRequest
 
 MakeLM = Callable[..., LM]
 
@@ -128,7 +128,11 @@ def test_llm_where_speaks_the_wire_protocol(make_lm: MakeLM) -> None:
         body = req.body
         assert body["system"][0]["cache_control"] == {"type": "ephemeral"}
         assert "<predicate>The customer threatens to cancel</predicate>" in req.system
-        assert body["tool_choice"] == {"type": "tool", "name": "record_verdicts"}
+        # Haiku 4.5 has structured outputs: the verdicts' JSON schema, no tools
+        assert body["output_config"] == {
+            "format": {"type": "json_schema", "schema": VERDICTS_SCHEMA}
+        }
+        assert "tools" not in body and "tool_choice" not in body
         lines = req.last_user_text.splitlines()
         assert all(re.fullmatch(r'<row id="\d+">\{.*\}</row>', line) for line in lines)
         ids = [k for k, _ in req.rows or []]
@@ -170,7 +174,7 @@ def test_llm_where_matches_ground_truth_on_sample_data(
 def test_malformed_verdicts_are_reasked_then_null(make_lm: MakeLM) -> None:
     """Row id 'bad' rows never get a valid verdict: re-asked smaller, then alone, then NULL."""
 
-    def reply(req: FakeRequest) -> ToolUse:
+    def reply(req: FakeRequest) -> str:
         verdicts = []
         for k, row in req.rows or []:
             if "export" in row["body"]:
@@ -178,7 +182,7 @@ def test_malformed_verdicts_are_reasked_then_null(make_lm: MakeLM) -> None:
             verdicts.append({"id": k, "match": "competitor" in row["body"], "reason": "r"})
         if len(verdicts) > 1:
             verdicts.append(dict(verdicts[0]))  # a duplicate id on the first pass
-        return ToolUse("record_verdicts", {"verdicts": verdicts})
+        return json.dumps({"verdicts": verdicts})
 
     with FakeAnthropic(where_reply=reply) as fake:
         lm = make_lm(fake)

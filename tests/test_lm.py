@@ -123,7 +123,8 @@ def test_tool_use_input_is_returned(fake: FakeAnthropic) -> None:
             )
         finally:
             lm.close()
-    assert reply.tool_input == {"ids": [1, 2]}
+    assert reply.tool_input("pick") == {"ids": [1, 2]}
+    assert reply.tool_input("other") is None  # only the named tool is read
     assert reply.stop_reason == "tool_use"
     assert tools.requests[-1].body["tool_choice"] == {"type": "tool", "name": "pick"}
 
@@ -190,7 +191,7 @@ def test_cost_usd_of_a_million_tokens() -> None:
 
 def test_price_for_an_unlisted_model_version_is_unknown() -> None:
     assert prices.price_for("claude-opus-4-9") is None  # not listed: unknown, not opus-4's price
-    assert prices.price_for("claude-fable-5-2") is None
+    assert prices.price_for("claude-fable-5-3") is None
     assert prices.price_for("claude-opus-4-20250514") == prices.PRICES["claude-opus-4"]
 
 

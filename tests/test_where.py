@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -17,7 +18,7 @@ from rlm_dagster.budget import Budget
 from rlm_dagster.cache import Cache
 from rlm_dagster.lm import LM
 from rlm_dagster.semantic import Semantic, WhereConfig
-from rlm_dagster.testing import FakeAnthropic, FakeRequest, ToolUse
+from rlm_dagster.testing import FakeAnthropic, FakeRequest
 
 MakeLM = Callable[..., LM]
 
@@ -128,13 +129,13 @@ def test_failed_rows_are_null_counted_and_never_cached(
 ) -> None:
     bad = "export"
 
-    def reply(req: FakeRequest) -> ToolUse:
+    def reply(req: FakeRequest) -> str:
         verdicts = [
             {"id": k, "match": "competitor" in row["body"].lower(), "reason": "r"}
             for k, row in req.rows or []
             if bad not in row["body"].lower()
         ]
-        return ToolUse("record_verdicts", {"verdicts": verdicts})
+        return json.dumps({"verdicts": verdicts})
 
     wh = ticket_warehouse(warehouse_file)
     cache = Cache(tmp_path / "c.sqlite3")

@@ -1,6 +1,6 @@
 """Prompt templates, one Markdown file each, rendered with ``$name`` placeholders.
 
-    >>> "record_verdicts" in render("where_system.md", predicate="mentions a refund")
+    >>> "refund" in render("where_system.md", predicate="mentions a refund", answer_format="")
     True
 
 ``PROMPT_VERSION`` changes whenever a template changes; caches and asset code versions
@@ -15,7 +15,14 @@ from importlib import resources
 from string import Template
 from typing import Any
 
-_NAMES = ("system.md", "where_system.md", "final_answer.md", "nudge.md")
+_NAMES = (
+    "system.md",
+    "where_system.md",
+    "where_answer_json.md",
+    "where_answer_tool.md",
+    "final_answer.md",
+    "nudge.md",
+)
 
 
 @cache
