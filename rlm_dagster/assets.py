@@ -18,6 +18,7 @@ transaction, and returns a ``MaterializeResult`` with the answer, trajectory and
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from typing import Any
 
 import dagster as dg
@@ -26,14 +27,21 @@ from dagster_duckdb import DuckDBResource
 
 from rlm_dagster.budget import Limits
 from rlm_dagster.engine import Event, RLMResult, RLMRun, wire_context
-from rlm_dagster.errors import BudgetExceeded, ConfigError, ModelError, NoFinalAnswer, RLMError
+from rlm_dagster.errors import (
+    BudgetExceeded,
+    ConfigError,
+    ModelError,
+    NoFinalAnswer,
+    RLMError,
+    WarehouseBusy,
+)
 from rlm_dagster.metadata import column_schema, run_metadata, unknown_price_models
 from rlm_dagster.models import EFFORTS
 from rlm_dagster.output import OutputSchema
 from rlm_dagster.prompts import PROMPT_VERSION
 from rlm_dagster.redact import redact
 from rlm_dagster.resource import RLMResource
-from rlm_dagster.warehouse import Warehouse, quote_ident
+from rlm_dagster.warehouse import Warehouse, is_lock_error, quote_ident
 
 DEFAULT_RETRY_POLICY = dg.RetryPolicy(
     max_retries=3, delay=30, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
@@ -67,6 +75,7 @@ def rlm_asset(
     partition_column: str | Mapping[str, str] | None = None,
     retry_policy: dg.RetryPolicy | None = DEFAULT_RETRY_POLICY,
     pool: str | None = None,
+    fail_on_undecided_rows: bool = False,
     context: str | Sequence[str] | dg.AssetKey | None = None,
     rlm_resource_key: str = "rlm",
     duckdb_resource_key: str = "duckdb",
@@ -83,6 +92,9 @@ def rlm_asset(
     ``retry_policy`` defaults to three retries with exponential backoff and jitter; errors a
     retry cannot fix (auth, bad request, policy, schema, budget) are never retried. ``pool``
     puts the asset in a Dagster concurrency pool (see the README on DuckDB writers).
+    ``fail_on_undecided_rows`` makes the ``llm_where_rows_decided`` check blocking (ERROR): a
+    run whose ``llm_where`` calls left rows NULL (the model's replies stayed malformed, or it
+    refused them) then fails its check and stops downstream assets; by default it warns.
     """
     if not question or not question.strip():
         raise ConfigError(f"rlm_asset({name!r}): question= must be a non-empty string.")
@@ -143,6 +155,14 @@ def rlm_asset(
             description="The run spent less than 80% of max_cost_usd (warning).",
         ),
     ]
+    check_specs.append(
+        dg.AssetCheckSpec(
+            "llm_where_rows_decided",
+            asset=key,
+            blocking=fail_on_undecided_rows,
+            description="Every row llm_where judged got a verdict (none left NULL).",
+        )
+    )
     if schema is not None:
         check_specs.append(
             dg.AssetCheckSpec(
@@ -246,6 +266,8 @@ def rlm_asset(
         except dg.Failure:
             raise
         except RLMError as err:
+            if getattr(err, "retryable", False):
+                raise  # e.g. WarehouseBusy: the same cause gets the same retry decision anywhere
             raise dg.Failure(
                 description=f"{type(err).__name__}: {err}",
                 metadata={"rlm/error": type(err).__name__, "rlm/retryable": False},
@@ -271,7 +293,9 @@ def rlm_asset(
         return dg.MaterializeResult(
             metadata=metadata,
             data_version=dg.DataVersion(data_version),
-            check_results=_check_results(schema, written, answer.text, table, result, limits),
+            check_results=_check_results(
+                schema, written, answer.text, table, result, limits, fail_on_undecided_rows
+            ),
         )
 
     decorate = dg.asset(
@@ -370,13 +394,29 @@ def _check_results(
     table: pa.Table,
     result: RLMResult,
     limits: Limits,
+    fail_on_undecided_rows: bool,
 ) -> list[dg.AssetCheckResult]:
+    undecided = result.where_undecided_rows
     checks = [
+        dg.AssetCheckResult(
+            check_name="llm_where_rows_decided",
+            passed=undecided == 0,
+            severity=(
+                dg.AssetCheckSeverity.ERROR
+                if fail_on_undecided_rows
+                else dg.AssetCheckSeverity.WARN
+            ),
+            metadata={
+                "undecided_rows": undecided,
+                "clipped_rows": result.where_clipped_rows,
+                "llm_where_calls": len(result.where_stats),
+            },
+        ),
         dg.AssetCheckResult(
             check_name="answer_not_empty",
             passed=table.num_rows > 0 and bool(text.strip()),
             metadata={"rows": table.num_rows, "answer_chars": len(text)},
-        )
+        ),
     ]
     spent, budget = result.accounting.cost_usd, limits.max_cost_usd
     checks.append(
@@ -451,7 +491,18 @@ def _write_table(
         table = table.append_column(
             "_partition", pa.array([partition] * table.num_rows, pa.string())
         )
-    with duckdb.get_connection() as con:
+    stack = ExitStack()
+    try:
+        con = stack.enter_context(duckdb.get_connection())
+    except Exception as err:
+        if is_lock_error(err):
+            raise WarehouseBusy(
+                f"Could not write the answer: the warehouse {duckdb.database!r} is locked by "
+                f"another writer ({err}). The run can be retried (its model calls replay from "
+                "the cache); put the assets that write this file in one Dagster pool."
+            ) from err
+        raise
+    with stack:
         con.execute("BEGIN TRANSACTION")
         try:
             con.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")

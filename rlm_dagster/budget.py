@@ -70,6 +70,13 @@ class Budget:
     def sub_calls_left(self) -> int:
         return max(0, self.limits.max_sub_calls - self._sub_calls_started)
 
+    @property
+    def deadline(self) -> float | None:
+        """The ``time.monotonic()`` by which the run must end (``None``: no wall limit); every
+        model call and every retry is cut to it."""
+        limit = self.limits.max_wall_time_s
+        return None if limit is None else self.started + limit
+
     def elapsed_s(self) -> float:
         return time.monotonic() - self.started
 

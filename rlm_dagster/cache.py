@@ -25,10 +25,12 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from rlm_dagster.errors import CacheError
 from rlm_dagster.prompts import PROMPT_VERSION
 
 _SCHEMA = """
@@ -57,6 +59,11 @@ CREATE TABLE IF NOT EXISTS ledger (
     created                     REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS ledger_run ON ledger (run_id);
+CREATE TABLE IF NOT EXISTS leases (
+    name    TEXT PRIMARY KEY,
+    owner   TEXT NOT NULL,
+    expires REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS verdicts (
     key     TEXT PRIMARY KEY,
     match   INTEGER NOT NULL,
@@ -108,29 +115,42 @@ def verdict_key(predicate: str, model: str, value: str) -> str:
 
 
 class Cache:
-    """A thread-safe handle on the cache file (one connection, one lock)."""
+    """A thread-safe handle on the cache file (one connection, one lock).
+
+    Every SQLite failure (a corrupt, read-only or full file, a directory that cannot be made)
+    is a :class:`CacheError` that names the file and what to do; nothing raises raw
+    ``sqlite3`` errors.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._con = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False)
-        self._con.execute("PRAGMA journal_mode=WAL")
-        self._con.execute("PRAGMA synchronous=NORMAL")
-        self._con.execute("PRAGMA busy_timeout=30000")
-        self._con.executescript(_SCHEMA)
-        columns = {row[1] for row in self._con.execute("PRAGMA table_info(ledger)")}
-        if "thinking_tokens" not in columns:  # a ledger written before thinking was recorded
-            with self._con:
-                self._con.execute(
-                    "ALTER TABLE ledger ADD COLUMN thinking_tokens INTEGER NOT NULL DEFAULT 0"
-                )
+        with self._guard("open"):
+            if self.path != ":memory:":
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self._con = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False)
+            self._con.execute("PRAGMA journal_mode=WAL")
+            self._con.execute("PRAGMA synchronous=NORMAL")
+            self._con.execute("PRAGMA busy_timeout=30000")
+            self._con.executescript(_SCHEMA)
+            columns = {row[1] for row in self._con.execute("PRAGMA table_info(ledger)")}
+            if "thinking_tokens" not in columns:  # a ledger written before thinking was kept
+                with self._con:
+                    self._con.execute(
+                        "ALTER TABLE ledger ADD COLUMN thinking_tokens INTEGER NOT NULL DEFAULT 0"
+                    )
+
+    @contextmanager
+    def _guard(self, action: str) -> Iterator[None]:
+        try:
+            yield
+        except (sqlite3.Error, OSError) as err:
+            raise CacheError(_cache_problem(self.path, action, err)) from err
 
     def get_verdicts(self, keys: Sequence[str]) -> dict[str, tuple[bool, str]]:
         """Cached verdicts among ``keys``: key -> (match, reason)."""
         found: dict[str, tuple[bool, str]] = {}
-        with self._lock:
+        with self._lock, self._guard("read verdicts from"):
             for start in range(0, len(keys), _CHUNK):
                 chunk = keys[start : start + _CHUNK]
                 marks = ",".join("?" * len(chunk))
@@ -142,23 +162,58 @@ class Cache:
 
     def put_verdicts(self, rows: Iterable[tuple[str, bool, str, str]]) -> None:
         """Store successful verdicts: (key, match, reason, model)."""
+        self.commit(verdicts=rows)
+
+    def commit(
+        self,
+        *,
+        verdicts: Iterable[tuple[str, bool, str, str]] = (),
+        ledger: Iterable[Mapping[str, Any]] = (),
+    ) -> None:
+        """Store verdicts ``(key, match, reason, model)`` and ledger rows in one transaction."""
         now = time.time()
-        with self._lock, self._con:
+        verdict_rows = [(k, int(m), r, model, now) for k, m, r, model in verdicts]
+        ledger_rows = [_ledger_values(row, now) for row in ledger]
+        if not verdict_rows and not ledger_rows:
+            return
+        with self._lock, self._guard("write to"), self._con:
             self._con.executemany(
                 "INSERT OR REPLACE INTO verdicts (key, match, reason, model, created) "
                 "VALUES (?, ?, ?, ?, ?)",
-                [(k, int(m), r, model, now) for k, m, r, model in rows],
+                verdict_rows,
             )
+            self._con.executemany(_INSERT_LEDGER, ledger_rows)
+
+    def try_lease(self, name: str, owner: str, ttl_s: float) -> bool:
+        """Take (or keep) the lease ``name`` for ``owner`` unless another owner holds an
+        unexpired one; whether ``owner`` holds it now. Leases let concurrent runs, in any
+        process sharing this file, avoid paying twice for the same work."""
+        now = time.time()
+        with self._lock, self._guard("take a lease in"), self._con:
+            self._con.execute(
+                "DELETE FROM leases WHERE name = ? AND (expires < ? OR owner = ?)",
+                (name, now, owner),
+            )
+            self._con.execute(
+                "INSERT OR IGNORE INTO leases (name, owner, expires) VALUES (?, ?, ?)",
+                (name, owner, now + ttl_s),
+            )
+            row = self._con.execute("SELECT owner FROM leases WHERE name = ?", (name,)).fetchone()
+        return bool(row) and row[0] == owner
+
+    def release_lease(self, name: str, owner: str) -> None:
+        with self._lock, self._guard("release a lease in"), self._con:
+            self._con.execute("DELETE FROM leases WHERE name = ? AND owner = ?", (name, owner))
 
     def get_call(self, key: str) -> dict[str, Any] | None:
-        """The stored reply of a completed call (text, stop reason, tool input, usage, cost)."""
-        with self._lock:
+        """The stored reply of a completed call (text, stop reason, tool calls, usage)."""
+        with self._lock, self._guard("read a call from"):
             row = self._con.execute("SELECT response FROM calls WHERE key = ?", (key,)).fetchone()
         return json.loads(row[0]) if row else None
 
     def put_call(self, key: str, model: str, response: Mapping[str, Any]) -> None:
         """Store a completed call at once (committed), so a crash right after keeps it."""
-        with self._lock, self._con:
+        with self._lock, self._guard("write a call to"), self._con:
             self._con.execute(
                 "INSERT OR REPLACE INTO calls (key, model, response, created) VALUES (?, ?, ?, ?)",
                 (key, model, json.dumps(response), time.time()),
@@ -166,19 +221,7 @@ class Cache:
 
     def record(self, rows: Iterable[Mapping[str, Any]]) -> None:
         """Append ledger rows (see the ``ledger`` table for the fields)."""
-        now = time.time()
-        with self._lock, self._con:
-            self._con.executemany(
-                f"INSERT INTO ledger ({', '.join(LEDGER_FIELDS)}, created) "
-                f"VALUES ({', '.join('?' * len(LEDGER_FIELDS))}, ?)",
-                [
-                    (
-                        *(row.get(f, 0 if f == "thinking_tokens" else None) for f in LEDGER_FIELDS),
-                        now,
-                    )
-                    for row in rows
-                ],
-            )
+        self.commit(ledger=rows)
 
     def ledger(self, run_id: str | None = None) -> list[dict[str, Any]]:
         """Ledger rows, oldest first; of one run if ``run_id`` is given."""
@@ -187,7 +230,7 @@ class Cache:
         if run_id is not None:
             query += " WHERE run_id = ?"
             args = (run_id,)
-        with self._lock:
+        with self._lock, self._guard("read the ledger from"):
             cursor = self._con.execute(query + " ORDER BY id", args)
             names = [d[0] for d in cursor.description]
             return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
@@ -201,3 +244,28 @@ class Cache:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_INSERT_LEDGER = (
+    f"INSERT INTO ledger ({', '.join(LEDGER_FIELDS)}, created) "
+    f"VALUES ({', '.join('?' * len(LEDGER_FIELDS))}, ?)"
+)
+
+
+def _ledger_values(row: Mapping[str, Any], now: float) -> tuple[Any, ...]:
+    return (*(row.get(f, 0 if f == "thinking_tokens" else None) for f in LEDGER_FIELDS), now)
+
+
+def _cache_problem(path: str, action: str, err: BaseException) -> str:
+    text = str(err)
+    if "not a database" in text or "malformed" in text:
+        fix = "it is corrupt: move it aside (a new one is made) or point cache_path elsewhere"
+    elif "readonly" in text or "read-only" in text or isinstance(err, PermissionError):
+        fix = "it is read-only here: make it and its folder writable, or set cache_path"
+    elif "full" in text or getattr(err, "errno", None) == 28:
+        fix = "the disk is full: free space, or set cache_path to a volume with room"
+    elif "unable to open" in text or isinstance(err, OSError):
+        fix = "it cannot be opened: check that its folder exists and is writable, or set cache_path"
+    else:
+        fix = "check the file, or set RLMResource(cache_path=...) / RLM_CACHE_PATH elsewhere"
+    return f"Could not {action} the rlm_dagster cache {path} ({text}): {fix}."

@@ -214,6 +214,9 @@ class RLMComponent(dg.Component, dg.Resolvable, dg.Model):
         ),
     ] = DEFAULT_RETRY_POLICY
     pool: Annotated[str | None, _doc("Dagster concurrency pool of the asset.")] = None
+    fail_on_undecided_rows: Annotated[
+        bool, _doc("Make the llm_where_rows_decided check blocking (ERROR).")
+    ] = False
     context: Annotated[
         dg.AssetKey | None,
         dg.Resolver(

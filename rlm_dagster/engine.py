@@ -28,7 +28,14 @@ import pandas as pd
 import pyarrow as pa
 
 from rlm_dagster.budget import Budget, Limits
-from rlm_dagster.errors import BudgetExceeded, NoFinalAnswer, RLMError
+from rlm_dagster.errors import (
+    BudgetExceeded,
+    CacheError,
+    ModelError,
+    ModelRefused,
+    NoFinalAnswer,
+    RLMError,
+)
 from rlm_dagster.lm import LM, Accounting, cached_system
 from rlm_dagster.output import AnswerRejected, OutputSchema
 from rlm_dagster.prompts import render
@@ -36,7 +43,7 @@ from rlm_dagster.redact import redact
 from rlm_dagster.repl import CellResult, Worker
 from rlm_dagster.repl.protocol import decode_arrow, encode_arrow
 from rlm_dagster.sandbox import WorkerLimits
-from rlm_dagster.semantic import Semantic, WhereConfig
+from rlm_dagster.semantic import Semantic, WhereConfig, WhereStats
 from rlm_dagster.warehouse import TableInfo, Warehouse
 
 Event = dict[str, Any]
@@ -137,10 +144,21 @@ class RLMResult:
     limits: Limits
     run_id: str = "r0"
     depth: int = 0
+    where_stats: list[WhereStats] = field(default_factory=list)  # this run and its children
 
     @property
     def answer_text(self) -> str:
         return self.answer.text
+
+    @property
+    def where_undecided_rows(self) -> int:
+        """Rows llm_where left NULL (failed or refused), over the whole call tree."""
+        return sum(s.failed for s in self.where_stats)
+
+    @property
+    def where_clipped_rows(self) -> int:
+        """Rows llm_where judged on a clipped value, over the whole call tree."""
+        return sum(s.clipped for s in self.where_stats)
 
     def call_tree(self) -> list[dict[str, Any]]:
         """This run and every child run under it: id, parent, depth, question, turns, answer."""
@@ -232,8 +250,11 @@ class RLMRun:
         run_id: str = "r0",
         budget: Budget | None = None,
         worker_limits: WorkerLimits | None = None,
+        where_stats: list[WhereStats] | None = None,
     ) -> None:
         self.question = question
+        # Shared with child runs, like the budget: the metadata counts the whole call tree.
+        self.where_stats = [] if where_stats is None else where_stats
         self.worker_limits = worker_limits
         self.warehouse = warehouse
         self.lm = lm
@@ -264,18 +285,20 @@ class RLMRun:
         self.messages: list[dict[str, Any]] = []
         self.turns: list[Turn] = []
         self.final: Answer | None = None
+        self._fatal: RLMError | None = None
+        handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
+            "sql": self._sql,
+            "llm_query": lambda a: self.semantic.query(a["prompt"], a.get("model")),
+            "llm_query_batched": lambda a: self.semantic.query_batched(
+                a["prompts"], a.get("model")
+            ),
+            "llm_where": self._llm_where,
+            "rlm_query": lambda a: self._rlm_query(str(a["prompt"]), a.get("context")),
+            "rlm_query_batched": self._rlm_query_batched,
+            "final": lambda a: self._accept(a["value"], "FINAL"),
+        }
         self.worker = Worker(
-            {
-                "sql": self._sql,
-                "llm_query": lambda a: self.semantic.query(a["prompt"], a.get("model")),
-                "llm_query_batched": lambda a: self.semantic.query_batched(
-                    a["prompts"], a.get("model")
-                ),
-                "llm_where": self._llm_where,
-                "rlm_query": lambda a: self._rlm_query(str(a["prompt"]), a.get("context")),
-                "rlm_query_batched": self._rlm_query_batched,
-                "final": lambda a: self._accept(a["value"], "FINAL"),
-            },
+            {name: self._fatal_guard(fn) for name, fn in handlers.items()},
             tables=self._table_infos,
             cell_timeout_s=self.limits.cell_timeout_s,
             max_capture_chars=max(4 * self.limits.max_observation_chars, 100_000),
@@ -285,6 +308,27 @@ class RLMRun:
         )
 
     # -- handlers the worker calls ----------------------------------------------------------
+
+    def _fatal_guard(
+        self, handler: Callable[[dict[str, Any]], Any]
+    ) -> Callable[[dict[str, Any]], Any]:
+        """Remember a failure the model's code must not work around: a provider error (after
+        retries, or one a retry cannot fix) or a cache that cannot be written. The cell sees
+        the error, every later call fails the same way at once, and the run ends with it
+        after the cell, whatever the code did with the exception. A refusal is about one
+        prompt's content, not the provider: the model may rephrase."""
+
+        def call(args: dict[str, Any]) -> Any:
+            if self._fatal is not None:
+                raise self._fatal
+            try:
+                return handler(args)
+            except (ModelError, CacheError) as err:
+                if not isinstance(err, ModelRefused) and self._fatal is None:
+                    self._fatal = err
+                raise
+
+        return call
 
     def _table_infos(self) -> list[dict[str, Any]]:
         return [_table_dict(t) for t in self.warehouse.tables.values()]
@@ -303,6 +347,7 @@ class RLMRun:
         info, provenance, stats = self.semantic.where(
             table, predicate, columns=columns, where=where, limit=args.get("limit")
         )
+        self.where_stats.append(stats)
         self.on_event({"type": "llm_where", "summary": stats.describe(), **asdict(stats)})
         return {
             **_table_dict(info),
@@ -329,6 +374,7 @@ class RLMRun:
             run_id=f"{self.run_id}.{next(self._child_ids)}",
             budget=self.budget,
             worker_limits=self.worker_limits,
+            where_stats=self.where_stats,
         )
         self.on_event({"type": "rlm_query", "run_id": child.run_id, "depth": child.depth})
         try:
@@ -456,6 +502,7 @@ class RLMRun:
             limits=self.limits,
             run_id=self.run_id,
             depth=self.depth,
+            where_stats=self.where_stats,
         )
 
     def _turn(
@@ -474,6 +521,7 @@ class RLMRun:
             system=system,
             messages=_with_cache_mark(messages),
             depth=self.depth,
+            deadline=self.budget.deadline,
         )
         reply.check_not_refused(f"root turn {iteration} of run {self.run_id}")
         turn = Turn(
@@ -490,6 +538,8 @@ class RLMRun:
         for i, code in enumerate(blocks, 1):
             cell = self.worker.execute(code)
             turn.cells.append(cell)
+            if self._fatal is not None:
+                raise self._fatal
             observations.append(self._observation(i, len(blocks), cell))
             if cell.answer is not None and self.final is None:
                 self._try_accept(cell.answer, "answer dict", notes)

@@ -64,6 +64,36 @@ class ModelError(RLMError):
         self.retryable = retryable
 
 
+class ProviderAuthError(ModelError):
+    """The endpoint refused the credentials or the key may not use the model (401/403)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=False)
+
+
+class ModelNotFound(ModelError):
+    """The model id, or the endpoint itself, does not exist (404)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=False)
+
+
+class ModelBadRequest(ModelError):
+    """The endpoint rejected the request's shape or size (400/413/422)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=False)
+
+
+class ProviderUnavailable(ModelError):
+    """The provider kept failing (429/529/5xx, refused or reset connections, timeouts) after
+    retries. Retryable: the orchestrator's retry policy re-runs later, and every call that
+    already succeeded replays from the cache."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=True)
+
+
 class ModelRefused(ModelError):
     """The model stopped with ``stop_reason: "refusal"`` (its safety policy declined the
     request). Retrying the same request gets the same answer, so it is never retryable."""
@@ -71,6 +101,19 @@ class ModelRefused(ModelError):
     def __init__(self, message: str, *, category: str | None = None) -> None:
         super().__init__(message, retryable=False)
         self.category = category
+
+
+class CacheError(RLMError):
+    """The call cache / ledger at ``cache_path`` cannot be opened, read or written."""
+
+    retryable = False
+
+
+class WarehouseBusy(RLMError):
+    """Another process holds the DuckDB file's write lock. Retryable: it is released when that
+    writer finishes."""
+
+    retryable = True
 
 
 class BudgetExceeded(RLMError):

@@ -26,9 +26,19 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 import anthropic
+import httpx2
 
 from rlm_dagster.cache import Cache, call_key
-from rlm_dagster.errors import ConfigError, ModelError, ModelRefused
+from rlm_dagster.errors import (
+    BudgetExceeded,
+    ConfigError,
+    ModelBadRequest,
+    ModelError,
+    ModelNotFound,
+    ModelRefused,
+    ProviderAuthError,
+    ProviderUnavailable,
+)
 from rlm_dagster.models import ModelCatalog
 
 T = TypeVar("T")
@@ -210,6 +220,7 @@ class AdaptiveLimiter:
         self.limit = min(float(self.max_limit), self.limit + 1.0 / self.limit)
 
 
+_CONNECT_RETRIES = 2  # a host that refuses or never answers connections is not coming back soon
 _OVERLOAD = (anthropic.RateLimitError, anthropic.OverloadedError)
 _TRANSIENT = (
     anthropic.RateLimitError,
@@ -260,39 +271,66 @@ class Completion:
 
 
 def _model_error(err: anthropic.AnthropicError, model: str, base_url: str) -> ModelError:
+    """The error a retry cannot fix, named for what happened and what to do."""
     if isinstance(err, anthropic.AuthenticationError):
-        return ModelError(
-            f"The model endpoint {base_url} rejected the API key (401). Set a valid "
-            "ANTHROPIC_API_KEY or pass RLMResource(api_key=...)."
+        return ProviderAuthError(
+            f"The model endpoint {base_url} rejected the API key (401): {_message(err)}. Set a "
+            "valid ANTHROPIC_API_KEY or pass RLMResource(api_key=...)."
         )
     if isinstance(err, anthropic.PermissionDeniedError):
-        return ModelError(f"The API key may not use model {model!r} (403): {err.message}")
+        return ProviderAuthError(
+            f"The API key may not use model {model!r} at {base_url} (403): {_message(err)}. "
+            "Use a key with access to it, or another model."
+        )
     if isinstance(err, anthropic.NotFoundError):
-        return ModelError(
-            f"Model {model!r} was not found at {base_url} (404). Check root_model/sub_model "
-            "on RLMResource."
+        return ModelNotFound(
+            f"{base_url} answered 404 for model {model!r}: {_message(err)}. Check "
+            "root_model/sub_model on RLMResource, and that base_url is an Anthropic-compatible "
+            "endpoint serving POST /v1/messages."
         )
-    if isinstance(err, anthropic.BadRequestError):
-        return ModelError(f"The request to {model!r} was rejected (400): {err.message}")
+    if isinstance(err, anthropic.APIStatusError) and err.status_code in (400, 413, 422):
+        return ModelBadRequest(
+            f"{base_url} rejected the request to {model!r} ({err.status_code}): "
+            f"{_message(err)}. If the model's profile is wrong, declare it with "
+            "RLMResource(model_profiles=...)."
+        )
     if isinstance(err, anthropic.APIStatusError):
-        return ModelError(
-            f"{model!r} kept failing with HTTP {err.status_code} after retries: {err.message}. "
-            "The provider is overloaded or rate limiting; the run can be retried.",
-            retryable=True,
+        return ModelBadRequest(
+            f"{base_url} answered {model!r} with HTTP {err.status_code}: {_message(err)}."
         )
-    if isinstance(err, anthropic.APITimeoutError):
-        return ModelError(
-            f"{model!r} timed out after retries. Raise RLMResource(request_timeout_s=...) "
-            "or retry the run.",
-            retryable=True,
-        )
-    if isinstance(err, anthropic.APIConnectionError):
-        return ModelError(
-            f"Could not reach the model endpoint {base_url}: {err}. Check base_url and the "
-            "network; the run can be retried.",
-            retryable=True,
-        )
-    return ModelError(f"{model!r} call failed: {err}")
+    return ModelBadRequest(f"{model!r} call to {base_url} failed: {err}")
+
+
+def _message(err: anthropic.AnthropicError) -> str:
+    return str(getattr(err, "message", "") or err)[:500]
+
+
+def _connect_failure(err: BaseException) -> bool:
+    """Whether the connection itself failed (refused, unreachable, DNS, connect timeout)."""
+    cause = err.__cause__
+    return isinstance(err, anthropic.APIConnectionError) and isinstance(
+        cause, httpx2.ConnectError | httpx2.ConnectTimeout
+    )
+
+
+def _unavailable(
+    err: BaseException, model: str, base_url: str, attempt: int, timeout: float, cut: bool
+) -> ProviderUnavailable:
+    if isinstance(err, TimeoutError):
+        what = f"no complete reply within {timeout:.0f} s (request_timeout_s)"
+    elif _connect_failure(err):
+        what = f"could not connect ({err.__cause__ or err})"
+    elif isinstance(err, anthropic.APIStatusError):
+        what = f"HTTP {err.status_code}: {_message(err)}"
+    else:
+        what = str(err)
+    tries = f"{attempt + 1} attempt{'s' if attempt else ''}"
+    why = "; max_wall_time_s left no time for another retry" if cut else ""
+    return ProviderUnavailable(
+        f"{model!r} at {base_url} failed after {tries}: {what}{why}. Check that base_url is "
+        "right and the provider is up; the run can be retried, and calls that already "
+        "succeeded replay from the cache."
+    )
 
 
 def _usage(raw: Any) -> Usage:
@@ -357,20 +395,22 @@ class LM:
         self.context: dict[str, Any] = {}
         self.retries = 0
         self.before_call: Callable[[str], None] | None = None
+        self.request_timeout_s = request_timeout_s
+        # Retries are ours (so every attempt has a total deadline and each 429/529 reaches the
+        # limiter); httpx2's own timeouts only bound each phase, connect the tightest.
         self._client_kwargs: dict[str, Any] = {
             "api_key": api_key,
             "base_url": base_url,
-            "timeout": request_timeout_s,
-            "max_retries": max_retries,
+            "timeout": httpx2.Timeout(request_timeout_s, connect=min(10.0, request_timeout_s)),
+            "max_retries": 0,
         }
-        self._client = anthropic.Anthropic(**self._client_kwargs)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._aclient: anthropic.AsyncAnthropic | None = None
         self.limiter = AdaptiveLimiter(max_concurrency)
         self._loop_lock = threading.Lock()
 
-    # -- sync ---------------------------------------------------------------------------
+    # -- calls ----------------------------------------------------------------------------
 
     def complete(
         self,
@@ -384,22 +424,24 @@ class LM:
         tool_choice: dict[str, Any] | None = None,
         output_format: dict[str, Any] | None = None,
         depth: int = 0,
+        deadline: float | None = None,
     ) -> Completion:
-        """One blocking call (the root loop's turns and single sub-calls)."""
-        kwargs = self._request(
-            role, model, system, messages, max_tokens, tools, tool_choice, output_format
+        """One blocking call (the root loop's turns and single sub-calls): :meth:`acomplete`
+        run on the LM's event loop, with the same retries and deadlines."""
+        return self.run_async(
+            lambda: self.acomplete(
+                role=role,
+                model=model,
+                system=system,
+                messages=messages,
+                max_tokens=max_tokens,
+                tools=tools,
+                tool_choice=tool_choice,
+                output_format=output_format,
+                depth=depth,
+                deadline=deadline,
+            )
         )
-        key, hit = self._cached(role, kwargs, depth)
-        if hit is not None:
-            return hit
-        started = time.monotonic()
-        try:
-            message = self._client.messages.create(**kwargs)
-        except anthropic.AnthropicError as err:
-            raise _model_error(err, model, self.base_url) from err
-        return self._completion(role, model, message, time.monotonic() - started, key, depth)
-
-    # -- async --------------------------------------------------------------------------
 
     async def acomplete(
         self,
@@ -413,9 +455,16 @@ class LM:
         tool_choice: dict[str, Any] | None = None,
         output_format: dict[str, Any] | None = None,
         depth: int = 0,
+        deadline: float | None = None,
     ) -> Completion:
-        """One call on the LM's event loop under the adaptive limiter, retried on 429, 529,
-        5xx and connection errors (``retry-after`` honoured, else jittered backoff)."""
+        """One call on the LM's event loop under the adaptive limiter.
+
+        Every attempt has a total deadline (connect + send + receive) of ``request_timeout_s``,
+        cut to what is left before ``deadline`` (a ``time.monotonic()`` value: the run's wall
+        limit). 429, 529, 5xx, refused or reset connections and timeouts are retried
+        (``retry-after`` honoured, else jittered backoff; connection failures at most twice),
+        never past ``deadline``; then :class:`ProviderUnavailable` (retryable). 400, 401, 403
+        and 404 are raised at once as errors a retry cannot fix."""
         assert self._aclient is not None, "call acomplete through LM.run_async"
         kwargs = self._request(
             role, model, system, messages, max_tokens, tools, tool_choice, output_format
@@ -425,19 +474,42 @@ class LM:
             return hit
         attempt = 0
         while True:
+            timeout = self.request_timeout_s
+            if deadline is not None:
+                timeout = min(timeout, deadline - time.monotonic())
+                if timeout <= 0:
+                    raise BudgetExceeded(
+                        f"max_wall_time_s reached before a {role} call to {model!r} could be "
+                        "made. Raise max_wall_time_s on the asset.",
+                        limit="max_wall_time_s",
+                    )
             await self.limiter.acquire()
             started = time.monotonic()
             try:
-                message = await self._aclient.messages.create(**kwargs)
-            except _TRANSIENT as err:
-                retry_after = _retry_after(err)
+                message = await asyncio.wait_for(self._aclient.messages.create(**kwargs), timeout)
+            except (*_TRANSIENT, TimeoutError) as err:
+                retry_after = _retry_after(err) if isinstance(err, anthropic.APIError) else None
                 self.limiter.release(overloaded=isinstance(err, _OVERLOAD), retry_after=retry_after)
-                if attempt >= self.max_retries:
-                    raise _model_error(err, model, self.base_url) from err
+                if isinstance(err, TimeoutError) and timeout < self.request_timeout_s:
+                    # The attempt was cut short by the run's wall limit, not by the provider.
+                    raise BudgetExceeded(
+                        f"max_wall_time_s reached while waiting for {model!r} ({role} call). "
+                        "Raise max_wall_time_s on the asset.",
+                        limit="max_wall_time_s",
+                    ) from None
+                retries = self.max_retries
+                if _connect_failure(err):
+                    retries = min(retries, _CONNECT_RETRIES)
+                delay = (
+                    retry_after if retry_after is not None else min(8.0, 0.25 * 2 ** (attempt + 1))
+                )
+                delay *= random.uniform(1.0, 1.2)
+                cut = deadline is not None and time.monotonic() + delay >= deadline
+                if attempt >= retries or cut:
+                    raise _unavailable(err, model, self.base_url, attempt, timeout, cut) from err
                 attempt += 1
                 self.retries += 1
-                delay = retry_after if retry_after is not None else min(8.0, 0.25 * 2**attempt)
-                await asyncio.sleep(delay * random.uniform(1.0, 1.2))
+                await asyncio.sleep(delay)
                 continue
             except anthropic.AnthropicError as err:
                 self.limiter.release()
@@ -462,9 +534,7 @@ class LM:
 
                 def serve() -> None:
                     asyncio.set_event_loop(loop)
-                    self._aclient = anthropic.AsyncAnthropic(
-                        **{**self._client_kwargs, "max_retries": 0}
-                    )
+                    self._aclient = anthropic.AsyncAnthropic(**self._client_kwargs)
                     ready.set()
                     loop.run_forever()
 
@@ -477,7 +547,6 @@ class LM:
     def close(self) -> None:
         """Write the ledger, close both HTTP clients and stop the background loop."""
         self.flush_ledger()
-        self._client.close()
         with self._loop_lock:
             loop, self._loop = self._loop, None
         if loop is not None:
@@ -626,25 +695,32 @@ class LM:
     def _account(self, record: CallRecord) -> None:
         self.accounting.add(record)
         if self.cache is not None:
-            self._ledger.append(
-                {
-                    **self.context,
-                    "depth": record.depth,
-                    "role": record.role,
-                    "model": record.model,
-                    **asdict(record.usage),
-                    "cost_usd": record.paid_usd if record.cost_usd is not None else None,
-                    "latency_s": record.latency_s,
-                    "cache_hit": int(record.cache_hit),
-                }
-            )
-            if record.role != "where" or len(self._ledger) >= 500:
+            row = {
+                **self.context,
+                "depth": record.depth,
+                "role": record.role,
+                "model": record.model,
+                **asdict(record.usage),
+                "cost_usd": record.paid_usd if record.cost_usd is not None else None,
+                "latency_s": record.latency_s,
+                "cache_hit": int(record.cache_hit),
+            }
+            with self._ledger_lock:
+                self._ledger.append(row)
+            # llm_where rows wait for the verdicts they paid for (Semantic commits both
+            # together); every other call is recorded at once.
+            if record.role != "where":
                 self.flush_ledger()
 
-    def flush_ledger(self) -> None:
-        """Write buffered ledger rows (llm_where batches are buffered; others go at once)."""
+    def take_ledger(self) -> list[dict[str, Any]]:
+        """The buffered ledger rows, removed from the buffer (their writer commits them)."""
         with self._ledger_lock:
             rows, self._ledger = self._ledger, []
+        return rows
+
+    def flush_ledger(self) -> None:
+        """Write the buffered ledger rows."""
+        rows = self.take_ledger()
         if rows and self.cache is not None:
             self.cache.record(rows)
 

@@ -62,6 +62,10 @@ def run_metadata(result: RLMResult, lm: LM) -> dict[str, Any]:
         "rlm/trajectory": dg.MetadataValue.md(result.trajectory_markdown() or "(no turns)"),
         "rlm/call_tree": dg.MetadataValue.json(result.call_tree()),
     }
+    if result.where_stats:
+        meta["rlm/where_calls"] = len(result.where_stats)
+        meta["rlm/where_undecided_rows"] = result.where_undecided_rows
+        meta["rlm/where_clipped_rows"] = result.where_clipped_rows
     if unknown:
         meta["rlm/cost_unknown_models"] = ", ".join(unknown)
     if lm.provider == "demo":

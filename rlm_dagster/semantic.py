@@ -22,8 +22,12 @@ The plan is priced before anything is sent, and refused when it cannot fit the b
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import os
+import socket
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -35,7 +39,7 @@ import pyarrow.compute as pc
 
 from rlm_dagster.budget import Budget
 from rlm_dagster.cache import Cache, verdict_key
-from rlm_dagster.errors import ModelError, QueryError
+from rlm_dagster.errors import BudgetExceeded, QueryError
 from rlm_dagster.lm import LM, Usage, cached_system
 from rlm_dagster.models import VerdictChannel
 from rlm_dagster.prompts import render
@@ -84,6 +88,10 @@ _THINKING_TOKENS_PER_REQUEST = {
     "xhigh": 6_000,
     "max": 6_000,
 }
+# Leases on llm_where work in the shared cache: held while judging, renewed every quarter of
+# their life, so a run that dies frees them within a minute.
+_LEASE_TTL_S = 60.0
+_LEASE_POLL_S = 0.5
 # Room kept under a long-prompt price threshold for the tokenizer's variance from our estimate.
 _TIER_MARGIN = 0.8
 
@@ -96,7 +104,7 @@ class WhereConfig:
 
     batch_rows: int = 40
     batch_tokens: int = 4_000
-    max_row_chars: int = 4_000
+    max_row_chars: int = 16_000  # longer rows are shown clipped, and marked _clipped
     progress_interval_s: float = 5.0
     default_latency_s: float = 3.0  # per request, until latencies have been observed
 
@@ -159,6 +167,7 @@ class WhereStats:
     matches: int = 0
     failed: int = 0
     reasked: int = 0
+    clipped: int = 0  # rows whose value was shown to the model cut to max_row_chars
     cost_usd: float = 0.0
     seconds: float = 0.0
     stopped_early: bool = False
@@ -177,6 +186,7 @@ class WhereStats:
                     else ""
                 )
                 + (", stopped at limit" if self.stopped_early else "")
+                + self._clipped_note()
                 + f". Result: {self.name}]"
             )
         return (
@@ -189,7 +199,16 @@ class WhereStats:
                 else ""
             )
             + (", stopped at limit" if self.stopped_early else "")
+            + self._clipped_note()
             + f"; ${self.cost_usd:.4f}, {self.seconds:.1f} s. Result: {self.name}]"
+        )
+
+    def _clipped_note(self) -> str:
+        if not self.clipped:
+            return ""
+        return (
+            f", {self.clipped:,} rows judged on a clipped value (too long; see _clipped in "
+            f"{self.name}_provenance, project fewer columns=)"
         )
 
 
@@ -214,6 +233,7 @@ class Semantic:
         self.cache = cache
         self.config = config or WhereConfig()
         self.on_event = on_event or (lambda event: None)
+        self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
 
     # -- llm_query / llm_query_batched ----------------------------------------------------
 
@@ -224,6 +244,7 @@ class Semantic:
             system="Answer the request directly and concisely.",
             messages=[{"role": "user", "content": prompt}],
             depth=self.depth,
+            deadline=self.budget.deadline,
         )
         reply.check_not_refused("the llm_query prompt")
         return reply.text
@@ -232,24 +253,26 @@ class Semantic:
         self.budget.reserve_sub_calls(len(prompts))
 
         async def one(prompt: str) -> str:
-            try:
-                reply = await self.lm.acomplete(
-                    role="sub",
-                    model=model or self.lm.sub_model,
-                    system="Answer the request directly and concisely.",
-                    messages=[{"role": "user", "content": prompt}],
-                    depth=self.depth,
-                )
-            except ModelError as err:
-                if not err.retryable:
-                    raise
-                return f"ERROR: {err}"
+            reply = await self.lm.acomplete(
+                role="sub",
+                model=model or self.lm.sub_model,
+                system="Answer the request directly and concisely.",
+                messages=[{"role": "user", "content": prompt}],
+                depth=self.depth,
+                deadline=self.budget.deadline,
+            )
             if reply.stop_reason == "refusal":
                 return "ERROR: refused by the model (stop_reason: refusal)"
             return reply.text
 
         async def run() -> list[str]:
-            return list(await asyncio.gather(*(one(p) for p in prompts)))
+            # Every prompt runs to its end (each success is cached), then the first provider
+            # failure ends the call: a retried run pays only for what failed.
+            results = await asyncio.gather(*(one(p) for p in prompts), return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+            return [str(r) for r in results]
 
         return self.lm.run_async(run)
 
@@ -276,20 +299,33 @@ class Semantic:
         limit: int | None = None,
     ) -> tuple[TableInfo, TableInfo, WhereStats]:
         """Judge the rows; return the matches table, the provenance table and the stats."""
-        if limit is not None and limit < 1:
-            raise ValueError("limit must be a positive number of rows")
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
+        ):
+            raise QueryError(
+                f"llm_where limit= must be a whole number of rows >= 1, not {limit!r}; "
+                "e.g. limit=5, or leave it out."
+            )
         started = time.monotonic()
         job = self._prepare(table, predicate, columns, where)
-        plan = job.plan
-        self.budget.check_plan("llm_where", plan.requests, plan.est_cost_usd)
-        stats = WhereStats(
-            rows_in=plan.rows_in,
-            rows_after_where=plan.rows_after_where,
-            distinct=plan.distinct,
-            cached=plan.cached,
-        )
-        verdicts: dict[int, Verdict] = dict(job.cached)
-        self._judge(job, verdicts, stats, limit)
+        lease = self._lease_name(job)
+        if lease is not None and self._wait_for_lease(lease):
+            # Another run judged these values meanwhile: what it finished is cached now.
+            job = self._prepare(table, predicate, columns, where)
+        try:
+            plan = job.plan
+            self.budget.check_plan("llm_where", plan.requests, plan.est_cost_usd)
+            stats = WhereStats(
+                rows_in=plan.rows_in,
+                rows_after_where=plan.rows_after_where,
+                distinct=plan.distinct,
+                cached=plan.cached,
+            )
+            verdicts: dict[int, Verdict] = dict(job.cached)
+            self._judge(job, verdicts, stats, limit, lease)
+        finally:
+            if lease is not None and self.cache is not None:
+                self.cache.release_lease(lease, self._owner)
         matches, provenance = self._results(job, verdicts, stats, limit)
         stats.seconds = time.monotonic() - started
         info = self.warehouse.create_scratch("where", matches)
@@ -297,11 +333,44 @@ class Semantic:
         prov = self.warehouse.create_scratch("where", provenance, name=f"{info.name}_provenance")
         return info, prov, stats
 
+    def _lease_name(self, job: _Job) -> str | None:
+        """The lease on the values this call must judge, shared by every run that would judge
+        the same values with the same predicate, model and prompt (their cache keys)."""
+        if self.cache is None or not job.batches:
+            return None
+        digest = hashlib.sha256()
+        for i in sorted(i for batch in job.batches for i in batch):
+            digest.update(job.cache_keys[i].encode())
+        return f"llm_where:{digest.hexdigest()}"
+
+    def _wait_for_lease(self, name: str) -> bool:
+        """Take the lease, waiting while another live run holds it; whether it waited."""
+        assert self.cache is not None
+        waited = False
+        while not self.cache.try_lease(name, self._owner, _LEASE_TTL_S):
+            if not waited:
+                self.on_event(
+                    {
+                        "type": "llm_where_progress",
+                        "summary": "llm_where: another run is judging the same rows; waiting "
+                        "for its verdicts (from the shared cache) instead of paying twice",
+                    }
+                )
+            waited = True
+            deadline = self.budget.deadline
+            if deadline is not None and time.monotonic() >= deadline:
+                raise BudgetExceeded(
+                    "max_wall_time_s reached while waiting for another run judging the same "
+                    "llm_where rows. Raise max_wall_time_s, or run one of them later.",
+                    limit="max_wall_time_s",
+                )
+            time.sleep(_LEASE_POLL_S)
+        return waited
+
     def _prepare(
         self, table: str, predicate: str, columns: Sequence[str] | None, where: str | None
     ) -> _Job:
-        if not predicate.strip():
-            raise ValueError("llm_where needs a non-empty natural-language predicate")
+        _check_where_args(predicate, columns, where)
         base = self.warehouse.input_query(table)
         source = f"({base}) AS __in"
         user_columns = [
@@ -319,7 +388,10 @@ class Semantic:
         # The value the sub-model reads (compact JSON of the projected columns) is built and
         # deduplicated in DuckDB and Arrow, not row by row in Python.
         fields = ", ".join(f"{_sql_string(c)}: {quote_ident(c)}" for c in projected)
-        query = f"SELECT *, to_json({{{fields}}})::VARCHAR AS {_KEY} FROM {source}"
+        # '<' and '>' are written as JSON escapes, so no row can contain the wire format's
+        # delimiters (<row id="K">, </row>); the model reads the same text.
+        value = f"replace(replace(to_json({{{fields}}})::VARCHAR, '<', '\\u003c'), '>', '\\u003e')"
+        query = f"SELECT *, {value} AS {_KEY} FROM {source}"
         if where:
             check_sql(f"SELECT * FROM {source} WHERE {where}", self.warehouse.tables.keys())
             query += f" WHERE {where}"
@@ -425,7 +497,12 @@ class Semantic:
         return min(len(value), self.config.max_row_chars) // 4 + _ROW_OVERHEAD_TOKENS
 
     def _judge(
-        self, job: _Job, verdicts: dict[int, Verdict], stats: WhereStats, limit: int | None
+        self,
+        job: _Job,
+        verdicts: dict[int, Verdict],
+        stats: WhereStats,
+        limit: int | None,
+        lease: str | None = None,
     ) -> None:
         """Send the packed batches; stop (and cancel what is in flight) once ``limit`` rows match.
 
@@ -442,23 +519,31 @@ class Semantic:
         flushed = [time.monotonic()]
 
         def flush(force: bool = False) -> None:
-            if self.cache is None or not pending:
+            # A verdict and the ledger row of the request that paid for it are committed in one
+            # transaction: a run killed between flushes loses both or neither.
+            if self.cache is None:
                 return
             if force or len(pending) >= 1_000 or time.monotonic() - flushed[0] >= 1.0:
-                self.cache.put_verdicts(pending)
+                self.cache.commit(verdicts=pending, ledger=self.lm.take_ledger())
                 pending.clear()
                 flushed[0] = time.monotonic()
 
         async def run() -> None:
             nonlocal matched_rows
             queue = deque((f"b{n}", batch) for n, batch in enumerate(job.batches))
-            tasks: list[asyncio.Task[None]] = []
 
             async def worker() -> None:
                 nonlocal matched_rows
                 while queue:
                     batch_id, batch = queue.popleft()
-                    judged = await self._ask(job, batch, stats, batch_id)
+                    try:
+                        judged = await self._ask(job, batch, stats, batch_id)
+                    except BaseException:
+                        # The breaker: once a batch fails at the provider (after the LM's
+                        # retries), no new batch starts; requests already in flight finish
+                        # and are kept (they are paid for), then the error ends the operator.
+                        queue.clear()
+                        raise
                     verdicts.update(judged)
                     model = self.lm.sub_model
                     pending.extend(
@@ -471,23 +556,29 @@ class Semantic:
                     progress["done"] += 1
                     self._progress(progress, total, matched_rows, spent_before)
                     if limit is not None and matched_rows >= limit:
+                        # Enough rows: start nothing new; what is in flight is awaited and
+                        # cached, never thrown away after being paid for.
                         stats.stopped_early = progress["done"] < total
                         queue.clear()
-                        current = asyncio.current_task()
-                        for t in tasks:
-                            if t is not current:
-                                t.cancel()  # in-flight requests are abandoned, not awaited
                         return
 
-            tasks.extend(
-                asyncio.create_task(worker()) for _ in range(min(total, self.lm.max_concurrency))
-            )
-            results = await asyncio.gather(*tasks, return_exceptions=True)
-            errors = [
-                r
-                for r in results
-                if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)
-            ]
+            async def heartbeat() -> None:
+                # Keep the lease while judging; a run that dies lets it expire.
+                assert self.cache is not None and lease is not None
+                while True:
+                    await asyncio.sleep(_LEASE_TTL_S / 4)
+                    await asyncio.to_thread(self.cache.try_lease, lease, self._owner, _LEASE_TTL_S)
+
+            beat = asyncio.create_task(heartbeat()) if lease is not None else None
+            workers = min(total, self.lm.max_concurrency)
+            try:
+                results = await asyncio.gather(
+                    *(worker() for _ in range(workers)), return_exceptions=True
+                )
+            finally:
+                if beat is not None:
+                    beat.cancel()
+            errors = [r for r in results if isinstance(r, BaseException)]
             if errors:
                 raise errors[0]
 
@@ -534,7 +625,6 @@ class Semantic:
         """Judge ``batch``; re-ask what the reply left unjudged in smaller batches, then alone."""
         stats.requests += 1
         lines = [f'<row id="{k}">{self._clip(job.values[i])}</row>' for k, i in enumerate(batch)]
-        cost = 0.0
         request: dict[str, Any] = {}
         if job.channel == "structured":
             request["output_format"] = {"type": "json_schema", "schema": VERDICTS_SCHEMA}
@@ -545,35 +635,32 @@ class Semantic:
                 if job.channel == "forced_tool"
                 else {"type": "auto"}
             )
-        refused = False
+        # Provider failures (after the LM's retries) are not a problem of this reply's content:
+        # they propagate and end the operator; only content problems are re-asked below.
+        reply = await self.lm.acomplete(
+            role="where",
+            model=self.lm.sub_model,
+            system=job.system,
+            messages=[{"role": "user", "content": "\n".join(lines)}],
+            max_tokens=200 + 60 * len(batch),
+            depth=self.depth,
+            deadline=self.budget.deadline,
+            **request,
+        )
+        cost = reply.record.cost_usd or 0.0
+        stats.cost_usd += cost
+        # A refusal covers the whole reply: nothing in it is read, and the batch is split until
+        # only the refused rows are left (each NULL, with the refusal recorded).
+        refused = reply.stop_reason == "refusal"
         judged: dict[int, Verdict]
-        try:
-            reply = await self.lm.acomplete(
-                role="where",
-                model=self.lm.sub_model,
-                system=job.system,
-                messages=[{"role": "user", "content": "\n".join(lines)}],
-                max_tokens=200 + 60 * len(batch),
-                depth=self.depth,
-                **request,
+        if refused:
+            judged, problem = {}, REFUSED
+        elif job.channel == "structured":
+            judged, problem = parse_verdicts(_json_object(reply.text), len(batch))
+        else:
+            judged, problem = parse_verdicts(
+                reply.tool_input(RECORD_VERDICTS_TOOL["name"]), len(batch)
             )
-            cost = reply.record.cost_usd or 0.0
-            stats.cost_usd += cost
-            # A refusal covers the whole reply: nothing in it is read, and the batch is split
-            # until only the refused rows are left (each NULL, with the refusal recorded).
-            refused = reply.stop_reason == "refusal"
-            if refused:
-                judged, problem = {}, REFUSED
-            elif job.channel == "structured":
-                judged, problem = parse_verdicts(_json_object(reply.text), len(batch))
-            else:
-                judged, problem = parse_verdicts(
-                    reply.tool_input(RECORD_VERDICTS_TOOL["name"]), len(batch)
-                )
-        except ModelError as err:
-            if not err.retryable:
-                raise
-            judged, problem = {}, str(err)
         share = cost / len(batch)
         out = {
             batch[k]: Verdict(v.match, v.reason, decided_by="model", batch=batch_id, cost_usd=share)
@@ -626,6 +713,9 @@ class Semantic:
                 [v.cost_usd / counts[i] for i, v in enumerate(per_value)], type=pa.float64()
             ),
             "_error": pa.array([v.error for v in per_value], type=pa.string()),
+            "_clipped": pa.array(
+                [len(value) > self.config.max_row_chars for value in job.values], type=pa.bool_()
+            ),
         }
         provenance = job.rows
         for name, per_value_column in columns.items():
@@ -637,6 +727,11 @@ class Semantic:
         stats.matches = matches.num_rows
         stats.failed = sum(
             counts[i] for i, v in enumerate(per_value) if v.decided_by in ("failed", "refused")
+        )
+        stats.clipped = sum(
+            counts[i]
+            for i, value in enumerate(job.values)
+            if len(value) > self.config.max_row_chars and per_value[i].match is not None
         )
         return matches, provenance
 
@@ -678,6 +773,28 @@ def _counts(index: pa.Array, n: int) -> list[int]:
 
 def _sql_string(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
+
+
+def _check_where_args(predicate: Any, columns: Any, where: Any) -> None:
+    """Refuse malformed arguments before anything is planned or paid."""
+    if not isinstance(predicate, str) or not predicate.strip():
+        raise QueryError("llm_where needs a non-empty natural-language predicate (a str).")
+    if columns is not None and (
+        isinstance(columns, str)
+        or not isinstance(columns, list | tuple)
+        or not all(isinstance(c, str) for c in columns)
+    ):
+        raise QueryError(
+            f"llm_where columns= must be a list of column names, not {columns!r}; "
+            'e.g. columns=["body"].'
+        )
+    if columns is not None and not columns:
+        raise QueryError(
+            "llm_where columns=[] would show the model nothing to judge; name the columns "
+            "the predicate needs, or leave columns out for all of them."
+        )
+    if where is not None and not isinstance(where, str):
+        raise QueryError(f"llm_where where= must be a SQL condition (a str), not {where!r}.")
 
 
 def _json_object(text: str) -> dict[str, Any] | None:

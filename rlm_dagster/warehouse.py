@@ -26,7 +26,7 @@ import duckdb
 import pandas as pd
 import pyarrow as pa
 
-from rlm_dagster.errors import ConfigError, QueryError, UnknownTableError
+from rlm_dagster.errors import ConfigError, QueryError, UnknownTableError, WarehouseBusy
 from rlm_dagster.sql_policy import check_sql
 
 _BARE_NAME = re.compile(r"^[A-Za-z_][\w.]*$")
@@ -239,6 +239,11 @@ class Warehouse:
         self._con.close()
 
 
+def is_lock_error(err: BaseException) -> bool:
+    """Whether ``err`` is DuckDB saying another process holds the file's lock."""
+    return isinstance(err, duckdb.IOException) and any(m in str(err) for m in _LOCK_MARKERS)
+
+
 def _attach_read_only(con: duckdb.DuckDBPyConnection, database: str, timeout_s: float) -> None:
     path = database.replace("'", "''")
     deadline = time.monotonic() + timeout_s
@@ -248,11 +253,16 @@ def _attach_read_only(con: duckdb.DuckDBPyConnection, database: str, timeout_s: 
             con.execute(f"ATTACH '{path}' AS __wh (READ_ONLY)")
             return
         except duckdb.IOException as err:
-            if not any(m in str(err) for m in _LOCK_MARKERS) or time.monotonic() > deadline:
+            locked = any(m in str(err) for m in _LOCK_MARKERS)
+            if locked and time.monotonic() > deadline:
+                raise WarehouseBusy(
+                    f"The warehouse {database!r} stayed locked by another writer for "
+                    f"{timeout_s:g} s: {_short(err)}. The run can be retried; to avoid the wait, "
+                    "put the assets that write this file in one Dagster pool."
+                ) from None
+            if not locked:
                 raise QueryError(
-                    f"Could not open the warehouse {database!r} read-only: {_short(err)}. If "
-                    "another process holds the write lock, put the assets that write this file "
-                    "in one Dagster pool."
+                    f"Could not open the warehouse {database!r} read-only: {_short(err)}."
                 ) from None
             time.sleep(delay)
             delay = min(delay * 2, 2.0)

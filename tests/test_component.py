@@ -176,6 +176,7 @@ def test_yaml_asset_matches_rlm_asset(sandbox: DefsFolderSandbox) -> None:
     assert from_yaml["resources"] - {"io_manager"} == {"claude", "warehouse"}
     assert [name for name, _, _ in from_yaml["checks"]] == [
         "answer_not_empty",
+        "llm_where_rows_decided",
         "output_schema",
         "spend_within_budget",
     ]
@@ -444,4 +445,9 @@ def test_yaml_asset_materializes_end_to_end(
     (materialization,) = result.asset_materializations_for_node("ticket_count")
     assert materialization.metadata["dagster/row_count"].value == 1
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
-    assert checks == {"answer_not_empty": True, "spend_within_budget": True, "output_schema": True}
+    assert checks == {
+        "answer_not_empty": True,
+        "spend_within_budget": True,
+        "output_schema": True,
+        "llm_where_rows_decided": True,
+    }

@@ -339,7 +339,20 @@ def test_fan_out_over_sub_call_budget_is_refused_before_any_request(make_lm: Mak
     assert subs == 0
 
 
-def test_llm_query_batched_keeps_order_and_survives_one_failure(make_lm: MakeLM) -> None:
+def test_llm_query_batched_keeps_order(make_lm: MakeLM) -> None:
+    with FakeAnthropic(sub=lambda req: req.prompt.upper()) as fake:
+        lm = make_lm(fake)
+        sem = Semantic(lm, small_warehouse(), Budget(Limits(), lm.accounting))
+        assert sem.query_batched([f"q{i}" for i in range(5)]) == [f"Q{i}" for i in range(5)]
+
+
+def test_llm_query_batched_fails_loud_when_the_provider_keeps_failing(
+    make_lm: MakeLM, tmp_path: Any
+) -> None:
+    """A prompt that still fails after retries ends the call (retryably), after every other
+    prompt finished and was cached: a retried run pays only for the one that failed."""
+    from rlm_dagster.cache import Cache
+    from rlm_dagster.errors import ProviderUnavailable
     from rlm_dagster.testing import Fault
 
     def sub(req: FakeRequest) -> str | Fault:
@@ -347,12 +360,22 @@ def test_llm_query_batched_keeps_order_and_survives_one_failure(make_lm: MakeLM)
             return Fault(status=529, message="overloaded")
         return req.prompt.upper()
 
-    with FakeAnthropic(sub=sub) as fake:
-        lm = make_lm(fake, max_retries=0)
+    with FakeAnthropic(sub=sub) as fake, Cache(tmp_path / "c.sqlite3") as cache:
+        lm = make_lm(fake, max_retries=1, cache=cache)
         sem = Semantic(lm, small_warehouse(), Budget(Limits(), lm.accounting))
-        out = sem.query_batched([f"q{i}" for i in range(5)])
-    assert out[:2] == ["Q0", "Q1"] and out[3:] == ["Q3", "Q4"]
-    assert out[2].startswith("ERROR: ") and "529" in out[2]
+        with pytest.raises(ProviderUnavailable, match="529") as err:
+            sem.query_batched([f"q{i}" for i in range(5)])
+        assert err.value.retryable
+        assert sorted(r.prompt for r in fake.requests if r.status == 200) == [
+            "q0",
+            "q1",
+            "q3",
+            "q4",
+        ]
+        fake.reset()
+        with pytest.raises(ProviderUnavailable):
+            sem.query_batched([f"q{i}" for i in range(5)])
+        assert {r.prompt for r in fake.requests} == {"q2"}  # the rest replayed from the cache
 
 
 def test_cost_limit_ends_the_run_with_partial_trajectory(make_lm: MakeLM) -> None:

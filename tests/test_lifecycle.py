@@ -184,7 +184,12 @@ def test_checks_pass_on_a_good_run(warehouse_file: str) -> None:
     asset = rlm_asset(name="counts", question="q?", tables=["tickets"], output={"n": "BIGINT"})
     with FakeAnthropic(root=[COUNT]) as fake:
         checks = check_results(materialize([asset], fake, warehouse_file))
-    assert set(checks) == {"answer_not_empty", "spend_within_budget", "output_schema"}
+    assert set(checks) == {
+        "answer_not_empty",
+        "spend_within_budget",
+        "output_schema",
+        "llm_where_rows_decided",
+    }
     assert all(c.passed for c in checks.values())
     assert checks["output_schema"].metadata["mismatches"].value == "none"
 

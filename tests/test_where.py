@@ -298,3 +298,39 @@ def test_where_from_the_repl_reports_plan_summary_and_provenance(
     assert "to judge in" in roots[1].last_user_text
     assert "[llm_where: 600 rows -> 600 after where ->" in roots[2].last_user_text
     assert "600" in roots[2].last_user_text.split("]")[-1]
+
+
+def test_concurrent_runs_do_not_judge_the_same_values_twice(
+    make_lm: MakeLM, tmp_path: Path
+) -> None:
+    """Two runs (separate LMs and cache handles on one cache file, as two Dagster processes
+    would have) filter the same rows at once: the lease in the shared cache makes the second
+    wait for the first's verdicts instead of paying for them again."""
+    import threading
+
+    rows = pd.DataFrame({"text": [f"ticket {i}: we may cancel" for i in range(120)]})
+    path = tmp_path / "shared.sqlite3"
+    outcomes: list[int] = []
+    with FakeAnthropic(where=lambda p, r: "cancel" in r["text"], latency_s=0.3) as fake:
+
+        def one_run() -> None:
+            with Cache(path) as cache:
+                lm = make_lm(fake, max_concurrency=2)
+                sem = Semantic(
+                    lm,
+                    Warehouse.from_frames({"t": rows}),
+                    Budget(Limits(), lm.accounting),
+                    cache=cache,
+                    config=WhereConfig(batch_rows=10),
+                )
+                info, _, _ = sem.where("t", "threatens to cancel")
+                outcomes.append(info.rows)
+
+        runs = [threading.Thread(target=one_run) for _ in range(2)]
+        for run in runs:
+            run.start()
+        for run in runs:
+            run.join(60)
+    assert outcomes == [120, 120]
+    judged = sum(len(r.rows or []) for r in fake.requests if r.kind == "where")
+    assert judged == 120  # each value judged once, not once per run
