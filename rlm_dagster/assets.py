@@ -30,11 +30,11 @@ from rlm_dagster.engine import Event, RLMResult, RLMRun, wire_context
 from rlm_dagster.errors import (
     BudgetExceeded,
     ConfigError,
-    ModelError,
     NoFinalAnswer,
     RLMError,
     WarehouseBusy,
 )
+from rlm_dagster.lm import LM
 from rlm_dagster.metadata import column_schema, run_metadata, unknown_price_models
 from rlm_dagster.models import EFFORTS
 from rlm_dagster.output import OutputSchema
@@ -179,6 +179,7 @@ def rlm_asset(
     def materialize(context: dg.AssetExecutionContext, context_value: Any) -> dg.MaterializeResult:
         rlm: RLMResource = getattr(context.resources, rlm_resource_key)
         duckdb: DuckDBResource = getattr(context.resources, duckdb_resource_key)
+        lm: LM | None = None
         try:
             partition = context.partition_key if context.has_partition_key else None
             with (
@@ -255,23 +256,21 @@ def rlm_asset(
                         "answer": _table_digest(table),
                     }
                 )
-        except ModelError as err:
-            if err.retryable:
-                raise  # the retry policy retries overload, rate limits and timeouts
-            raise dg.Failure(
-                description=str(err),
-                metadata={"rlm/error": type(err).__name__, "rlm/retryable": False},
-                allow_retries=False,
-            ) from err
         except dg.Failure:
             raise
         except RLMError as err:
-            if getattr(err, "retryable", False):
-                raise  # e.g. WarehouseBusy: the same cause gets the same retry decision anywhere
+            # One decision for every cause: retryable errors (the provider kept failing, the
+            # warehouse was locked) go to the retry policy, the rest fail for good; both with
+            # the error and, when the run had started, its trajectory so far.
+            retryable = bool(getattr(err, "retryable", False))
+            failure: dict[str, Any] = {"rlm/error": type(err).__name__, "rlm/retryable": retryable}
+            partial = getattr(err, "partial", None)
+            if isinstance(partial, RLMResult) and lm is not None:
+                failure.update(run_metadata(partial, lm))
             raise dg.Failure(
                 description=f"{type(err).__name__}: {err}",
-                metadata={"rlm/error": type(err).__name__, "rlm/retryable": False},
-                allow_retries=False,
+                metadata=failure,
+                allow_retries=retryable,
             ) from err
         # The UI lists metadata in order and folds Markdown over 1,000 characters behind a
         # click: a short plain preview goes first.

@@ -29,7 +29,6 @@ import pyarrow as pa
 
 from rlm_dagster.budget import Budget, Limits
 from rlm_dagster.errors import (
-    BudgetExceeded,
     CacheError,
     ModelError,
     ModelRefused,
@@ -459,8 +458,9 @@ class RLMRun:
                     output_instructions=output_instructions.replace("## Your answer\n", ""),
                 )
                 self._turn(self.limits.max_iterations + 1, system, messages, last=True)
-        except BudgetExceeded as err:
-            err.partial = self._partial(started)
+        except RLMError as err:
+            # Every failure carries the trajectory so far (the outermost run's, set last).
+            err.partial = self._partial(started)  # type: ignore[attr-defined]
             raise
         finally:
             self.worker.close()

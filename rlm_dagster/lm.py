@@ -324,6 +324,7 @@ def _unavailable(
         what = f"HTTP {err.status_code}: {_message(err)}"
     else:
         what = str(err)
+    what = what.rstrip(". ")
     tries = f"{attempt + 1} attempt{'s' if attempt else ''}"
     why = "; max_wall_time_s left no time for another retry" if cut else ""
     return ProviderUnavailable(

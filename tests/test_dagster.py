@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -314,3 +315,106 @@ def test_worker_limits_and_sandbox_level_come_from_the_resource(warehouse_file: 
     }
     assert meta["rlm/answer_preview"] == str(768 * 1024**2)
     assert meta["rlm/sandbox"].startswith("process")
+
+
+def test_an_unfixable_sub_model_error_fails_the_asset_even_if_the_code_catches_it(
+    warehouse_file: str,
+) -> None:
+    from rlm_dagster.testing import Fault
+
+    script = [
+        "```repl\ntry:\n    llm_where(tickets, 'threatens to cancel', columns=['body'])\n"
+        "except Exception as e:\n    print('worked around', type(e).__name__)\n```",
+        "```repl\nFINAL('a fallback answer')\n```",
+    ]
+    asset = rlm_asset(name="forbidden", question="q?", tables=["tickets"])
+    with FakeAnthropic(root=script, where_reply=lambda req: Fault(status=403)) as fake:
+        result = run_asset(
+            asset,
+            RLMResource(api_key="k", base_url=fake.base_url, root_model="fake-root"),
+            warehouse_file,
+        )
+        root_turns = fake.count("root")
+    message, meta = step_failure(result)
+    assert not result.success and "ProviderAuthError" in message and "403" in message
+    assert meta["rlm/retryable"] is False and root_turns == 1  # no turn to work around it
+    assert "worked around" in meta["rlm/trajectory"]  # the failed run's story is on the asset
+    assert not [e for e in result.all_events if e.event_type_value == "STEP_RESTARTED"]
+
+
+def test_an_outage_mid_filter_is_retried_and_the_retry_pays_only_for_the_rest(
+    warehouse_file: str, churn_by_body: dict[str, bool]
+) -> None:
+    """The first attempt's llm_where meets a 529 outage: the asset does not succeed with NULL
+    rows; the retry policy re-runs it, root turns and finished verdicts replay from the cache,
+    and the answer is complete."""
+    from rlm_dagster.testing import Fault
+
+    asset = rlm_asset(
+        name="outage",
+        question="Which tickets threaten to cancel?",
+        tables=["tickets", "customers"],
+        output={"customer_id": "BIGINT", "ticket_id": "BIGINT", "reason": "VARCHAR"},
+        retry_policy=dg.RetryPolicy(max_retries=1),
+    )
+    judge = judge_from(churn_by_body)
+    seen = [0]
+
+    def where_reply(req: FakeRequest) -> Any:
+        seen[0] += 1
+        if 3 <= seen[0] <= 5:  # the 3rd batch and both its retries meet the outage
+            return Fault(status=529, retry_after_s=0.01)
+        verdicts = [
+            {"id": k, "match": m, "reason": why}
+            for k, row in req.rows or []
+            for m, why in [judge(req.predicate or "", row)]
+        ]
+        return json.dumps({"verdicts": verdicts})
+
+    with FakeAnthropic(root=ROOT_SCRIPT * 2, sub=lambda r: "pricing", where_reply=where_reply) as f:
+        rlm = RLMResource(
+            api_key="k",
+            base_url=f.base_url,
+            root_model="fake-root",
+            max_retries=2,
+            max_concurrency=1,
+            where_batch_rows=5,
+        )
+        result = run_asset(asset, rlm, warehouse_file)
+        judged = sum(len(r.rows or []) for r in f.requests if r.kind == "where" and r.status == 200)
+    assert result.success
+    restarts = [e for e in result.all_events if e.event_type_value == "STEP_RESTARTED"]
+    assert len(restarts) == 1
+    (event,) = result.get_asset_materialization_events()
+    meta = {k: v.value for k, v in event.materialization.metadata.items()}
+    assert meta["rlm/where_undecided_rows"] == 0
+    assert judged == 211  # every distinct value judged once over both attempts (221 rows)
+    assert meta["rlm/cache_hits"] >= 1  # the retry replayed the first root turn
+
+
+def test_a_warehouse_locked_by_another_writer_is_retryable(warehouse_file: str) -> None:
+    import subprocess
+    import sys
+
+    from rlm_dagster import Warehouse
+    from rlm_dagster.errors import WarehouseBusy
+
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import duckdb, sys, time; con = duckdb.connect(sys.argv[1]); print('locked', "
+            "flush=True); time.sleep(30)",
+            warehouse_file,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with pytest.raises(WarehouseBusy, match="locked by another writer") as err:
+            Warehouse.snapshot(warehouse_file, ["tickets"], lock_timeout_s=0.5)
+        assert err.value.retryable
+    finally:
+        holder.kill()
+        holder.wait()
