@@ -206,15 +206,22 @@ class AdaptiveLimiter:
                 self._changed.clear()
                 await self._changed.wait()
 
-    def release(self, *, overloaded: bool = False, retry_after: float | None = None) -> None:
+    def release(self, *, overloaded: bool = False, retry_after: float | None = None) -> bool:
+        """Free a slot; on an overload answer, lower the limit. Whether the limit came down
+        (the answer was about our own concurrency, not yet a sign of an outage)."""
         self.in_flight -= 1
+        lowered = False
         if overloaded:
             self.overloads += 1
+            before = self.limit
             self.limit = max(1.0, min(self.limit - 1.0, max(float(self.in_flight), self.limit / 2)))
+            # Only an overload while others were in flight can be blamed on our concurrency.
+            lowered = self.in_flight > 0 and int(self.limit) < int(before)
             if retry_after is not None and retry_after >= 1.0:
                 self._paused_until = max(self._paused_until, time.monotonic() + retry_after)
         if self._changed is not None:
             self._changed.set()
+        return lowered
 
     def on_success(self) -> None:
         self.limit = min(float(self.max_limit), self.limit + 1.0 / self.limit)
@@ -490,7 +497,12 @@ class LM:
                 message = await asyncio.wait_for(self._aclient.messages.create(**kwargs), timeout)
             except (*_TRANSIENT, TimeoutError) as err:
                 retry_after = _retry_after(err) if isinstance(err, anthropic.APIError) else None
-                self.limiter.release(overloaded=isinstance(err, _OVERLOAD), retry_after=retry_after)
+                # An overload answer that lowered our concurrency was about us sending too much
+                # at once: it is retried without spending one of the request's retries. Once
+                # the limit is down to what the provider takes, overloads count.
+                adapting = self.limiter.release(
+                    overloaded=isinstance(err, _OVERLOAD), retry_after=retry_after
+                )
                 if isinstance(err, TimeoutError) and timeout < self.request_timeout_s:
                     # The attempt was cut short by the run's wall limit, not by the provider.
                     raise BudgetExceeded(
@@ -508,7 +520,8 @@ class LM:
                 cut = deadline is not None and time.monotonic() + delay >= deadline
                 if attempt >= retries or cut:
                     raise _unavailable(err, model, self.base_url, attempt, timeout, cut) from err
-                attempt += 1
+                if not adapting:
+                    attempt += 1
                 self.retries += 1
                 await asyncio.sleep(delay)
                 continue

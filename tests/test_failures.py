@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import math
 import os
 import select
 import shutil
@@ -328,8 +329,11 @@ def test_where_overloaded_on_every_request_fails_the_run_retryably(
     err = expect(out, ProviderUnavailable)  # not a success with NULL rows
     assert err.retryable is True and url in str(err)
     # a breaker: at most the batches in flight when the first one failed were tried, each
-    # max_retries + 1 times; not re-asked in halves down to single rows (~71 per batch)
-    assert sent <= concurrency * (max_retries + 1), f"{sent} where requests sent"
+    # max_retries + 1 times, plus at most one free retry per halving of the concurrency
+    # limit (an overload while others are in flight is first read as our own concurrency);
+    # not re-asked in halves down to single rows (~71 per batch)
+    free = math.ceil(math.log2(concurrency))
+    assert sent <= concurrency * (max_retries + 1) + free, f"{sent} where requests sent"
     assert roots == 1, f"{roots} root turns were sent; the run should end after the first"
 
 
@@ -408,7 +412,9 @@ def test_batched_item_that_keeps_failing_ends_the_run(lms: Callable[..., LM]) ->
         url = fake.base_url
     err = expect(out, ProviderUnavailable)  # not an "ERROR: ..." string handed to the model
     assert err.retryable is True and url in str(err)
-    assert len(doomed) == 3  # max_retries + 1
+    # max_retries + 1, plus at most one free retry while the others were in flight (an
+    # overload then first lowers our own concurrency)
+    assert 3 <= len(doomed) <= 3 + math.ceil(math.log2(lm.max_concurrency))
     assert roots == 1
 
 
