@@ -4,9 +4,10 @@
     >>> limits.max_depth
     1
 
-The :class:`Budget` is installed as the ``before_call`` hook of the run's ``LM``, so every
-request (root or sub, from any thread) is checked in the host before it is sent. Code in
-the REPL worker has no handle on it and cannot raise a limit.
+Every model call of a run is made with its :class:`Budget` as the ``meter``: the call's
+upper-bound cost is reserved before it is sent (root or sub, from any thread, for the whole
+call tree) and released when it ends. Code in the REPL worker has no handle on it and cannot
+raise a limit.
 """
 
 from __future__ import annotations
@@ -52,6 +53,19 @@ class Limits:
         }
 
 
+class _Reservation:
+    """What one call in flight holds of the budget; released when the call ends."""
+
+    def __init__(self, budget: Budget, usd: float, tokens: int) -> None:
+        self._budget, self._usd, self._tokens = budget, usd, tokens
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._budget._release(self._usd, self._tokens)
+
+
 class Budget:
     """Counts sub-calls as they start and refuses any call that would cross a limit."""
 
@@ -59,8 +73,10 @@ class Budget:
         self.limits = limits
         self.accounting = accounting
         self.started = time.monotonic()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._sub_calls_started = 0
+        self._reserved_usd = 0.0
+        self._reserved_tokens = 0
 
     @property
     def sub_calls_started(self) -> int:
@@ -105,18 +121,53 @@ class Budget:
                 limit="max_cost_usd",
             )
 
-    def before_call(self, role: str) -> None:
-        self.check()
-        if role == "root":
-            return
+    def reserve(
+        self, *, role: str, depth: int, model: str, tokens: int, usd: float | None
+    ) -> _Reservation:
+        """Reserve one call's upper bound (``tokens``, ``usd``) before it is sent, atomically
+        for the whole call tree: spend so far plus what calls in flight reserved plus this one
+        must fit every limit, or nothing is sent. Sub-calls, and child runs' root turns, count
+        against ``max_sub_calls``; the root's own turns do not (it can always answer with
+        what it has while money and time last)."""
         with self._lock:
-            if self._sub_calls_started >= self.limits.max_sub_calls:
+            self.check()
+            counted = role != "root" or depth > 0
+            lim = self.limits
+            if counted and self._sub_calls_started >= lim.max_sub_calls:
                 raise BudgetExceeded(
-                    f"max_sub_calls={self.limits.max_sub_calls} reached. Answer with what you "
-                    "have, or raise max_sub_calls on the asset.",
+                    f"max_sub_calls={lim.max_sub_calls} reached. Answer with what you have, or "
+                    "raise max_sub_calls on the asset.",
                     limit="max_sub_calls",
                 )
-            self._sub_calls_started += 1
+            if lim.max_cost_usd is not None and usd is not None:
+                committed = self.accounting.cost_usd + self._reserved_usd
+                if committed + usd > lim.max_cost_usd:
+                    raise BudgetExceeded(
+                        f"max_cost_usd=${lim.max_cost_usd:.4f} would be passed: a {role} call to "
+                        f"{model} can cost up to ${usd:.4f} (its prompt and max_tokens) and "
+                        f"${committed:.4f} is spent or reserved. Raise max_cost_usd on the "
+                        "asset, or narrow the question.",
+                        limit="max_cost_usd",
+                    )
+            if lim.max_tokens is not None:
+                committed_tokens = self.accounting.usage.total_tokens + self._reserved_tokens
+                if committed_tokens + tokens > lim.max_tokens:
+                    raise BudgetExceeded(
+                        f"max_tokens={lim.max_tokens} would be passed: a {role} call to {model} "
+                        f"can use up to {tokens:,} tokens and {committed_tokens:,} are used or "
+                        "reserved. Raise max_tokens on the asset.",
+                        limit="max_tokens",
+                    )
+            if counted:
+                self._sub_calls_started += 1
+            self._reserved_usd += usd or 0.0
+            self._reserved_tokens += tokens
+            return _Reservation(self, usd or 0.0, tokens)
+
+    def _release(self, usd: float, tokens: int) -> None:
+        with self._lock:
+            self._reserved_usd -= usd
+            self._reserved_tokens -= tokens
 
     def check(self) -> None:
         """Raise :class:`BudgetExceeded` if spend, tokens or wall time are used up."""

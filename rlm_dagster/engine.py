@@ -268,7 +268,6 @@ class RLMRun:
         # A child run shares its parent's budget: its spend counts as it happens.
         if budget is None:
             budget = Budget(self.limits, lm.accounting)
-            lm.before_call = budget.before_call
         self.budget = budget
         self.semantic = Semantic(
             lm,
@@ -522,6 +521,7 @@ class RLMRun:
             messages=_with_cache_mark(messages),
             depth=self.depth,
             deadline=self.budget.deadline,
+            meter=self.budget,
         )
         reply.check_not_refused(f"root turn {iteration} of run {self.run_id}")
         turn = Turn(

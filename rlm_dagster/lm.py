@@ -18,12 +18,13 @@ Dagster.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anthropic
 import httpx2
@@ -53,6 +54,18 @@ DEFAULT_SUB_EFFORT = "low"
 # max_tokens room for thinking on top of the answer's own room, per effort: thinking tokens
 # count against max_tokens, and are billed only as used.
 THINKING_ROOM = {"low": 2_048, "medium": 8_192, "high": 16_384, "xhigh": 32_768, "max": 32_768}
+
+
+class Reservation(Protocol):
+    def release(self) -> None: ...
+
+
+class Meter(Protocol):
+    """What a run's budget offers the LM: reserve a call's upper bound before it is sent."""
+
+    def reserve(
+        self, *, role: str, depth: int, model: str, tokens: int, usd: float | None
+    ) -> Reservation: ...
 
 
 @dataclass(frozen=True)
@@ -355,8 +368,9 @@ def _usage(raw: Any) -> Usage:
 class LM:
     """Anthropic Messages API client pair with routing, concurrency and accounting.
 
-    ``before_call(role)`` is called before every request and may raise (the host's budget
-    uses it to refuse a call that would cross a limit).
+    A call made with a ``meter`` (a run's :class:`~rlm_dagster.budget.Budget`) reserves its
+    upper-bound cost (known input + ``max_tokens``, priced at the model's tier) with the meter
+    before it is sent, and releases the reservation when it ends; the meter may refuse.
     """
 
     def __init__(
@@ -402,7 +416,6 @@ class LM:
         # Who is calling, for the ledger (the Dagster layer sets run_id, asset, partition).
         self.context: dict[str, Any] = {}
         self.retries = 0
-        self.before_call: Callable[[str], None] | None = None
         self.request_timeout_s = request_timeout_s
         # Retries are ours (so every attempt has a total deadline and each 429/529 reaches the
         # limiter); httpx2's own timeouts only bound each phase, connect the tightest.
@@ -433,6 +446,7 @@ class LM:
         output_format: dict[str, Any] | None = None,
         depth: int = 0,
         deadline: float | None = None,
+        meter: Meter | None = None,
     ) -> Completion:
         """One blocking call (the root loop's turns and single sub-calls): :meth:`acomplete`
         run on the LM's event loop, with the same retries and deadlines."""
@@ -448,6 +462,7 @@ class LM:
                 output_format=output_format,
                 depth=depth,
                 deadline=deadline,
+                meter=meter,
             )
         )
 
@@ -464,6 +479,7 @@ class LM:
         output_format: dict[str, Any] | None = None,
         depth: int = 0,
         deadline: float | None = None,
+        meter: Meter | None = None,
     ) -> Completion:
         """One call on the LM's event loop under the adaptive limiter.
 
@@ -477,6 +493,37 @@ class LM:
         kwargs = self._request(
             role, model, system, messages, max_tokens, tools, tool_choice, output_format
         )
+        reservation = None
+        if meter is not None:
+            tokens, usd = self.upper_bound(kwargs)
+            reservation = meter.reserve(role=role, depth=depth, model=model, tokens=tokens, usd=usd)
+        try:
+            return await self._call(role, model, kwargs, depth, deadline)
+        finally:
+            if reservation is not None:
+                reservation.release()
+
+    def upper_bound(self, request: dict[str, Any]) -> tuple[int, float | None]:
+        """The most a request can use: its prompt (estimated at 3 characters a token, on the
+        high side) plus ``max_tokens``, in tokens and in USD at the model's price (the prompt
+        as if written to the prompt cache, 1.25x; the long-prompt tier where it applies)."""
+        prompt = {k: request.get(k) for k in ("system", "messages", "tools")}
+        prompt_tokens = len(json.dumps(prompt, default=str)) // 3 + 16
+        out = int(request["max_tokens"])
+        usd = self.catalog.cost_usd(
+            request["model"], Usage(cache_creation_input_tokens=prompt_tokens, output_tokens=out)
+        )
+        return prompt_tokens + out, usd
+
+    async def _call(
+        self,
+        role: str,
+        model: str,
+        kwargs: dict[str, Any],
+        depth: int,
+        deadline: float | None,
+    ) -> Completion:
+        assert self._aclient is not None, "call acomplete through LM.run_async"
         key, hit = self._cached(role, kwargs, depth)
         if hit is not None:
             return hit
@@ -598,8 +645,6 @@ class LM:
                 f"{model!r} has no structured outputs (its profile: {profile.family}); "
                 "declare them with RLMResource(model_profiles=...) if the endpoint has them."
             )
-        if self.before_call is not None:
-            self.before_call(role)
         kind = "root" if role == "root" else "sub"
         effort = profile.effort(self.effort[kind])
         thinking = profile.thinking_param(self.thinking_mode[kind], effort)

@@ -238,28 +238,55 @@ class Semantic:
     # -- llm_query / llm_query_batched ----------------------------------------------------
 
     def query(self, prompt: str, model: str | None = None) -> str:
+        """One sub-call: ``prompt`` (text) to the sub model, or to ``model`` if it is one of
+        the run's models."""
         reply = self.lm.complete(
             role="sub",
-            model=model or self.lm.sub_model,
-            system="Answer the request directly and concisely.",
-            messages=[{"role": "user", "content": prompt}],
+            model=self._model(model),
+            system=_QUERY_SYSTEM,
+            messages=[{"role": "user", "content": _prompt_text(prompt)}],
             depth=self.depth,
             deadline=self.budget.deadline,
+            meter=self.budget,
         )
         reply.check_not_refused("the llm_query prompt")
         return reply.text
 
     def query_batched(self, prompts: Sequence[str], model: str | None = None) -> list[str]:
-        self.budget.reserve_sub_calls(len(prompts))
+        """Concurrent sub-calls, order kept. The whole fan-out's upper bound is checked against
+        the budget before anything is sent, and each request reserves its own as it goes."""
+        if isinstance(prompts, str) or not isinstance(prompts, list | tuple):
+            raise QueryError("llm_query_batched takes a list of prompts (str).")
+        texts = [_prompt_text(p) for p in prompts]
+        model = self._model(model)
+        self.budget.reserve_sub_calls(len(texts))
+        bounds = [
+            self.lm.upper_bound(
+                self.lm._request(
+                    "sub",
+                    model,
+                    _QUERY_SYSTEM,
+                    [{"role": "user", "content": t}],
+                    None,
+                    None,
+                    None,
+                )
+            )[1]
+            for t in texts
+        ]
+        known = None if any(b is None for b in bounds) else sum(b or 0.0 for b in bounds)
+        self.budget.check_plan("llm_query_batched", len(texts), known)
+        prompts = texts
 
         async def one(prompt: str) -> str:
             reply = await self.lm.acomplete(
                 role="sub",
-                model=model or self.lm.sub_model,
-                system="Answer the request directly and concisely.",
+                model=model,
+                system=_QUERY_SYSTEM,
                 messages=[{"role": "user", "content": prompt}],
                 depth=self.depth,
                 deadline=self.budget.deadline,
+                meter=self.budget,
             )
             if reply.stop_reason == "refusal":
                 return "ERROR: refused by the model (stop_reason: refusal)"
@@ -275,6 +302,19 @@ class Semantic:
             return [str(r) for r in results]
 
         return self.lm.run_async(run)
+
+    def _model(self, model: str | None) -> str:
+        """``model`` if the run was configured with it (root or sub), else an error: model
+        code cannot reach a model nobody chose or priced."""
+        if model is None:
+            return self.lm.sub_model
+        allowed = sorted({self.lm.sub_model, self.lm.root_model})
+        if model not in allowed:
+            raise QueryError(
+                f"model={model!r} is not one of this run's models ({', '.join(allowed)}); "
+                "leave model= out for the sub model, or configure the model on the asset."
+            )
+        return model
 
     # -- llm_where -----------------------------------------------------------------------
 
@@ -645,6 +685,7 @@ class Semantic:
             max_tokens=200 + 60 * len(batch),
             depth=self.depth,
             deadline=self.budget.deadline,
+            meter=self.budget,
             **request,
         )
         cost = reply.record.cost_usd or 0.0
@@ -773,6 +814,26 @@ def _counts(index: pa.Array, n: int) -> list[int]:
 
 def _sql_string(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
+
+
+_QUERY_SYSTEM = "Answer the request directly and concisely."
+_MAX_PROMPT_CHARS = 2_000_000
+
+
+def _prompt_text(prompt: Any) -> str:
+    """A prompt as the API will get it: text only (no content blocks, images or URLs from
+    model code), of a size a request can carry."""
+    if not isinstance(prompt, str):
+        raise QueryError(
+            f"llm_query prompts must be text (str), not {type(prompt).__name__}; put the data "
+            "you want judged into the prompt string."
+        )
+    if len(prompt) > _MAX_PROMPT_CHARS:
+        raise QueryError(
+            f"llm_query prompt of {len(prompt):,} characters is too long (at most "
+            f"{_MAX_PROMPT_CHARS:,}); chunk it and use llm_query_batched."
+        )
+    return prompt
 
 
 def _check_where_args(predicate: Any, columns: Any, where: Any) -> None:

@@ -379,13 +379,27 @@ def test_llm_query_batched_fails_loud_when_the_provider_keeps_failing(
 
 
 def test_cost_limit_ends_the_run_with_partial_trajectory(make_lm: MakeLM) -> None:
-    fake = FakeAnthropic(root=lambda req: code("print('x')"), root_model="claude-sonnet-5-5")
-    with fake, pytest.raises(BudgetExceeded, match="max_cost_usd") as err:
-        run_rlm(
-            "q", warehouse=small_warehouse(), lm=make_lm(fake), limits=Limits(max_cost_usd=0.000001)
+    """The budget holds one root turn's upper bound but not a second one on top of what the
+    first spent: the second turn is refused before it is sent, and the trajectory is kept."""
+    from rlm_dagster.testing import FakeReply
+
+    def turn(req: FakeRequest) -> FakeReply:  # a long, expensive turn: $0.10 of output
+        return FakeReply(text=code("print('x')"), usage={"output_tokens": 10_000})
+
+    with FakeAnthropic(root=turn, root_model="claude-sonnet-5-5") as fake:
+        lm = make_lm(fake)
+        request = lm._request(
+            "root", lm.root_model, "s" * 8_000, [{"role": "user", "content": "q"}], *[None] * 3
         )
+        _, bound = lm.upper_bound(request)
+        assert bound is not None
+        limits = Limits(max_cost_usd=bound * 1.5)
+        with pytest.raises(BudgetExceeded, match="can cost up to") as err:
+            run_rlm("q", warehouse=small_warehouse(), lm=lm, limits=limits)
     assert err.value.limit == "max_cost_usd"
     assert err.value.partial is not None and err.value.partial.iterations == 1
+    assert fake.count("root") == 1
+    assert lm.accounting.cost_usd <= bound * 1.5
 
 
 def test_cell_timeout_restarts_worker_and_tells_the_model(make_lm: MakeLM) -> None:

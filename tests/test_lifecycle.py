@@ -16,7 +16,7 @@ from dagster_duckdb import DuckDBResource
 
 from rlm_dagster import RLMResource, rlm_asset
 from rlm_dagster.errors import ConfigError
-from rlm_dagster.testing import FakeAnthropic
+from rlm_dagster.testing import FakeAnthropic, FakeReply
 
 COUNT = "```repl\nFINAL(sql('SELECT count(*) AS n FROM tickets'))\n```"
 
@@ -195,11 +195,17 @@ def test_checks_pass_on_a_good_run(warehouse_file: str) -> None:
 
 
 def test_empty_answer_and_spend_near_budget_are_flagged(warehouse_file: str) -> None:
-    # one root turn with a priced model: what it costs is known from a first run
+    # one long root turn with a priced model (4,000 of its 4,096 output tokens): what it
+    # costs is known from a first run; a budget just above it reserves the turn's upper bound
+    # and ends up mostly spent
     probe = rlm_asset(name="probe", question="q?", tables=["tickets"], max_cost_usd=None)
-    with FakeAnthropic(root=lambda r: "FINAL()", root_model="claude-opus-4-1") as fake:
+
+    def turn(request: Any) -> FakeReply:
+        return FakeReply(text="FINAL()", usage={"output_tokens": 4_000})
+
+    with FakeAnthropic(root=turn, root_model="claude-opus-4-1") as fake:
         cost = meta(materialize([probe], fake, warehouse_file))["rlm/cost_usd"]
-        near = rlm_asset(name="near", question="q?", tables=["tickets"], max_cost_usd=cost * 1.1)
+        near = rlm_asset(name="near", question="q?", tables=["tickets"], max_cost_usd=cost * 1.15)
         checks = check_results(materialize([near], fake, warehouse_file))
     assert cost > 0
     assert checks["answer_not_empty"].passed is False

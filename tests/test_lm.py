@@ -311,22 +311,34 @@ def test_acomplete_errors_propagate_through_run_async(fake: FakeAnthropic, lm: L
         lm.run_async(one)
 
 
-# -- before_call and Budget ----------------------------------------------------------------
+# -- the meter: budgets are reservations ---------------------------------------------------
 
 
-def test_before_call_can_refuse_before_any_request(fake: FakeAnthropic, lm: LM) -> None:
+def metered(lm: LM, budget: Budget, role: str = "sub", model: str = HAIKU) -> object:
+    return lm.complete(
+        role=role,
+        model=model,
+        system="Be brief.",
+        messages=[{"role": "user", "content": "Is ticket 7 urgent?"}],
+        meter=budget,
+    )
+
+
+def test_a_meter_can_refuse_before_any_request(fake: FakeAnthropic, lm: LM) -> None:
     seen: list[str] = []
 
-    def refuse(role: str) -> None:
-        seen.append(role)
-        raise BudgetExceeded("no more calls", limit="test")
+    class Refuse:
+        def reserve(self, **call: object) -> object:
+            seen.append(str(call["role"]))
+            raise BudgetExceeded("no more calls", limit="test")
 
-    lm.before_call = refuse
     with pytest.raises(BudgetExceeded, match="no more calls"):
-        sub_call(lm)
+        lm.complete(role="sub", model=HAIKU, system="s", messages=MESSAGES, meter=Refuse())
 
     async def one() -> object:
-        return await lm.acomplete(role="where", model=HAIKU, system="s", messages=MESSAGES)
+        return await lm.acomplete(
+            role="where", model=HAIKU, system="s", messages=MESSAGES, meter=Refuse()
+        )
 
     with pytest.raises(BudgetExceeded):
         lm.run_async(one)
@@ -339,7 +351,7 @@ def test_reserve_sub_calls_refuses_over_budget_fan_out() -> None:
     budget = Budget(Limits(max_sub_calls=10), Accounting())
     budget.reserve_sub_calls(10)  # fits exactly
     for _ in range(4):
-        budget.before_call("sub")
+        budget.reserve(role="sub", depth=0, model="m", tokens=0, usd=0.0).release()
     budget.reserve_sub_calls(6)
     with pytest.raises(BudgetExceeded) as info:
         budget.reserve_sub_calls(7)
@@ -351,56 +363,74 @@ def test_reserve_sub_calls_refuses_over_budget_fan_out() -> None:
     assert budget.sub_calls_started == 4  # refusing reserves nothing
 
 
-def test_budget_counts_sub_calls_and_refuses_past_the_limit(fake: FakeAnthropic, lm: LM) -> None:
+def test_budget_counts_sub_calls_and_child_root_turns(fake: FakeAnthropic, lm: LM) -> None:
     budget = Budget(Limits(max_sub_calls=2), lm.accounting)
-    lm.before_call = budget.before_call
-    sub_call(lm)
-    lm.complete(role="root", model="fake-root", system="s", messages=MESSAGES)  # not counted
-    sub_call(lm)
-    assert budget.sub_calls_started == 2
-    assert budget.sub_calls_left == 0
+    metered(lm, budget)
+    metered(lm, budget, role="root", model="fake-root")  # the root's own turn: not counted
+    budget.reserve(role="root", depth=1, model="fake-root", tokens=0, usd=0.0).release()
+    assert budget.sub_calls_started == 2  # a child run's root turn counts
     with pytest.raises(BudgetExceeded) as info:
-        sub_call(lm)
+        metered(lm, budget)
     assert info.value.limit == "max_sub_calls"
     assert "max_sub_calls=2" in str(info.value)
-    assert fake.count("sub", include_faulted=True) == 2
-    assert budget.sub_calls_started == 2
-    # root turns are not sub-calls: the root can still answer with what it has
-    lm.complete(role="root", model="fake-root", system="s", messages=MESSAGES)
+    assert fake.count("sub", include_faulted=True) == 1
+    # the root can still answer with what it has
+    metered(lm, budget, role="root", model="fake-root")
     assert fake.count("root") == 2
 
 
-def test_budget_refuses_once_the_cost_limit_is_spent(fake: FakeAnthropic, lm: LM) -> None:
-    reply = sub_call(lm)
-    spent = reply.record.cost_usd  # type: ignore[attr-defined]
-    assert spent and spent > 0
-    budget = Budget(Limits(max_cost_usd=spent), lm.accounting)
-    lm.before_call = budget.before_call
-    with pytest.raises(BudgetExceeded) as info:
-        lm.complete(role="root", model="fake-root", system="s", messages=MESSAGES)
+def test_a_call_is_refused_when_its_upper_bound_would_pass_the_cost_limit(
+    fake: FakeAnthropic, lm: LM
+) -> None:
+    request = lm._request("sub", HAIKU, "Be brief.", MESSAGES, None, None, None)
+    _, bound = lm.upper_bound(request)
+    assert bound is not None and bound > 0
+    budget = Budget(Limits(max_cost_usd=bound * 1.001), lm.accounting)
+    metered(lm, budget)  # reserves the bound, pays far less
+    spent = lm.accounting.cost_usd
+    assert 0.001 * bound < spent < bound
+    # what is left is less than one more bound: refused before it is sent, though it would
+    # probably have fitted (a limit is a reservation, not a hope)
+    with pytest.raises(BudgetExceeded, match="can cost up to") as info:
+        metered(lm, budget)
     assert info.value.limit == "max_cost_usd"
-    assert "max_cost_usd" in str(info.value)
-    assert fake.count(include_faulted=True) == 1  # only the first, paid call
+    assert fake.count(include_faulted=True) == 1
 
 
-def test_budget_below_the_cost_limit_lets_calls_through(fake: FakeAnthropic, lm: LM) -> None:
-    budget = Budget(Limits(max_cost_usd=1.0), lm.accounting)
-    lm.before_call = budget.before_call
-    sub_call(lm)
-    sub_call(lm)
-    assert fake.count("sub") == 2
-    assert budget.sub_calls_started == 2
+def test_concurrent_calls_cannot_overspend_together(fake: FakeAnthropic, lm: LM) -> None:
+    """Reservations are held while calls are in flight: ten concurrent calls under a budget
+    of three upper bounds send three, whatever their real cost."""
+    request = lm._request("sub", HAIKU, "Be brief.", MESSAGES, None, None, None)
+    _, bound = lm.upper_bound(request)
+    assert bound is not None
+    budget = Budget(Limits(max_cost_usd=bound * 3.01), lm.accounting)
+    fake.latency_s = 0.2
+
+    async def one() -> object:
+        return await lm.acomplete(
+            role="sub", model=HAIKU, system="Be brief.", messages=MESSAGES, meter=budget
+        )
+
+    async def many() -> list[object]:
+        return await asyncio.gather(*(one() for _ in range(10)), return_exceptions=True)
+
+    results = lm.run_async(many)
+    refused = [r for r in results if isinstance(r, BudgetExceeded)]
+    assert len(refused) == 7 and fake.count("sub") == 3
+    assert lm.accounting.cost_usd <= bound * 3.01
 
 
-def test_budget_token_limit() -> None:
+def test_budget_token_limit_reserves_prompt_and_max_tokens() -> None:
     acc = Accounting()
-    budget = Budget(Limits(max_tokens=100), acc)
-    budget.check()
-    acc.add(CallRecord("sub", "m", Usage(60, 40), None, 0.0))
+    budget = Budget(Limits(max_tokens=1_000), acc)
+    budget.reserve(role="sub", depth=0, model="m", tokens=600, usd=None).release()
+    held = budget.reserve(role="sub", depth=0, model="m", tokens=600, usd=None)
     with pytest.raises(BudgetExceeded) as info:
-        budget.before_call("root")
-    assert info.value.limit == "max_tokens"
-    assert "100 used" in str(info.value)
+        budget.reserve(role="root", depth=0, model="m", tokens=500, usd=None)
+    assert info.value.limit == "max_tokens" and "600 are used or reserved" in str(info.value)
+    held.release()
+    acc.add(CallRecord("sub", "m", Usage(60, 40), None, 0.0))
+    budget.reserve(role="root", depth=0, model="m", tokens=900, usd=None).release()
 
 
 def test_budget_wall_time_limit() -> None:

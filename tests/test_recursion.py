@@ -15,7 +15,7 @@ from dagster_duckdb import DuckDBResource
 from rlm_dagster import BudgetExceeded, Limits, RLMResource, rlm_asset, run
 from rlm_dagster.cache import Cache
 from rlm_dagster.lm import LM
-from rlm_dagster.testing import FakeAnthropic, FakeRequest
+from rlm_dagster.testing import FakeAnthropic, FakeReply, FakeRequest
 
 MakeLM = Callable[..., LM]
 
@@ -88,7 +88,9 @@ def test_rlm_query_recurses_to_max_depth(
 
 
 def test_child_spend_counts_against_the_parent_budget_as_it_happens(make_lm: MakeLM) -> None:
-    """Children's sub-calls exhaust max_sub_calls; the parent sees the refusal."""
+    """A child's root turns and sub-calls count against the shared max_sub_calls: its first
+    turn (1) and its batch of 3 use the 4 allowed, its next turn is refused, and the parent
+    sees the refusal and goes on."""
     parent = [
         code(
             "try:\n    print(rlm_query('Count the needles.', context=context))\nexcept BudgetExceeded as e:\n    print('refused:', e)"
@@ -108,13 +110,18 @@ def test_child_spend_counts_against_the_parent_budget_as_it_happens(make_lm: Mak
 
     with FakeAnthropic(root=root, sub=count_needles) as fake:
         lm = make_lm(fake)
-        result = run("q", context=BOOK, lm=lm, limits=Limits(max_depth=2, max_sub_calls=3))
+        result = run("q", context=BOOK, lm=lm, limits=Limits(max_depth=2, max_sub_calls=4))
         subs = fake.count("sub", include_faulted=True)
-        child_turn2 = [
+        child_turns = [
             r for r in fake.requests if r.kind == "root" and "Count the needles" in question_of(r)
-        ][2]
-    assert subs == 3  # the child's batch of 3; its next llm_query is refused by the shared budget
-    assert "BudgetExceeded: max_sub_calls=3 reached" in child_turn2.last_user_text
+        ]
+        parent_turns = [
+            r
+            for r in fake.requests
+            if r.kind == "root" and "Count the needles" not in question_of(r)
+        ]
+    assert subs == 3 and len(child_turns) == 1  # the child's second turn was never sent
+    assert "refused: max_sub_calls=4 reached" in parent_turns[1].last_user_text
     assert result.answer_text == "done"
 
 
@@ -126,19 +133,18 @@ def test_child_cost_can_end_the_whole_run(make_lm: MakeLM) -> None:
     ]
     child = [code("print(len(context))"), code("print(2)"), code("print(3)"), "FINAL(child)"]
 
-    def root(request: FakeRequest) -> str:
+    def root(request: FakeRequest) -> FakeReply:  # every turn costs $0.225 of output
         script = child if "Count the needles" in question_of(request) else parent
-        return script[min(turn_of(request), len(script) - 1)]
+        text = script[min(turn_of(request), len(script) - 1)]
+        return FakeReply(text=text, usage={"output_tokens": 3_000})
 
     with FakeAnthropic(root=root, root_model="claude-opus-4-1") as fake:
         lm = make_lm(fake)
         with pytest.raises(BudgetExceeded, match="max_cost_usd") as err:
-            run("q", context=BOOK, lm=lm, limits=Limits(max_depth=2, max_cost_usd=0.05))
+            run("q", context=BOOK, lm=lm, limits=Limits(max_depth=2, max_cost_usd=0.6))
     calls = lm.accounting.records
     assert any(r.depth == 1 for r in calls)
-    assert lm.accounting.cost_usd < 0.12 + max(
-        r.cost_usd or 0 for r in calls
-    )  # one call over at most
+    assert lm.accounting.cost_usd <= 0.6  # reserved before sending: never over the limit
     assert err.value.partial is not None
 
 
