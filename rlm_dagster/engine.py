@@ -332,7 +332,12 @@ class RLMRun:
         return [_table_dict(t) for t in self.warehouse.tables.values()]
 
     def _sql(self, args: dict[str, Any]) -> dict[str, Any]:
-        table = self.warehouse.query(str(args["query"]), max_rows=self.limits.max_sql_rows)
+        table = self.warehouse.query(
+            str(args["query"]),
+            max_rows=self.limits.max_sql_rows,
+            # stop a little before the cell's own deadline, so the model reads why
+            timeout_s=max(0.1, self.worker.cell_time_left() - 0.5),
+        )
         return {"arrow": encode_arrow(table)}
 
     def _llm_where(self, args: dict[str, Any]) -> dict[str, Any]:

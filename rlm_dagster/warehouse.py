@@ -31,6 +31,9 @@ from rlm_dagster.sql_policy import check_sql
 
 _BARE_NAME = re.compile(r"^[A-Za-z_][\w.]*$")
 _LOCK_MARKERS = ("Could not set lock", "Conflicting lock", "lock on file")
+# What model SQL may use in the host, beyond the bound data itself.
+QUERY_MEMORY_HEADROOM_MB = 2_048
+QUERY_THREADS = 2
 
 
 def quote_ident(name: str) -> str:
@@ -136,6 +139,14 @@ class Warehouse:
         return wh
 
     def _lock_down(self) -> None:
+        # Model SQL runs here: no files or network, a bounded number of threads, and memory
+        # bounded to the data plus headroom (a cross join fails or spills, not the host).
+        used = self._con.sql(
+            "SELECT coalesce(sum(memory_usage_bytes), 0) FROM duckdb_memory()"
+        ).fetchall()[0][0]
+        limit_mb = int(used) // 2**20 + QUERY_MEMORY_HEADROOM_MB
+        self._con.execute(f"SET memory_limit = '{limit_mb}MB'")
+        self._con.execute(f"SET threads = {QUERY_THREADS}")
         self._con.execute("SET enable_external_access = false")
         self._con.execute("SET lock_configuration = true")
 
@@ -184,14 +195,35 @@ class Warehouse:
         """One line per bound table, for the root model's prompt."""
         return "\n".join(f"- {t.describe()}" for t in self.bound_tables())
 
-    def query(self, sql: str, *, max_rows: int = 100_000) -> pa.Table:
-        """Run model-written ``sql`` under the read-only policy; at most ``max_rows`` rows."""
+    def query(
+        self, sql: str, *, max_rows: int = 100_000, timeout_s: float | None = None
+    ) -> pa.Table:
+        """Run model-written ``sql`` under the read-only policy; at most ``max_rows`` rows,
+        interrupted after ``timeout_s`` seconds."""
         check_sql(sql, allowed_tables=self._tables.keys())
-        try:
-            with self._lock:
+        with self._lock:
+            timer = None
+            if timeout_s is not None:
+                timer = threading.Timer(max(timeout_s, 0.0), self._con.interrupt)
+                timer.daemon = True
+                timer.start()
+            try:
                 table = self._con.sql(sql).limit(max_rows + 1).to_arrow_table()
-        except duckdb.Error as err:
-            raise QueryError(f"sql() failed: {_short(err)}") from None
+            except duckdb.InterruptException:
+                raise QueryError(
+                    f"sql() was stopped after {timeout_s:g} s, the time left in this cell. "
+                    "Filter or aggregate first, avoid cross joins and unbounded recursive CTEs."
+                ) from None
+            except duckdb.OutOfMemoryException as err:
+                raise QueryError(
+                    f"sql() needed more memory than the run allows ({_short(err)}). Filter or "
+                    "aggregate first, or avoid joins that multiply rows."
+                ) from None
+            except duckdb.Error as err:
+                raise QueryError(f"sql() failed: {_short(err)}") from None
+            finally:
+                if timer is not None:
+                    timer.cancel()
         if table.num_rows > max_rows:
             raise QueryError(
                 f"sql() result has more than {max_rows:,} rows. Aggregate in SQL, add a LIMIT, "

@@ -257,6 +257,7 @@ class Worker:
         def remaining() -> float:
             return self.cell_timeout_s - (time.monotonic() - started - excluded)
 
+        self._time_left = remaining
         try:
             self._send({"op": "exec", "code": code, "cell": cell_id}, timeout=remaining())
             while True:
@@ -380,6 +381,11 @@ class Worker:
         except Exception as exc:
             log.exception("host handler %s failed", fn)
             return _error_reply(call_id, "HostError", f"{fn}() failed in the host: {exc}")
+
+    def cell_time_left(self) -> float:
+        """Seconds the running cell has left (host work it asks for, like ``sql()``, counts)."""
+        remaining = getattr(self, "_time_left", None)
+        return self.cell_timeout_s if remaining is None else max(remaining(), 0.0)
 
     def get_var(self, name: str) -> dict[str, Any]:
         """The value of a namespace variable in wire form (for text-level FINAL_VAR)."""

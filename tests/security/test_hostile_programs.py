@@ -239,6 +239,17 @@ BLOCKED_SQL: dict[str, tuple[str, tuple[str, ...]]] = {
         ("SQLPolicyError", "[settings]"),
     ),
     "sql-unbound-table": ("sql('SELECT * FROM secrets')", ("SQLPolicyError", "[unbound-table]")),
+    # host work is bounded: DuckDB is interrupted when the cell's time runs out
+    "sql-infinite-recursive-cte": (
+        "sql('WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) "
+        "SELECT count(*) AS n FROM r')",
+        ("QueryError", "was stopped after"),
+    ),
+    "sql-cross-join-explosion": (
+        "sql('SELECT count(*) AS n FROM (SELECT unnest(generate_series(1, 1000000)) AS x) a, "
+        "(SELECT unnest(generate_series(1, 1000000)) AS y) b WHERE x + y > 0')",
+        ("QueryError", "was stopped after"),
+    ),
 }
 
 
