@@ -37,6 +37,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import site
 import struct
 import subprocess
@@ -380,6 +381,7 @@ _FS_MAKE_DEVICES = (1 << 6) | (1 << 11)  # character and block devices
 _NET_TCP = (1 << 0) | (1 << 1)  # bind, connect
 _SCOPES = (1 << 0) | (1 << 1)  # abstract unix sockets, signals
 
+_PR_SET_PDEATHSIG = 1
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_CAPBSET_DROP = 24
 _PR_CAP_AMBIENT = 47
@@ -690,6 +692,12 @@ def confine(policy: Policy) -> tuple[str, ...]:
         interpreter.append(os.path.realpath(loader))
     if sys.platform == "linux":
         kernel = _Kernel()
+        # The worker dies with its host (it is kept across execve); bubblewrap does the same
+        # for the namespace level with --die-with-parent.
+        kernel.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, "parent-death signal")
+        if policy.level != "namespace" and os.getppid() == 1:
+            sys.exit("rlm_dagster.sandbox: the host exited before the worker started")
+        applied.append("dies with its host")
         kernel.prctl(_PR_SET_NO_NEW_PRIVS, 1, "no_new_privs")
         if os.geteuid() == 0:
             kernel.drop_capabilities()

@@ -23,7 +23,9 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import select
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -66,6 +68,7 @@ _PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 # run's budget (sub-calls, tokens, USD, wall time) bounds instead.
 _MODEL_CALLS = frozenset({"llm_query", "llm_query_batched", "llm_where", "rlm_query"})
 _STARTUP_TIMEOUT_S = 60.0
+_SCRATCH_PREFIX = "rlm-worker-"  # + the host's pid + "-" + random
 _LOST = (
     " A fresh REPL was started: variables you defined are lost (tables and functions are "
     "bound again)."
@@ -119,7 +122,8 @@ class Worker:
         self._reader: FrameReader | None = None
         self._drain: threading.Thread | None = None
         self._stderr: collections.deque[str] = collections.deque(maxlen=50)
-        self._scratch = tempfile.TemporaryDirectory(prefix="rlm-worker-")
+        _remove_stale_scratch()
+        self._scratch = tempfile.TemporaryDirectory(prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-")
         self._cells = 0
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -405,6 +409,32 @@ class Worker:
                 f"the REPL could not return {name!r} ({type(exc).__name__}: {exc}); a fresh "
                 "REPL was started. Call FINAL(value) in code instead."
             ) from None
+
+
+def _remove_stale_scratch() -> None:
+    """Delete the scratch directories of hosts that died without cleaning up (a SIGKILLed
+    Dagster step leaves its worker's scratch; the worker itself died with its host)."""
+    pattern = re.compile(rf"^{_SCRATCH_PREFIX}(\d+)-")
+    root = tempfile.gettempdir()
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    for name in names:
+        match = pattern.match(name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
 
 
 @functools.cache

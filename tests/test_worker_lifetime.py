@@ -1,0 +1,80 @@
+"""A REPL worker dies with its host, and the scratch a killed host left behind is removed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from rlm_dagster.repl import Worker
+from rlm_dagster.sandbox import resolve_level
+
+HOST = textwrap.dedent(
+    """
+    import sys, time
+    from rlm_dagster.repl import Worker
+    worker = Worker({}, tables=lambda: [], sandbox=sys.argv[1])
+    cell = worker.execute("import os\\nprint(os.getpid())")
+    print(cell.output.strip(), worker._scratch.name, flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purpose
+    try:
+        return Path(f"/proc/{pid}/status").read_text().find("State:\tZ") < 0
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="parent-death signal is Linux-only")
+@pytest.mark.parametrize("level", ["process", resolve_level("auto")])
+def test_worker_dies_with_its_host_and_its_scratch_is_removed(level: str) -> None:
+    host = subprocess.Popen([sys.executable, "-c", HOST, level], stdout=subprocess.PIPE, text=True)
+    try:
+        assert host.stdout is not None
+        line = host.stdout.readline().split()
+        assert len(line) == 2, f"the host did not start its worker: {line}"
+        worker_pid, scratch = int(line[0]), line[1]
+        worker_pids = [worker_pid] + [  # the worker, and its launcher where one is left
+            int(p)
+            for p in os.listdir("/proc")
+            if p.isdigit()
+            and "rlm_dagster" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")
+            and int(p) not in (host.pid, os.getpid())
+        ]
+        assert Path(scratch).is_dir()
+        host.send_signal(signal.SIGKILL)
+        host.wait(10)
+        deadline = time.monotonic() + 10
+        while any(alive(p) for p in worker_pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(alive(p) for p in worker_pids), "a worker outlived its host"
+        assert Path(scratch).is_dir()  # nobody cleaned up: the host was SIGKILLed
+        Worker({}, tables=lambda: [], sandbox="process").close()  # the next host sweeps it
+        assert not Path(scratch).exists()
+    finally:
+        if host.poll() is None:
+            host.kill()
+
+
+def test_live_hosts_scratch_is_kept() -> None:
+    mine = tempfile.mkdtemp(prefix=f"rlm-worker-{os.getpid()}-")
+    try:
+        Worker({}, tables=lambda: [], sandbox="process").close()
+        assert Path(mine).is_dir()
+    finally:
+        os.rmdir(mine)
