@@ -445,7 +445,38 @@ _SYSCALLS: dict[str, tuple[int | None, int | None]] = {
     "syslog": (103, 116),
     "iopl": (172, None),
     "ioperm": (173, None),
+    # file metadata: modes, owners, times and xattrs are not the worker's to change anywhere
+    # (Landlock has no right for them, so the kernel filter refuses them outright)
+    "chmod": (90, None),
+    "fchmod": (91, 52),
+    "fchmodat": (268, 53),
+    "fchmodat2": (452, 452),
+    "chown": (92, None),
+    "fchown": (93, 55),
+    "lchown": (94, None),
+    "fchownat": (260, 54),
+    "utime": (132, None),
+    "utimes": (235, None),
+    "futimesat": (261, None),
+    "utimensat": (280, 88),
+    "setxattr": (188, 5),
+    "lsetxattr": (189, 6),
+    "fsetxattr": (190, 7),
+    "removexattr": (197, 14),
+    "lremovexattr": (198, 15),
+    "fremovexattr": (199, 16),
+    # memory outside the address-space limit, and other processes' scheduling
+    "memfd_create": (319, 279),
+    "memfd_secret": (447, 447),
+    "setpriority": (141, 140),
+    "ioprio_set": (251, 30),
+    "sched_setparam": (142, 118),
+    "sched_setscheduler": (144, 119),
+    "sched_setattr": (314, 274),
 }
+# Allowed only on this process (pid 0 or its own): resource limits and CPU affinity.
+_PRLIMIT64 = (302, 261)
+_SCHED_SETAFFINITY = (203, 122)
 _CLONE = (56, 220)
 _CLONE3 = (435, 435)
 _KILL = (62, 129)
@@ -461,8 +492,9 @@ def _seccomp_program(arch: str, pid: int, exec_fd: int) -> bytes:
     """A classic-BPF seccomp filter: allow everything except the calls listed above.
 
     ``clone`` is allowed only for threads (``CLONE_THREAD``), ``clone3`` answers ENOSYS so
-    libc falls back to ``clone``, ``kill``/``tgkill`` only target this process, and
-    ``execveat`` only the descriptor ``exec_fd`` (stage 1 execs the worker through it).
+    libc falls back to ``clone``, ``kill``/``tgkill`` only target this process,
+    ``prlimit64`` and ``sched_setaffinity`` only this process, and ``execveat`` only the
+    descriptor ``exec_fd`` (stage 1 execs the worker through it).
     """
     col = 0 if arch == "x86_64" else 1
     ld_nr = (0x20, 0, 0, 0)  # A = seccomp_data.nr
@@ -496,6 +528,16 @@ def _seccomp_program(arch: str, pid: int, exec_fd: int) -> bytes:
     prog += only_if(_KILL[col], (0x15, 0, 1, pid))
     prog += only_if(_TGKILL[col], (0x15, 0, 1, pid))
     prog += only_if(_EXECVEAT[col], (0x15, 0, 1, exec_fd))
+    for nr in (_PRLIMIT64[col], _SCHED_SETAFFINITY[col]):
+        # if nr: allow when arg0 (the pid) is 0 or this process, else deny
+        prog += [
+            (0x15, 0, 5, nr),
+            ld_arg0(),
+            (0x15, 1, 0, 0),
+            (0x15, 0, 1, pid),
+            ret(_RET_ALLOW),
+            deny,
+        ]
     prog.append(ret(_RET_ALLOW))
     return b"".join(struct.pack("=HBBI", *ins) for ins in prog)
 

@@ -169,7 +169,8 @@ BLOCKED: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
     "native-module-from-scratch": (
         "import shutil, importlib.util\n"
-        "shutil.copy(importlib.util.find_spec('_json').origin, '_evil.cpython-311-x86_64-linux-gnu.so')\n"
+        "shutil.copyfile(importlib.util.find_spec('_json').origin, "
+        "'_evil.cpython-311-x86_64-linux-gnu.so')\n"
         "import _imp\nspec = importlib.util.spec_from_file_location('_json', "
         "'_evil.cpython-311-x86_64-linux-gnu.so')\n_imp.create_dynamic(spec)",
         ("SandboxViolation", "loading the native module"),

@@ -50,6 +50,16 @@ attempt("read-warehouse", lambda: open(targets["warehouse"], "rb").read(16))
 attempt("write-outside", lambda: open(targets["outside"], "w").write("x"))
 attempt("write-scratch", lambda: open("ok.txt", "w").write("x"))
 attempt("thread", lambda: threading.Thread(target=lambda: None).start())
+attempt("chmod-warehouse", lambda: os.chmod(targets["warehouse"], 0o777))
+attempt("utime-warehouse", lambda: os.utime(targets["warehouse"], (0, 0)))
+attempt("chown-warehouse", lambda: os.chown(targets["warehouse"], 0, 0))
+attempt("setxattr-warehouse", lambda: os.setxattr(targets["warehouse"], "user.x", b"1"))
+attempt("chmod-scratch", lambda: os.chmod("ok.txt", 0o600))
+attempt("prlimit-host", lambda: resource.prlimit(targets["host_pid"], resource.RLIMIT_CPU, (1, 1)))
+attempt("prlimit-self", lambda: resource.prlimit(0, resource.RLIMIT_CORE, (0, 0)))
+attempt("affinity-host", lambda: os.sched_setaffinity(targets["host_pid"], {0}))
+attempt("renice-host", lambda: os.setpriority(os.PRIO_PROCESS, targets["host_pid"], 10))
+attempt("memfd", lambda: os.memfd_create("big"))
 status = open("/proc/self/status").read()
 results["caps"] = status.split("CapEff:")[1].split()[0]
 results["no_new_privs"] = status.split("NoNewPrivs:")[1].split()[0]
@@ -110,6 +120,21 @@ def test_kernel_layers_of_each_level(level: str, targets: dict[str, Any], tmp_pa
         assert got[attack] == "EPERM", (attack, got)
     assert got["write-scratch"] == "allowed"
     assert got["thread"] == "allowed"
+    # metadata, other processes' limits and scheduling, anonymous memory: refused by the
+    # kernel filter at every level, as if the Python guard did not exist
+    for attack in (
+        "chmod-warehouse",
+        "utime-warehouse",
+        "chown-warehouse",
+        "setxattr-warehouse",
+        "chmod-scratch",
+        "prlimit-host",
+        "affinity-host",
+        "renice-host",
+        "memfd",
+    ):
+        assert got[attack] == "EPERM", (attack, got)
+    assert got["prlimit-self"] == "allowed"
     assert got["no_new_privs"] == "1"
     assert got["as"] == 1024**3
     assert got["nofile"] == WorkerLimits().open_files
@@ -262,7 +287,7 @@ ORDINARY_WORK = """
 import csv, json, os, pathlib, shutil, tempfile, zipfile, datetime, zoneinfo, decimal
 os.mkdir('out'); os.makedirs('out/deep/er')
 pathlib.Path('out/a.txt').write_text('hello')
-shutil.copy('out/a.txt', 'out/b.txt'); os.chmod('out/b.txt', 0o600)
+shutil.copyfile('out/a.txt', 'out/b.txt')  # copy() also copies the mode: chmod is refused
 os.rename('out/b.txt', 'out/c.txt'); os.replace('out/c.txt', 'out/d.txt'); os.remove('out/d.txt')
 with tempfile.NamedTemporaryFile('w', delete=False) as f:
     f.write('t')
