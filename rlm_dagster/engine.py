@@ -33,6 +33,7 @@ from rlm_dagster.errors import (
     ModelError,
     ModelRefused,
     NoFinalAnswer,
+    QueryError,
     RLMError,
 )
 from rlm_dagster.lm import LM, Accounting, cached_system
@@ -40,7 +41,7 @@ from rlm_dagster.output import AnswerRejected, OutputSchema
 from rlm_dagster.prompts import render
 from rlm_dagster.redact import redact
 from rlm_dagster.repl import CellResult, Worker
-from rlm_dagster.repl.protocol import decode_arrow, encode_arrow
+from rlm_dagster.repl.protocol import decode_arrow, encode_arrow, frame_to_arrow
 from rlm_dagster.sandbox import WorkerLimits
 from rlm_dagster.semantic import Semantic, WhereConfig, WhereStats
 from rlm_dagster.warehouse import TableInfo, Warehouse
@@ -382,6 +383,7 @@ class RLMRun:
     def _rlm_query(self, prompt: str, context: Any = None) -> str:
         """A child RLM one level deeper, sharing tables and budget; at the depth limit, a plain
         sub-call with the context appended to the prompt."""
+        context = _context_from_worker(context)
         if self.depth + 1 >= self.limits.max_depth:
             text = prompt if context is None else f"{prompt}\n\nContext:\n{_context_text(context)}"
             return self.semantic.query(text)
@@ -725,6 +727,19 @@ def _context_description(context: Any) -> str:
         "look at its size and a slice first, then chunk it and use llm_query / "
         "llm_query_batched / rlm_query on the chunks."
     )
+
+
+def _context_from_worker(context: Any) -> Any:
+    """A child's context as model code sent it, checked before the host builds anything from
+    it: JSON values, or a DataFrame as the worker's JSON frame (re-encoded here). Arrow from
+    the worker is never decoded: the host only reads Arrow it wrote itself."""
+    if isinstance(context, dict) and context.get("kind") == "frame" and "arrow" not in context:
+        return {"kind": "frame", "arrow": encode_arrow(frame_to_arrow(context.get("frame")))}
+    if isinstance(context, dict) and "arrow" in context:
+        raise QueryError(
+            "rlm_query context= must be text, a list, a dict of JSON values or a DataFrame."
+        )
+    return context
 
 
 def _context_text(context: Any) -> str:

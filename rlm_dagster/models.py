@@ -123,7 +123,7 @@ class ModelProfile:
         """Whether a request with this ``thinking`` field may think (and so needs room in
         ``max_tokens`` for it)."""
         if thinking is None:
-            return self.thinks_by_default or not self.known
+            return self.thinks_by_default
         return thinking.get("type") in ("adaptive", "enabled")
 
 

@@ -14,6 +14,7 @@ without saying so.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from urllib.parse import urlsplit
@@ -24,11 +25,19 @@ import pytest
 from rlm_dagster import Limits, NoFinalAnswer, Warehouse, run_rlm
 from rlm_dagster.budget import Budget
 from rlm_dagster.lm import LM
+from rlm_dagster.models import ModelCatalog
 from rlm_dagster.semantic import Semantic, WhereConfig
 
 BASE_URL = os.environ.get("RLM_LIVE_BASE_URL", "")
 MODEL = os.environ.get("RLM_LIVE_MODEL", "local-model")
 SAMPLE = int(os.environ.get("RLM_LIVE_SAMPLE", "40"))
+# What the served model supports (see docs/local_model_server.md), as RLMResource's
+# model_profiles would declare it; without it the model runs on the conservative profile.
+PROFILE = json.loads(
+    os.environ.get(
+        "RLM_LIVE_PROFILE", '{"tools": true, "max_output_tokens": 1024, "context_window": 16384}'
+    )
+)
 
 pytestmark = [
     pytest.mark.live_server,
@@ -51,6 +60,7 @@ def live_lm() -> Iterator[LM]:
         max_concurrency=2,
         request_timeout_s=300.0,
         max_retries=1,
+        catalog=ModelCatalog({MODEL: PROFILE}),
     )
     yield lm
     lm.close()

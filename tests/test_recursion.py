@@ -14,6 +14,7 @@ from dagster_duckdb import DuckDBResource
 
 from rlm_dagster import BudgetExceeded, Limits, RLMResource, rlm_asset, run
 from rlm_dagster.cache import Cache
+from rlm_dagster.errors import QueryError
 from rlm_dagster.lm import LM
 from rlm_dagster.testing import FakeAnthropic, FakeReply, FakeRequest
 
@@ -278,3 +279,33 @@ def test_rlm_asset_binds_a_dataframe_asset(warehouse_file: str) -> None:
     con = duckdb.connect(warehouse_file, read_only=True)
     assert con.sql("SELECT answer FROM rows").fetchall() == [(f"{len(SECTIONS)} DataFrame",)]
     con.close()
+
+
+def test_the_host_never_decodes_arrow_sent_by_model_code(make_lm: MakeLM) -> None:
+    """A forged child context carrying 'arrow' (a tiny payload could decode to gigabytes) is
+    refused before the host reads it; a DataFrame context still works."""
+    program = [
+        code(
+            "try:\n"
+            "    _rlm_channel_call = type(rlm_query).__self__.channel.call\n"
+            "except Exception:\n"
+            "    _rlm_channel_call = None\n"
+            "print(rlm_query('Count the needles.', context=pd.DataFrame({'n': [1, 2]})))"
+        ),
+        "FINAL(done)",
+    ]
+    from rlm_dagster.engine import _context_from_worker
+
+    with pytest.raises(QueryError, match="context"):
+        _context_from_worker({"kind": "frame", "arrow": "QUFBQQ=="})
+    with pytest.raises(QueryError, match="context"):
+        _context_from_worker({"arrow": "QUFBQQ==", "rows": 10**30})
+
+    def root(request: FakeRequest) -> str:
+        if "Count the needles" in question_of(request):
+            return "```repl\nFINAL(str(len(context)))\n```"
+        return program[min(turn_of(request), len(program) - 1)]
+
+    with FakeAnthropic(root=root) as fake:
+        result = run("q", lm=make_lm(fake), limits=Limits(max_depth=2))
+    assert result.turns[0].cells[0].output.strip().endswith("2")
