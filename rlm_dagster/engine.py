@@ -41,6 +41,7 @@ from rlm_dagster.output import AnswerRejected, OutputSchema
 from rlm_dagster.prompts import render
 from rlm_dagster.redact import redact
 from rlm_dagster.repl import CellResult, Worker
+from rlm_dagster.repl.host import cut_middle
 from rlm_dagster.repl.protocol import decode_arrow, encode_arrow, frame_to_arrow
 from rlm_dagster.sandbox import WorkerLimits
 from rlm_dagster.semantic import Semantic, WhereConfig, WhereStats
@@ -646,11 +647,15 @@ class RLMRun:
         )
 
     def _observation(self, i: int, n: int, cell: CellResult) -> str:
-        out = truncate(cell.output, self.limits.max_observation_chars, cell.dropped_chars)
+        """What the model reads of a cell: its output and its error share one cap
+        (``max_observation_chars``); a long error keeps its start and its end."""
+        cap = self.limits.max_observation_chars
+        error = cut_middle(cell.error or "", cap // 2)
+        out = truncate(cell.output, max(0, cap - len(error)), cell.dropped_chars)
         head = f"[cell {i} of {n}]"
         body = out if out.strip() else "(no output)"
-        if cell.error:
-            body = (out + "\n" if out.strip() else "") + cell.error
+        if error:
+            body = (out + "\n" if out.strip() else "") + error
         return f"{head}\n{body}"
 
     def _try_accept(self, value: dict[str, Any], form: str, notes: list[str]) -> None:

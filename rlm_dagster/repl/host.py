@@ -307,6 +307,16 @@ class Worker:
             except (TypeError, ProtocolError) as exc:
                 answer = None
                 error = (error + "\n" if error else "") + f"answer dict rejected: {exc}"
+        # The worker's own capture limit is not trusted: the host keeps at most
+        # max_capture_chars of a cell's output and of its error text, and counts the rest.
+        if len(stdout) > self.max_capture_chars:
+            dropped += len(stdout) - self.max_capture_chars
+            stdout = stdout[: self.max_capture_chars]
+        if error is not None and len(error) > self.max_capture_chars:
+            hidden = len(error) - self.max_capture_chars
+            error = (
+                error[: self.max_capture_chars] + f"\n[error text cut: {hidden:,} more characters]"
+            )
         return CellResult(
             code=code,
             output=stdout,
@@ -409,6 +419,20 @@ class Worker:
                 f"the REPL could not return {name!r} ({type(exc).__name__}: {exc}); a fresh "
                 "REPL was started. Call FINAL(value) in code instead."
             ) from None
+
+
+def cut_middle(text: str, limit: int) -> str:
+    """``text`` within ``limit`` characters, keeping its start and its end (an error's type
+    and its last words), with a note of what was cut between them.
+
+    >>> cut_middle("abcdefghij", 6)
+    'abc\\n[... 4 characters cut ...]\\nhij'
+    """
+    if len(text) <= limit:
+        return text
+    half = max(limit // 2, 1)
+    hidden = len(text) - 2 * half
+    return f"{text[:half]}\n[... {hidden:,} characters cut ...]\n{text[-half:]}"
 
 
 def _remove_stale_scratch() -> None:

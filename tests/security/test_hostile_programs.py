@@ -334,6 +334,17 @@ def test_gigabyte_print_is_truncated(hostile: Hostile, level: str) -> None:
 
 
 @at_each_level
+def test_a_huge_exception_message_shares_the_observation_cap(hostile: Hostile, level: str) -> None:
+    outcome = hostile.run(level, "print('ok')\nraise ValueError('z' * 30_000_000 + ' the end')")
+    assert "ValueError" in outcome.observation or "error text cut" in outcome.observation
+    assert "the end" in outcome.observation  # the error's last words are what the model reads
+    assert len(outcome.observation) < 2 * LIMITS.max_observation_chars
+    for turn in outcome.result.turns:  # and the host keeps no more than its capture limit
+        for cell in turn.cells:
+            assert len(cell.error or "") < 200_000 and len(cell.output) < 200_000
+
+
+@at_each_level
 def test_deep_recursion_past_the_c_stack_restarts_the_worker(hostile: Hostile, level: str) -> None:
     outcome = hostile.run(
         level,
