@@ -529,3 +529,26 @@ def test_namespace_calls_from_threads_are_serialised(shared: Worker, host: Host)
         "got == [f'answer to thread {i}' for i in range(40)]",
     ).output
     assert out == "True\n"
+
+
+def test_a_forged_frame_count_is_a_protocol_error_not_a_crash() -> None:
+    from rlm_dagster.repl.protocol import ProtocolError, decode_frame
+
+    for forged in (
+        {"rows": 10**30, "columns": []},
+        {"rows": 5, "columns": []},
+        {"rows": 1, "columns": [{"name": "x", "values": [1]}] * 20_000},
+    ):
+        with pytest.raises(ProtocolError):
+            decode_frame(forged)
+
+
+def test_a_host_reply_too_large_to_send_is_the_calls_error() -> None:
+    big = {"text": "x" * (600 * 1024 * 1024)}
+    with Worker({"sql": lambda args: big}, tables=lambda: [], sandbox="process") as worker:
+        cell = worker.execute(
+            "try:\n    sql('SELECT 1')\nexcept Exception as e:\n    print(type(e).__name__, str(e)[:60])"
+        )
+        again = worker.execute("print('alive')")
+    assert "too large to send" in cell.output
+    assert again.output.strip() == "alive"

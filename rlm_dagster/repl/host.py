@@ -272,7 +272,12 @@ class Worker:
                     reply = self._serve(message)
                     if message.get("fn") in _MODEL_CALLS:
                         excluded += time.monotonic() - t0
-                    self._send(reply, timeout=max(remaining(), 1.0))
+                    try:
+                        self._send(reply, timeout=max(remaining(), 1.0))
+                    except ValueError as exc:  # a reply too large to send: the call's error
+                        fn = str(message.get("fn"))[:40]
+                        error = _error_reply(message.get("id"), "QueryError", f"{fn}(): {exc}")
+                        self._send(error, timeout=max(remaining(), 1.0))
                 elif op == "done" and message.get("cell") == cell_id:
                     return self._done(code, message, time.monotonic() - started)
                 else:

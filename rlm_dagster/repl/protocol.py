@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 MAX_FRAME_BYTES = 512 * 1024 * 1024
 """Largest frame the host sends (``sql()`` results)."""
 MAX_WORKER_FRAME_BYTES = 64 * 1024 * 1024
+MAX_FRAME_ROWS = 10_000_000
+MAX_FRAME_COLUMNS = 10_000
 """Largest frame the worker may send (FINAL values): parsing JSON costs the host several
 times its size in memory."""
 _HEADER = struct.Struct(">I")
@@ -216,6 +218,12 @@ def decode_frame(payload: Any) -> pd.DataFrame:
     rows, columns = payload.get("rows"), payload.get("columns")
     if type(rows) is not int or rows < 0 or not isinstance(columns, list):
         raise ProtocolError("a frame needs 'rows' (int) and 'columns' (list)")
+    # Checked before anything is allocated for them: a forged count is not a size.
+    if rows > MAX_FRAME_ROWS or len(columns) > MAX_FRAME_COLUMNS or (rows and not columns):
+        raise ProtocolError(
+            f"a frame may have at most {MAX_FRAME_ROWS:,} rows and {MAX_FRAME_COLUMNS:,} "
+            "columns, and rows only with columns"
+        )
     names: list[str] = []
     series: list[pd.Series] = []
     for column in columns:
