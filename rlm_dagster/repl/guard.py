@@ -406,9 +406,12 @@ def _make_hook(policy: Policy, protected_fds: tuple[int, ...]) -> Any:
         secret_file = real is not None and (
             real.endswith(_secret_suffixes) or real.rpartition("/")[2] in _secret_names
         )
-        if real is None or ((secret_file or _under(real, _denied)) and not _under(real, _readable)):
+        # An allowlist: the read roots (system libraries, Python, this package), scratch and
+        # the worker's own /proc; a secret-looking file only in scratch, where the REPL put it.
+        if real is None or not _under(real, _readable) or (secret_file and _under(real, _denied)):
             raise _violation(
-                f"{_shown(event, raw)} is not allowed: the host's home and project "
+                f"{_shown(event, raw)} is not allowed: the REPL reads only its scratch "
+                "directory and the Python installation; the host's home and project "
                 "directories, other processes and secrets are off limits to the REPL. " + _hint
             )
         return real

@@ -54,6 +54,11 @@ BLOCKED: dict[str, tuple[str, tuple[str, ...]]] = {
         ("SandboxViolation", "listing"),
     ),
     "etc-shadow": ("print(open('/etc/shadow').read())", ("SandboxViolation", "'/etc/shadow'")),
+    # reads are an allowlist: a host file that is on no deny list is still not readable
+    "host-file-outside-the-read-roots": (
+        "print(open('/etc/hostname').read())",
+        ("SandboxViolation", "reads only its scratch"),
+    ),
     "warehouse-bytes": (
         "print(open({WAREHOUSE}, 'rb').read(200))",
         ("SandboxViolation", "warehouse.duckdb"),
@@ -131,7 +136,7 @@ BLOCKED: dict[str, tuple[str, tuple[str, ...]]] = {
         "import os\nfd = os.open(os.path.dirname({WAREHOUSE}), os.O_RDONLY)\n"
         "os.open('warehouse.duckdb', os.O_WRONLY | os.O_TRUNC, dir_fd=fd)",
         # namespace: the directory does not exist in the worker's view of the filesystem
-        ("SandboxViolation: opening the directory|FileNotFoundError",),
+        ("SandboxViolation: opening the directory|SandboxViolation: reading|FileNotFoundError",),
     ),
     "write-outside-scratch": (
         "open('/tmp/rlm-pwned.txt', 'w').write('x')",
