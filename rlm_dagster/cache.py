@@ -129,10 +129,10 @@ class Cache:
             if self.path != ":memory:":
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             self._con = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False)
-            self._con.execute("PRAGMA journal_mode=WAL")
-            self._con.execute("PRAGMA synchronous=NORMAL")
             self._con.execute("PRAGMA busy_timeout=30000")
-            self._con.executescript(_SCHEMA)
+            _retry_locked(lambda: self._con.execute("PRAGMA journal_mode=WAL"))
+            self._con.execute("PRAGMA synchronous=NORMAL")
+            _retry_locked(lambda: self._con.executescript(_SCHEMA))
             columns = {row[1] for row in self._con.execute("PRAGMA table_info(ledger)")}
             if "thinking_tokens" not in columns:  # a ledger written before thinking was kept
                 with self._con:
@@ -254,6 +254,22 @@ _INSERT_LEDGER = (
 
 def _ledger_values(row: Mapping[str, Any], now: float) -> tuple[Any, ...]:
     return (*(row.get(f, 0 if f == "thinking_tokens" else None) for f in LEDGER_FIELDS), now)
+
+
+def _retry_locked(step: Any, timeout_s: float = 30.0) -> Any:
+    """Run ``step``, retrying while another process holds the lock: switching a new file to
+    WAL or creating its tables answers "database is locked" at once, without waiting for the
+    busy timeout, when two processes open the same new cache together."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.01
+    while True:
+        try:
+            return step()
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
 
 
 def _cache_problem(path: str, action: str, err: BaseException) -> str:
