@@ -18,14 +18,37 @@ from rlm_dagster.sandbox import resolve_level
 
 HOST = textwrap.dedent(
     """
-    import sys, time
+    import sys, threading, time
     from rlm_dagster.repl import Worker
-    worker = Worker({}, tables=lambda: [], sandbox=sys.argv[1])
+    worker = Worker({}, tables=lambda: [], sandbox=sys.argv[1], cell_timeout_s=600)
     cell = worker.execute("import os\\nprint(os.getpid())")
+    # the worker is now busy in a loop, not reading its channel: only the kernel can tell it
+    # that its host is gone
+    threading.Thread(target=worker.execute, args=("while True:\\n    pass",), daemon=True).start()
+    time.sleep(0.5)
     print(cell.output.strip(), worker._scratch.name, flush=True)
     time.sleep(60)
     """
 )
+
+
+def descendants(root: int) -> list[int]:
+    """Every process below ``root`` (its worker tree), from /proc."""
+    parent: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parent[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [root]
+    while frontier:
+        pid = frontier.pop()
+        children = [child for child, ppid in parent.items() if ppid == pid]
+        found += children
+        frontier += children
+    return found
 
 
 def alive(pid: int) -> bool:
@@ -49,13 +72,11 @@ def test_worker_dies_with_its_host_and_its_scratch_is_removed(level: str) -> Non
         line = host.stdout.readline().split()
         assert len(line) == 2, f"the host did not start its worker: {line}"
         worker_pid, scratch = int(line[0]), line[1]
-        worker_pids = [worker_pid] + [  # the worker, and its launcher where one is left
-            int(p)
-            for p in os.listdir("/proc")
-            if p.isdigit()
-            and "rlm_dagster" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")
-            and int(p) not in (host.pid, os.getpid())
-        ]
+        # The worker's own pid (inside bubblewrap's PID namespace it is not a host pid), and
+        # every process of the host's worker tree as the host sees them.
+        worker_pids = [worker_pid] if level != "namespace" else []
+        worker_pids += descendants(host.pid)
+        assert worker_pids, "no worker process found"
         assert Path(scratch).is_dir()
         host.send_signal(signal.SIGKILL)
         host.wait(10)
