@@ -45,6 +45,7 @@ attempt("fork", fork)
 attempt("exec", lambda: os.execv("/bin/true", ["true"]))
 attempt("kill-host", lambda: os.kill(targets["host_pid"], 0))
 attempt("read-host-environ", lambda: open(f"/proc/{targets['host_pid']}/environ").read())
+attempt("read-host-cmdline", lambda: open(f"/proc/{targets['host_pid']}/cmdline").read())
 attempt("read-home-secret", lambda: open(targets["secret"]).read())
 attempt("read-warehouse", lambda: open(targets["warehouse"], "rb").read(16))
 attempt("write-outside", lambda: open(targets["outside"], "w").write("x"))
@@ -151,10 +152,15 @@ def test_kernel_layers_of_each_level(level: str, targets: dict[str, Any], tmp_pa
         assert got[attack] in ("EACCES", "ENOENT", "EPERM", "EROFS"), (attack, got)
     assert not Path(targets["outside"]).exists()
     if level == "namespace":
+        assert got["read-host-cmdline"] in ("ENOENT", "EACCES"), got  # its own /proc only
         assert got["hostname"] == "rlm-worker"
         assert "namespaces (bubblewrap)" in got["applied"]
     else:
         assert any(layer.startswith("landlock") for layer in got["applied"])
+        # Honest about the gap (README, Not guaranteed): Landlock does not hide procfs, so
+        # native code at this level still reads another process's command line (not its
+        # environment, which the kernel guards by ptrace rules).
+        assert got["read-host-cmdline"] == "allowed"
 
 
 # -- OS limits, through the real worker ------------------------------------------------------
