@@ -24,8 +24,10 @@ or io_uring. ``auto`` picks the strongest level the machine has; see the README'
 model" for what each level does and does not guarantee.
 
 The worker starts in two stages: ``python -m rlm_dagster.sandbox POLICY`` (inside bubblewrap
-for ``namespace``) confines itself with ctypes, then execs the worker, so the process that
-runs model code never loads ctypes.
+for ``namespace``) confines itself with ctypes, then execs the worker through a descriptor
+the filter lets it exec once. The worker's first step (:func:`sealed`) stacks a second filter
+that allows no exec at all, unloads ctypes, and only then imports the REPL, so the process
+that runs model code can neither exec nor find ctypes loaded.
 """
 
 from __future__ import annotations
@@ -85,6 +87,8 @@ _ETC_FILES = (
 )
 _SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 _DEVICES_READ = ("/dev/urandom", "/dev/random", "/dev/zero")
+# Machine-wide procfs files runtimes read for CPU and memory sizes (no process's data).
+_PROC_FILES = ("/proc/cpuinfo", "/proc/meminfo", "/proc/stat")
 # Where secrets live on a typical host: never readable by model code (the audit hook's list;
 # Landlock and bubblewrap do not show these at all).
 _SECRET_PATHS = (
@@ -542,6 +546,27 @@ def _seccomp_program(arch: str, pid: int, exec_fd: int) -> bytes:
     return b"".join(struct.pack("=HBBI", *ins) for ins in prog)
 
 
+def _no_exec_program(arch: str) -> bytes:
+    """A second filter, installed by stage 2 before any other code runs: no ``execve`` and
+    no ``execveat`` at all. Stage 1's filter lets ``execveat`` through for its descriptor,
+    and the kernel ignores the descriptor when the path is absolute; filters stack and the
+    strictest answer wins, so after this one no exec is left."""
+    col = 0 if arch == "x86_64" else 1
+    deny = (0x06, 0, 0, _RET_ERRNO | _EPERM)
+    prog = [
+        (0x20, 0, 0, 4),  # A = seccomp_data.arch
+        (0x15, 1, 0, _AUDIT_ARCH[arch]),
+        deny,
+        (0x20, 0, 0, 0),  # A = seccomp_data.nr
+        (0x15, 0, 1, _SYSCALLS["execve"][col]),
+        deny,
+        (0x15, 0, 1, _EXECVEAT[col]),
+        deny,
+        (0x06, 0, 0, _RET_ALLOW),
+    ]
+    return b"".join(struct.pack("=HBBI", *ins) for ins in prog)
+
+
 class _Kernel:
     """Thin ctypes wrappers over the system calls stage 1 needs."""
 
@@ -603,7 +628,10 @@ class _Kernel:
         try:
             read = _FS_READ_FILE | _FS_READ_DIR
             rules: list[tuple[str, int]] = [(p, read) for p in policy.read_roots]
-            rules += [("/proc", read), ("/sys/devices/system/cpu", read)]
+            # procfs: this process's own directory only (the pid survives the exec), plus
+            # the machine-wide files runtimes read for CPU and memory sizes
+            rules += [(f"/proc/{os.getpid()}", read), ("/sys/devices/system/cpu", read)]
+            rules += [(p, _FS_READ_FILE) for p in _PROC_FILES]
             rules += [(p, _FS_READ_FILE) for p in _DEVICES_READ]
             rules += [("/dev/null", _FS_READ_FILE | _FS_WRITE_FILE | (handled_fs & _FS_TRUNCATE))]
             rules += [(p, _FS_READ_FILE | _FS_EXECUTE) for p in interpreter]
@@ -777,11 +805,36 @@ def main(argv: Sequence[str]) -> NoReturn:
             f"rlm_dagster.sandbox: could not confine the worker at level {policy.level!r}: {exc}"
         )
     stage2 = dataclasses.replace(policy, applied=applied)
-    args = [sys.executable, "-s", "-B", *argv[1:], stage2.to_json()]
     env = dict(os.environ)
     if "seccomp" in applied:
+        # Stage 2 starts in `sealed`, which closes the exec this stage needed, then runs
+        # PYTHON_ARGS as `python` would.
+        boot = "import sys; from rlm_dagster.sandbox import sealed; sealed(sys.argv[1:])"
+        args = [sys.executable, "-s", "-B", "-c", boot, *argv[1:], stage2.to_json()]
         os.execve(_exec_fd(policy), args, env)
-    os.execve(sys.executable, args, env)
+    os.execve(sys.executable, [sys.executable, "-s", "-B", *argv[1:], stage2.to_json()], env)
+
+
+def sealed(argv: Sequence[str]) -> None:
+    """Stage 2's first step: install the no-exec filter, then run ``-m MODULE ARGS...`` or
+    ``-c CODE ARGS...`` the way the ``python`` command line would."""
+    import gc
+    import runpy
+
+    _Kernel().seccomp(_no_exec_program(platform.machine()))
+    # ctypes did its one job; the worker's import guard wants it never loaded (model code
+    # must not find it in sys.modules), so drop it and collect what referenced it.
+    for name in [m for m in sys.modules if m.partition(".")[0] in ("ctypes", "_ctypes")]:
+        del sys.modules[name]
+    gc.collect()
+    if len(argv) >= 2 and argv[0] == "-m":
+        sys.argv = [argv[1], *argv[2:]]
+        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+    elif len(argv) >= 2 and argv[0] == "-c":
+        sys.argv = ["-c", *argv[2:]]
+        exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__"})
+    else:
+        sys.exit(f"rlm_dagster.sandbox: stage 2 expects -m MODULE or -c CODE, not {argv[:1]}")
 
 
 if __name__ == "__main__":
