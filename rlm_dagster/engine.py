@@ -571,7 +571,7 @@ class RLMRun:
         observations: list[str] = []
         blocks = extract_code_blocks(reply.text)
         for i, code in enumerate(blocks, 1):
-            cell = self.worker.execute(code)
+            cell = self.worker.execute(code, deadline=self.budget.deadline)
             turn.cells.append(cell)
             if self._fatal is not None:
                 raise self._fatal

@@ -243,8 +243,9 @@ class Worker:
 
     # -- running code ---------------------------------------------------------------------
 
-    def execute(self, code: str) -> CellResult:
-        """Run one cell, serving its RPC calls, within the cell timeout."""
+    def execute(self, code: str, deadline: float | None = None) -> CellResult:
+        """Run one cell, serving its RPC calls, within the cell timeout and, when given, by
+        ``deadline`` (a ``time.monotonic()`` value: the run's wall-time limit)."""
         self.start()
         started = time.monotonic()
         if self._has_pending_frame():
@@ -259,7 +260,9 @@ class Worker:
         excluded = 0.0  # host time on model calls
 
         def remaining() -> float:
-            return self.cell_timeout_s - (time.monotonic() - started - excluded)
+            now = time.monotonic()
+            left = self.cell_timeout_s - (now - started - excluded)
+            return left if deadline is None else min(left, deadline - now)
 
         self._time_left = remaining
         try:
@@ -283,12 +286,11 @@ class Worker:
                 else:
                     raise ProtocolError(f"unexpected message {str(op)[:40]!r}")
         except ChannelTimeout:
-            return self._restart_after(
-                code,
-                started,
-                f"TimeoutError: the cell ran longer than {self.cell_timeout_s:g} s and was "
-                "stopped.",
-            )
+            if deadline is not None and time.monotonic() >= deadline - 0.05:
+                why = "the run's wall-time limit (max_wall_time_s) ran out during the cell"
+            else:
+                why = f"the cell ran longer than {self.cell_timeout_s:g} s"
+            return self._restart_after(code, started, f"TimeoutError: {why} and it was stopped.")
         except (ChannelClosed, BrokenPipeError):
             return self._restart_after(code, started, self._death_reason())
         except ProtocolError as exc:

@@ -22,7 +22,7 @@ import pytest
 from rlm_dagster import Limits, RLMResult, Warehouse, run_rlm
 from rlm_dagster.lm import LM
 from rlm_dagster.repl import host as host_module
-from rlm_dagster.sandbox import LEVELS, WorkerLimits, available_levels, resolve_level
+from rlm_dagster.sandbox import LEVELS, WorkerLimits, available_levels
 from rlm_dagster.testing import FakeAnthropic, FakeRequest
 
 SECRET_MARK = "do-not-leak"
@@ -38,24 +38,6 @@ SSH_KEY_TEXT = f"-----BEGIN OPENSSH PRIVATE KEY-----\n{SECRET_MARK}-ssh\n"
 LIMITS = Limits(max_iterations=4, max_sub_calls=5, cell_timeout_s=4.0, max_cost_usd=None)
 # Small enough that an allocation bomb ends fast, large enough for a 1 GiB string.
 TEST_WORKER_LIMITS = WorkerLimits(memory_bytes=2 * 1024**3, cpu_seconds=120)
-
-
-def level_params() -> list[object]:
-    """The levels to run hostile programs at: 'process' always, and the strongest other."""
-    strongest = resolve_level("auto")
-    params: list[object] = [pytest.param("process", id="process")]
-    if strongest != "process":
-        params.append(pytest.param(strongest, id=strongest))
-    else:
-        reasons = "; ".join(f"{k}: {v}" for k, v in available_levels().items())
-        params.append(
-            pytest.param(
-                "namespace",
-                id="kernel-level",
-                marks=pytest.mark.skip(reason=f"no kernel sandbox level here ({reasons})"),
-            )
-        )
-    return params
 
 
 def each_level() -> list[object]:

@@ -3,9 +3,9 @@
 Each program must fail with a clear message in the model's next observation, the run must
 go on and end with the scripted ``FINAL('done')``, the warehouse file must be byte-for-byte
 unchanged and no host secret may reach the model or the trajectory (checked by the
-``hostile`` fixture for every test). Every program runs at the ``process`` level and at the
-strongest level this machine offers (``sql()`` ones only at ``process``: the host polices
-them the same at every level).
+``hostile`` fixture for every test). Every program runs at every sandbox level, skipped
+with the reason where this machine lacks one (``sql()`` ones only at ``process``: the host
+polices them the same at every level).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import pytest
 
 from rlm_dagster import Limits
 
-from .conftest import LIMITS, SSH_KEY_TEXT, Hostile, level_params, real_home
+from .conftest import LIMITS, SSH_KEY_TEXT, Hostile, each_level, real_home
 
-at_each_level = pytest.mark.parametrize("level", level_params())
+at_each_level = pytest.mark.parametrize("level", each_level())
 
 # id -> (program, strings the next observation must contain)
 BLOCKED: dict[str, tuple[str, tuple[str, ...]]] = {
