@@ -43,6 +43,7 @@ from rlm_dagster.redact import redact
 from rlm_dagster.repl import CellResult, Worker
 from rlm_dagster.repl.host import cut_middle
 from rlm_dagster.repl.protocol import decode_arrow, encode_arrow, frame_to_arrow
+from rlm_dagster.repl.seam import REPL, REPLFactory
 from rlm_dagster.sandbox import WorkerLimits
 from rlm_dagster.semantic import Semantic, WhereConfig, WhereStats
 from rlm_dagster.warehouse import TableInfo, Warehouse
@@ -273,6 +274,7 @@ class RLMRun:
         budget: Budget | None = None,
         worker_limits: WorkerLimits | None = None,
         where_stats: list[WhereStats] | None = None,
+        repl: REPLFactory | None = None,
     ) -> None:
         self.question = question
         # Shared with child runs, like the budget: the metadata counts the whole call tree.
@@ -318,7 +320,9 @@ class RLMRun:
             "rlm_query_batched": self._rlm_query_batched,
             "final": lambda a: self._accept(a["value"], "FINAL"),
         }
-        self.worker = Worker(
+        # The sandboxed worker process; engine tests may pass an in-process double.
+        self.repl_factory: REPLFactory = repl or Worker
+        self.worker: REPL = self.repl_factory(
             {name: self._fatal_guard(fn) for name, fn in handlers.items()},
             tables=self._table_infos,
             cell_timeout_s=self.limits.cell_timeout_s,
@@ -402,6 +406,7 @@ class RLMRun:
             budget=self.budget,
             worker_limits=self.worker_limits,
             where_stats=self.where_stats,
+            repl=self.repl_factory,
         )
         self.on_event({"type": "rlm_query", "run_id": child.run_id, "depth": child.depth})
         try:
@@ -790,6 +795,7 @@ def run_rlm(
     on_event: Callable[[Event], None] | None = None,
     sandbox: str = "auto",
     where_config: WhereConfig | None = None,
+    repl: REPLFactory | None = None,
 ) -> RLMResult:
     """Run one RLM over ``warehouse``: :func:`run` with ``tables=warehouse``."""
     return run(
@@ -801,6 +807,7 @@ def run_rlm(
         on_event=on_event,
         sandbox=sandbox,
         where_config=where_config,
+        repl=repl,
     )
 
 
@@ -815,6 +822,7 @@ def run(
     on_event: Callable[[Event], None] | None = None,
     sandbox: str = "auto",
     where_config: WhereConfig | None = None,
+    repl: REPLFactory | None = None,
 ) -> RLMResult:
     """Run an RLM without Dagster, over a long ``context`` and/or ``tables``.
 
@@ -822,7 +830,8 @@ def run(
 
     ``context`` is bound as the REPL variable ``context`` (a str, a list of documents, a dict,
     or a pandas DataFrame); ``tables`` is a :class:`Warehouse` or a mapping of names to
-    DataFrames / Arrow tables, each bound as a table.
+    DataFrames / Arrow tables, each bound as a table. ``repl`` replaces the sandboxed worker
+    (tests only: an in-process double never confines model code).
     """
     warehouse = tables if isinstance(tables, Warehouse) else Warehouse.from_frames(tables or {})
     schema = OutputSchema.parse(output) if isinstance(output, dict) else output
@@ -836,6 +845,7 @@ def run(
         sandbox=sandbox,
         where_config=where_config,
         context=wire_context(context),
+        repl=repl,
     ).run()
 
 
