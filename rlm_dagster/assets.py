@@ -182,19 +182,12 @@ def rlm_asset(
         lm: LM | None = None
         try:
             partition = context.partition_key if context.has_partition_key else None
-            with (
-                rlm.open_cache() as cache,
-                rlm.open_lm(
-                    cache=cache,
-                    root_model=root_model,
-                    sub_model=sub_model,
-                    root_effort=root_effort,
-                    sub_effort=sub_effort,
-                ) as lm,
-            ):
-                lm.context.update(
-                    run_id=context.run.run_id, asset=key.to_user_string(), partition=partition
-                )
+            with rlm.open_lm(
+                root_model=root_model,
+                sub_model=sub_model,
+                root_effort=root_effort,
+                sub_effort=sub_effort,
+            ) as lm:
                 if lm.provider == "demo":
                     context.log.warning(
                         "Using the offline DEMO model (scripted programs and keyword rules, not an "
@@ -221,6 +214,11 @@ def rlm_asset(
                     where_config=rlm.where_config(),
                     worker_limits=rlm.worker_limits(),
                     context=wire_context(context_value),
+                    tags={
+                        "run_id": context.run.run_id,
+                        "asset": key.to_user_string(),
+                        "partition": partition,
+                    },
                 )
                 try:
                     result = run.run()
@@ -238,7 +236,7 @@ def rlm_asset(
                     ) from err
                 finally:
                     warehouse.close()
-                for model in unknown_price_models(lm.accounting):
+                for model in unknown_price_models(result.accounting):
                     context.log.warning(
                         f"The price of model {model!r} is unknown, so its cost is reported as "
                         "unknown (rlm/cost_unknown_models); add it to rlm_dagster.prices.PRICES."

@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlm_dagster.errors import BudgetExceeded, ConfigError
-from rlm_dagster.lm import Accounting
+from rlm_dagster.lm import Accounting, CallRecord, ledger_row
+
+if TYPE_CHECKING:
+    from rlm_dagster.cache import Cache
 
 
 @dataclass(frozen=True)
@@ -67,16 +71,59 @@ class _Reservation:
 
 
 class Budget:
-    """Counts sub-calls as they start and refuses any call that would cross a limit."""
+    """One run's meter: its limits, its accounting and its ledger rows.
 
-    def __init__(self, limits: Limits, accounting: Accounting) -> None:
+    It reserves each call's upper bound before the call is sent (refusing any call that
+    would cross a limit) and records what the call used once it completed. A run and its
+    child runs share one budget; two runs never do, even on one shared :class:`LM`.
+
+    ``ledger`` is where the run's ledger rows go, tagged with ``tags`` (run id, asset,
+    partition). Rows are written as calls complete, except ``llm_where`` batches: the
+    semantic layer takes them with :meth:`take_ledger` and commits them with the verdicts
+    they paid for.
+    """
+
+    def __init__(
+        self,
+        limits: Limits,
+        accounting: Accounting | None = None,
+        *,
+        ledger: Cache | None = None,
+        tags: Mapping[str, Any] | None = None,
+    ) -> None:
         self.limits = limits
-        self.accounting = accounting
+        self.accounting = Accounting() if accounting is None else accounting
+        self.ledger = ledger
+        self.tags = dict(tags or {})
         self.started = time.monotonic()
         self._lock = threading.RLock()
         self._sub_calls_started = 0
         self._reserved_usd = 0.0
         self._reserved_tokens = 0
+        self._rows: list[dict[str, Any]] = []
+        self._rows_lock = threading.Lock()
+
+    def record(self, record: CallRecord) -> None:
+        """Account one completed call (a cache replay too) and write its ledger row."""
+        self.accounting.add(record)
+        if self.ledger is None:
+            return
+        with self._rows_lock:
+            self._rows.append(ledger_row(record, self.tags))
+        if record.role != "where":
+            self.flush_ledger()
+
+    def take_ledger(self) -> list[dict[str, Any]]:
+        """The ledger rows not yet written, removed (their caller commits them)."""
+        with self._rows_lock:
+            rows, self._rows = self._rows, []
+        return rows
+
+    def flush_ledger(self) -> None:
+        """Write the ledger rows not yet written."""
+        rows = self.take_ledger()
+        if rows and self.ledger is not None:
+            self.ledger.record(rows)
 
     @property
     def sub_calls_started(self) -> int:

@@ -19,6 +19,7 @@ import itertools
 import json
 import re
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -275,6 +276,7 @@ class RLMRun:
         worker_limits: WorkerLimits | None = None,
         where_stats: list[WhereStats] | None = None,
         repl: REPLFactory | None = None,
+        tags: Mapping[str, Any] | None = None,
     ) -> None:
         self.question = question
         # Shared with child runs, like the budget: the metadata counts the whole call tree.
@@ -291,8 +293,11 @@ class RLMRun:
         self.depth = depth
         self.run_id = run_id
         # A child run shares its parent's budget: its spend counts as it happens.
+        # The run's meter: its own accounting and ledger tags, never the shared client's.
         if budget is None:
-            budget = Budget(self.limits, lm.accounting)
+            tags = dict(tags or {})
+            tags.setdefault("run_id", uuid.uuid4().hex)
+            budget = Budget(self.limits, ledger=lm.cache, tags=tags)
         self.budget = budget
         self.semantic = Semantic(
             lm,
@@ -536,7 +541,7 @@ class RLMRun:
             question=self.question,
             answer=self.final or Answer(text=""),
             turns=list(self.turns),
-            accounting=self.lm.accounting,
+            accounting=self.budget.accounting,
             duration_s=time.monotonic() - started,
             limits=self.limits,
             run_id=self.run_id,
@@ -609,7 +614,7 @@ class RLMRun:
             notes.append(render("nudge.md").strip())
         turn.note = "; ".join(notes)
         turn.sub_calls = self.budget.sub_calls_started
-        turn.cost_usd = self.lm.accounting.cost_usd
+        turn.cost_usd = self.budget.accounting.cost_usd
         turn.seconds = time.monotonic() - t0
         self.on_event(
             {
@@ -796,6 +801,7 @@ def run_rlm(
     sandbox: str = "auto",
     where_config: WhereConfig | None = None,
     repl: REPLFactory | None = None,
+    tags: Mapping[str, Any] | None = None,
 ) -> RLMResult:
     """Run one RLM over ``warehouse``: :func:`run` with ``tables=warehouse``."""
     return run(
@@ -808,6 +814,7 @@ def run_rlm(
         sandbox=sandbox,
         where_config=where_config,
         repl=repl,
+        tags=tags,
     )
 
 
@@ -823,6 +830,7 @@ def run(
     sandbox: str = "auto",
     where_config: WhereConfig | None = None,
     repl: REPLFactory | None = None,
+    tags: Mapping[str, Any] | None = None,
 ) -> RLMResult:
     """Run an RLM without Dagster, over a long ``context`` and/or ``tables``.
 
@@ -831,7 +839,11 @@ def run(
     ``context`` is bound as the REPL variable ``context`` (a str, a list of documents, a dict,
     or a pandas DataFrame); ``tables`` is a :class:`Warehouse` or a mapping of names to
     DataFrames / Arrow tables, each bound as a table. ``repl`` replaces the sandboxed worker
-    (tests only: an in-process double never confines model code).
+    (tests only: an in-process double never confines model code). ``tags`` label the run's
+    ledger rows (``run_id``, ``asset``, ``partition``; a fresh ``run_id`` by default).
+
+    Runs may share one ``lm`` (one client, in threads at once): each run has its own budget,
+    accounting and ledger tags.
     """
     warehouse = tables if isinstance(tables, Warehouse) else Warehouse.from_frames(tables or {})
     schema = OutputSchema.parse(output) if isinstance(output, dict) else output
@@ -846,6 +858,7 @@ def run(
         where_config=where_config,
         context=wire_context(context),
         repl=repl,
+        tags=tags,
     ).run()
 
 

@@ -22,7 +22,7 @@ import json
 import random
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -61,11 +61,15 @@ class Reservation(Protocol):
 
 
 class Meter(Protocol):
-    """What a run's budget offers the LM: reserve a call's upper bound before it is sent."""
+    """A run's metering, which the shared client never holds: reserve a call's upper bound
+    before it is sent, and record what it used once it completed (accounting and ledger).
+    :class:`~rlm_dagster.budget.Budget` is the run's meter."""
 
     def reserve(
         self, *, role: str, depth: int, model: str, tokens: int, usd: float | None
     ) -> Reservation: ...
+
+    def record(self, record: CallRecord) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -409,13 +413,11 @@ class LM:
             profile = self.catalog.profile(model)
             for role in ("root", "sub"):
                 profile.thinking_param(self.thinking_mode[role], profile.effort(self.effort[role]))
+        # The client holds no run's state: each call is metered by the ``meter`` it is given
+        # (its run's budget, accounting and ledger tags). Calls made without one (direct use
+        # of the client, outside any run) are accounted here and written untagged.
         self.accounting = Accounting()
         self.cache = cache
-        self._ledger: list[dict[str, Any]] = []
-        self._ledger_lock = threading.Lock()
-        # Who is calling, for the ledger (the Dagster layer sets run_id, asset, partition).
-        self.context: dict[str, Any] = {}
-        self.retries = 0
         self.request_timeout_s = request_timeout_s
         # Retries are ours (so every attempt has a total deadline and each 429/529 reaches the
         # limiter); httpx2's own timeouts only bound each phase, connect the tightest.
@@ -493,15 +495,13 @@ class LM:
         kwargs = self._request(
             role, model, system, messages, max_tokens, tools, tool_choice, output_format
         )
-        reservation = None
-        if meter is not None:
-            tokens, usd = self.upper_bound(kwargs)
-            reservation = meter.reserve(role=role, depth=depth, model=model, tokens=tokens, usd=usd)
+        meter = meter or _Unmetered(self.accounting, self.cache)
+        tokens, usd = self.upper_bound(kwargs)
+        reservation = meter.reserve(role=role, depth=depth, model=model, tokens=tokens, usd=usd)
         try:
-            return await self._call(role, model, kwargs, depth, deadline)
+            return await self._call(role, model, kwargs, depth, deadline, meter)
         finally:
-            if reservation is not None:
-                reservation.release()
+            reservation.release()
 
     def upper_bound(self, request: dict[str, Any]) -> tuple[int, float | None]:
         """The most a request can use: its prompt (estimated at 3 characters a token, on the
@@ -522,9 +522,10 @@ class LM:
         kwargs: dict[str, Any],
         depth: int,
         deadline: float | None,
+        meter: Meter,
     ) -> Completion:
         assert self._aclient is not None, "call acomplete through LM.run_async"
-        key, hit = self._cached(role, kwargs, depth)
+        key, hit = self._cached(role, kwargs, depth, meter)
         if hit is not None:
             return hit
         attempt = 0
@@ -569,7 +570,6 @@ class LM:
                     raise _unavailable(err, model, self.base_url, attempt, timeout, cut) from err
                 if not adapting:
                     attempt += 1
-                self.retries += 1
                 await asyncio.sleep(delay)
                 continue
             except anthropic.AnthropicError as err:
@@ -580,7 +580,8 @@ class LM:
                 raise
             self.limiter.on_success()
             self.limiter.release()
-            return self._completion(role, model, message, time.monotonic() - started, key, depth)
+            latency = time.monotonic() - started
+            return self._completion(role, model, message, latency, meter, key, depth)
 
     def run_async(self, coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
         """Run ``coro_fn()`` on the LM's background event loop and wait for its result."""
@@ -606,8 +607,7 @@ class LM:
             return self._loop
 
     def close(self) -> None:
-        """Write the ledger, close both HTTP clients and stop the background loop."""
-        self.flush_ledger()
+        """Close both HTTP clients and stop the background loop."""
         with self._loop_lock:
             loop, self._loop = self._loop, None
         if loop is not None:
@@ -674,7 +674,7 @@ class LM:
         return kwargs
 
     def _cached(
-        self, role: str, request: dict[str, Any], depth: int = 0
+        self, role: str, request: dict[str, Any], depth: int, meter: Meter
     ) -> tuple[str | None, Completion | None]:
         """The call-cache key of ``request`` and its stored completion, if any. llm_where
         batches are cached per value by the verdict cache instead."""
@@ -695,7 +695,7 @@ class LM:
             cache_hit=True,
             depth=depth,
         )
-        self._account(record)
+        meter.record(record)
         completion = Completion(
             text=stored["text"],
             stop_reason=stored["stop_reason"],
@@ -711,6 +711,7 @@ class LM:
         model: str,
         message: Any,
         latency: float,
+        meter: Meter,
         key: str | None = None,
         depth: int = 0,
     ) -> Completion:
@@ -748,40 +749,46 @@ class LM:
                     "usage": asdict(usage),
                 },
             )
-        self._account(record)
+        meter.record(record)
         return completion
 
-    def _account(self, record: CallRecord) -> None:
+
+class _NoReservation:
+    def release(self) -> None:
+        """Nothing was reserved."""
+
+
+class _Unmetered:
+    """The meter of calls made outside any run: no limits; accounted on the client and
+    written to the ledger at once, untagged."""
+
+    def __init__(self, accounting: Accounting, cache: Cache | None) -> None:
+        self.accounting, self.cache = accounting, cache
+
+    def reserve(
+        self, *, role: str, depth: int, model: str, tokens: int, usd: float | None
+    ) -> Reservation:
+        return _NoReservation()
+
+    def record(self, record: CallRecord) -> None:
         self.accounting.add(record)
         if self.cache is not None:
-            row = {
-                **self.context,
-                "depth": record.depth,
-                "role": record.role,
-                "model": record.model,
-                **asdict(record.usage),
-                "cost_usd": record.paid_usd if record.cost_usd is not None else None,
-                "latency_s": record.latency_s,
-                "cache_hit": int(record.cache_hit),
-            }
-            with self._ledger_lock:
-                self._ledger.append(row)
-            # llm_where rows wait for the verdicts they paid for (Semantic commits both
-            # together); every other call is recorded at once.
-            if record.role != "where":
-                self.flush_ledger()
+            self.cache.record([ledger_row(record)])
 
-    def take_ledger(self) -> list[dict[str, Any]]:
-        """The buffered ledger rows, removed from the buffer (their writer commits them)."""
-        with self._ledger_lock:
-            rows, self._ledger = self._ledger, []
-        return rows
 
-    def flush_ledger(self) -> None:
-        """Write the buffered ledger rows."""
-        rows = self.take_ledger()
-        if rows and self.cache is not None:
-            self.cache.record(rows)
+def ledger_row(record: CallRecord, tags: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ledger row of one completed call, with the run's ``tags`` (run id, asset,
+    partition)."""
+    return {
+        **(tags or {}),
+        "depth": record.depth,
+        "role": record.role,
+        "model": record.model,
+        **asdict(record.usage),
+        "cost_usd": record.paid_usd if record.cost_usd is not None else None,
+        "latency_s": record.latency_s,
+        "cache_hit": int(record.cache_hit),
+    }
 
 
 def cached_system(text: str) -> list[dict[str, Any]]:

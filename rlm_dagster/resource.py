@@ -13,7 +13,8 @@ is never chosen implicitly when a key is configured.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -163,76 +164,119 @@ class RLMResource(dg.ConfigurableResource):
     @contextmanager
     def open_lm(
         self,
-        cache: Cache | None = None,
         root_model: str | None = None,
         sub_model: str | None = None,
         root_effort: str | None = None,
         sub_effort: str | None = None,
     ) -> Iterator[LM]:
-        """An ``LM`` for one run (models and efforts overridable per asset); for the demo
-        provider, with its fake server running."""
+        """The client for a run (models and efforts overridable per asset), with the call
+        cache at ``cache_path``; for the demo provider, with its fake server running.
+
+        Runs that use the same settings at the same time in this process share one client
+        (one HTTP connection pool, event loop and adaptive concurrency limit towards the
+        provider) and one cache connection; the last run to finish closes them. The client
+        holds no run's state: each run meters its calls with its own budget."""
         if self.provider not in PROVIDERS:
             raise ConfigError(f"RLMResource(provider={self.provider!r}): use one of {PROVIDERS}.")
         if self.max_concurrency < 1:
             raise ConfigError("RLMResource(max_concurrency=...) must be at least 1.")
+        cache_path = str(self.cache_path or default_cache_path())
         if self.provider == "demo":
-            from rlm_dagster.demo import (
-                DEMO_PROFILES,
-                DEMO_ROOT_MODEL,
-                DEMO_SUB_MODEL,
-                demo_server,
-            )
-
-            with demo_server() as fake:
-                lm = LM(
-                    api_key="demo-no-key",
-                    base_url=fake.base_url,
-                    root_model=DEMO_ROOT_MODEL,
-                    sub_model=DEMO_SUB_MODEL,
-                    max_concurrency=self.max_concurrency,
-                    request_timeout_s=self.request_timeout_s,
-                    max_retries=self.max_retries,
-                    provider="demo",
-                    cache=cache,
-                    catalog=ModelCatalog(DEMO_PROFILES),
-                )
-                try:
-                    yield lm
-                finally:
-                    lm.close()
+            key: tuple[Any, ...] = ("demo", cache_path, self.max_concurrency, self.max_retries)
+            with _SHARED.use(key, lambda: self._demo_lm(cache_path)) as lm:
+                yield lm
             return
         catalog = self.catalog()
         sub = sub_model or self.sub_model
         catalog.check_can_judge(sub)
-        settings: dict[str, Any] = {
-            "catalog": catalog,
-            "root_effort": root_effort or self.root_effort,
-            "sub_effort": sub_effort or self.sub_effort,
-            "root_thinking": self.root_thinking,
-            "sub_thinking": self.sub_thinking,
-        }
-        key = self.api_key
-        if not key:
+        api_key = self.api_key
+        if not api_key:
             if not self.base_url:
                 raise MissingAPIKey(
                     "No Anthropic API key: set the ANTHROPIC_API_KEY environment variable and pass "
                     "RLMResource(api_key=dg.EnvVar('ANTHROPIC_API_KEY')), or use "
                     "RLMResource(provider='demo') for the offline demo model."
                 )
-            key = "not-needed"  # local Anthropic-compatible servers usually take no key
+            api_key = "not-needed"  # local Anthropic-compatible servers usually take no key
+        settings: dict[str, Any] = {
+            "api_key": api_key,
+            "base_url": self.base_url,
+            "root_model": root_model or self.root_model,
+            "sub_model": sub,
+            "max_concurrency": self.max_concurrency,
+            "request_timeout_s": self.request_timeout_s,
+            "max_retries": self.max_retries,
+            "root_effort": root_effort or self.root_effort,
+            "sub_effort": sub_effort or self.sub_effort,
+            "root_thinking": self.root_thinking,
+            "sub_thinking": self.sub_thinking,
+        }
+        key = (
+            "anthropic",
+            cache_path,
+            repr(sorted(settings.items())),
+            repr(sorted((self.model_profiles or {}).items())),
+        )
+
+        def make() -> tuple[LM, list[Callable[[], None]]]:
+            lm = LM(provider="anthropic", cache=Cache(cache_path), catalog=catalog, **settings)
+            return lm, []
+
+        with _SHARED.use(key, make) as lm:
+            yield lm
+
+    def _demo_lm(self, cache_path: str) -> tuple[LM, list[Callable[[], None]]]:
+        from rlm_dagster.demo import DEMO_PROFILES, DEMO_ROOT_MODEL, DEMO_SUB_MODEL, demo_server
+
+        server = demo_server()
+        fake = server.__enter__()
         lm = LM(
-            api_key=key,
-            base_url=self.base_url,
-            root_model=root_model or self.root_model,
-            sub_model=sub,
+            api_key="demo-no-key",
+            base_url=fake.base_url,
+            root_model=DEMO_ROOT_MODEL,
+            sub_model=DEMO_SUB_MODEL,
             max_concurrency=self.max_concurrency,
             request_timeout_s=self.request_timeout_s,
             max_retries=self.max_retries,
-            provider="anthropic",
-            cache=cache,
-            **settings,
+            provider="demo",
+            cache=Cache(cache_path),
+            catalog=ModelCatalog(DEMO_PROFILES),
         )
+        return lm, [lambda: server.__exit__(None, None, None)]
+
+
+class _SharedClients:
+    """Clients in use in this process, by settings: shared by the runs that use them at the
+    same time, closed (with their cache) when the last of those runs ends."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[tuple[Any, ...], list[Any]] = {}
+
+    @contextmanager
+    def use(
+        self, key: tuple[Any, ...], make: Callable[[], tuple[LM, list[Callable[[], None]]]]
+    ) -> Iterator[LM]:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                entry = self._entries[key] = [*make(), 0]
+            entry[2] += 1
         try:
-            yield lm
+            yield entry[0]
         finally:
-            lm.close()
+            with self._lock:
+                entry[2] -= 1
+                last = entry[2] == 0
+                if last:
+                    del self._entries[key]
+            if last:
+                lm: LM = entry[0]
+                lm.close()
+                if lm.cache is not None:
+                    lm.cache.close()
+                for close in entry[1]:
+                    close()
+
+
+_SHARED = _SharedClients()

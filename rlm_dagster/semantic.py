@@ -488,7 +488,7 @@ class Semantic:
         ]
         est_cost = None if any(c is None for c in costs) else sum(c or 0.0 for c in costs)
         concurrency = max(1, int(self.lm.limiter.limit))
-        latencies = [r.latency_s for r in self.lm.accounting.records if r.role == "where"]
+        latencies = [r.latency_s for r in self.budget.accounting.records if r.role == "where"]
         latency = sum(latencies) / len(latencies) if latencies else self.config.default_latency_s
         plan = WherePlan(
             rows_in=int(rows_in.as_py()),
@@ -554,7 +554,7 @@ class Semantic:
         matched_rows = sum(counts[i] for i, verdict in verdicts.items() if verdict.match)
         total = len(job.batches)
         progress = {"done": 0, "last": time.monotonic(), "start": time.monotonic()}
-        spent_before = self.lm.accounting.cost_usd
+        spent_before = self.budget.accounting.cost_usd
         pending: list[tuple[str, bool, str, str]] = []
         flushed = [time.monotonic()]
 
@@ -564,7 +564,7 @@ class Semantic:
             if self.cache is None:
                 return
             if force or len(pending) >= 1_000 or time.monotonic() - flushed[0] >= 1.0:
-                self.cache.commit(verdicts=pending, ledger=self.lm.take_ledger())
+                self.cache.commit(verdicts=pending, ledger=self.budget.take_ledger())
                 pending.clear()
                 flushed[0] = time.monotonic()
 
@@ -642,7 +642,7 @@ class Semantic:
         done = int(progress["done"])
         elapsed = now - progress["start"]
         eta = elapsed / done * (total - done) if done else 0.0
-        spent = self.lm.accounting.cost_usd - spent_before
+        spent = self.budget.accounting.cost_usd - spent_before
         self.on_event(
             {
                 "type": "llm_where_progress",

@@ -162,7 +162,11 @@ def semantic(
     lm: LM, wh: Warehouse, cache: Cache | None = None, limits: Limits | None = None, **config: Any
 ) -> Semantic:
     return Semantic(
-        lm, wh, Budget(limits or Limits(), lm.accounting), cache=cache, config=WhereConfig(**config)
+        lm,
+        wh,
+        Budget(limits or Limits(), lm.accounting, ledger=cache),
+        cache=cache,
+        config=WhereConfig(**config),
     )
 
 

@@ -248,7 +248,7 @@ def test_root_loop_runs_on_each_family(model: str, make_lm: MakeLM) -> None:
     for body in root_bodies:
         assert ("output_config" in body) == bool(profile.effort_levels)
         assert body["messages"][-1]["role"] == "user"  # never a prefill
-    root_usage = [r.usage for r in lm.accounting.records if r.role == "root"]
+    root_usage = [r.usage for r in result.accounting.records if r.role == "root"]
     assert all((u.thinking_tokens > 0) == profile.thinks_by_default for u in root_usage)
 
 
@@ -350,11 +350,10 @@ def test_thinking_is_billed_shown_apart_and_replays_from_the_cache(
                 lm=lm,
                 sandbox="process",
             )
-            lm.flush_ledger()
             return result, fake, lm
 
-    first, _, lm1 = one_run()
-    paid = [r for r in lm1.accounting.records if r.role == "root"]
+    first, _, _ = one_run()
+    paid = [r for r in first.accounting.records if r.role == "root"]
     assert all(r.usage.thinking_tokens > 0 for r in paid)
     assert all(r.usage.output_tokens > r.usage.thinking_tokens for r in paid)
     markdown = first.trajectory_markdown()

@@ -69,11 +69,13 @@ def test_rlm_query_recurses_to_max_depth(
 ) -> None:
     with FakeAnthropic(root=recursive_root, sub=count_needles) as fake:
         lm = make_lm(fake, cache=Cache(tmp_path / "c.sqlite3"))
-        lm.context.update(run_id=f"depth{depth}")
         result = run(
-            "How many needles are in the book?", context=BOOK, lm=lm, limits=Limits(max_depth=depth)
+            "How many needles are in the book?",
+            context=BOOK,
+            lm=lm,
+            limits=Limits(max_depth=depth),
+            tags={"run_id": f"depth{depth}"},
         )
-        lm.flush_ledger()
         subs = fake.count("sub")
     assert result.answer_text == str(NEEDLES)
     tree = result.call_tree()
@@ -143,10 +145,10 @@ def test_child_cost_can_end_the_whole_run(make_lm: MakeLM) -> None:
         lm = make_lm(fake)
         with pytest.raises(BudgetExceeded, match="max_cost_usd") as err:
             run("q", context=BOOK, lm=lm, limits=Limits(max_depth=2, max_cost_usd=0.6))
-    calls = lm.accounting.records
-    assert any(r.depth == 1 for r in calls)
-    assert lm.accounting.cost_usd <= 0.6  # reserved before sending: never over the limit
     assert err.value.partial is not None
+    accounting = err.value.partial.accounting  # the whole call tree's, children included
+    assert any(r.depth == 1 for r in accounting.records)
+    assert accounting.cost_usd <= 0.6  # reserved before sending: never over the limit
 
 
 # -- programs in the style of published RLM trajectories -------------------------------------------

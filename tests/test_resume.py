@@ -52,8 +52,10 @@ def test_rerun_replays_every_call_from_the_cache(make_lm: MakeLM, tmp_path: Path
         assert fake.count(include_faulted=True) == 0
     assert paid == 3 + 5 + 1
     assert second.answer_text == first.answer_text
-    assert lm.accounting.paid_usd == 0.0 and lm.accounting.cost_usd == first.accounting.cost_usd
-    assert all(r.cache_hit for r in lm.accounting.records) and len(lm.accounting.records) == paid
+    assert second.accounting.paid_usd == 0.0
+    assert second.accounting.cost_usd == first.accounting.cost_usd
+    records = second.accounting.records
+    assert all(r.cache_hit for r in records) and len(records) == paid
 
 
 def test_failed_calls_are_not_cached(make_lm: MakeLM, tmp_path: Path) -> None:
@@ -62,14 +64,14 @@ def test_failed_calls_are_not_cached(make_lm: MakeLM, tmp_path: Path) -> None:
 
     cache_path = tmp_path / "cache.sqlite3"
     script = ["```repl\nprint(llm_query_batched(['a', 'b']))\n```", "FINAL(done)"]
-    with FakeAnthropic(
-        root=script, sub=lambda r: Fault(status=529) if r.prompt == "b" else "ok"
-    ) as fake:
-        # 'b' keeps failing: the run ends (retryably) after the cell, 'a' is kept
-        with pytest.raises(ProviderUnavailable):
-            lm = make_lm(fake, cache=Cache(cache_path), max_retries=0)
-            run_rlm("q", warehouse=frames(), lm=lm)
-        lm.flush_ledger()
+    # 'b' keeps failing: the run ends (retryably) after the cell, 'a' is kept
+    with (
+        FakeAnthropic(
+            root=script, sub=lambda r: Fault(status=529) if r.prompt == "b" else "ok"
+        ) as fake,
+        pytest.raises(ProviderUnavailable),
+    ):
+        run_rlm("q", warehouse=frames(), lm=make_lm(fake, cache=Cache(cache_path), max_retries=0))
     cache = Cache(cache_path)
     rows = cache.ledger()
     assert [r["role"] for r in rows] == ["root", "sub"]  # only the successes are in the ledger
