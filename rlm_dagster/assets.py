@@ -260,9 +260,9 @@ def rlm_asset(
             # One decision for every cause: retryable errors (the provider kept failing, the
             # warehouse was locked) go to the retry policy, the rest fail for good; both with
             # the error and, when the run had started, its trajectory so far.
-            retryable = bool(getattr(err, "retryable", False))
+            retryable = err.retryable
             failure: dict[str, Any] = {"rlm/error": type(err).__name__, "rlm/retryable": retryable}
-            partial = getattr(err, "partial", None)
+            partial = err.partial
             if isinstance(partial, RLMResult) and lm is not None:
                 failure.update(run_metadata(partial, lm))
             raise dg.Failure(

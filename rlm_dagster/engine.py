@@ -30,7 +30,9 @@ import pyarrow as pa
 
 from rlm_dagster.budget import Budget, Limits
 from rlm_dagster.errors import (
+    AnswerRejected,
     CacheError,
+    ConfigError,
     ModelError,
     ModelRefused,
     NoFinalAnswer,
@@ -38,7 +40,7 @@ from rlm_dagster.errors import (
     RLMError,
 )
 from rlm_dagster.lm import LM, Accounting, cached_system
-from rlm_dagster.output import AnswerRejected, OutputSchema
+from rlm_dagster.output import OutputSchema
 from rlm_dagster.prompts import render
 from rlm_dagster.redact import redact
 from rlm_dagster.repl import CellResult, Worker
@@ -504,7 +506,7 @@ class RLMRun:
                 self._turn(self.limits.max_iterations + 1, system, messages, last=True)
         except RLMError as err:
             # Every failure carries the trajectory so far (the outermost run's, set last).
-            err.partial = self._partial(started)  # type: ignore[attr-defined]
+            err.partial = self._partial(started)
             raise
         finally:
             self.worker.close()
@@ -671,7 +673,7 @@ class RLMRun:
     def _try_accept(self, value: dict[str, Any], form: str, notes: list[str]) -> None:
         try:
             self._accept(value, form)
-        except (AnswerRejected, RLMError) as err:
+        except RLMError as err:
             notes.append(str(err))
 
     def _text_final(self, form: str, arg: str, notes: list[str]) -> None:
@@ -876,6 +878,6 @@ def wire_context(context: Any) -> Any:
     if isinstance(context, list | tuple | dict):
         json.dumps(context, default=str)  # fail here, not in the worker, if it cannot travel
         return json.loads(json.dumps(context, default=str))
-    raise TypeError(
+    raise ConfigError(
         f"context must be a str, list, dict or DataFrame, not {type(context).__name__}; convert it first"
     )

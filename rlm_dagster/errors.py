@@ -14,11 +14,21 @@ from typing import Any
 
 
 class RLMError(Exception):
-    """Base class of every rlm_dagster error."""
+    """Base class of every rlm_dagster error.
+
+    ``retryable`` (a property of the class) says whether running the same thing again later
+    can succeed; the Dagster layer hands exactly those to the orchestrator's retry policy.
+    Every run error also carries ``partial``: the run's result so far, when it had started.
+    """
+
+    retryable: bool = False
+    partial: Any = None
 
 
 class ConfigError(RLMError):
-    """A definition or resource is configured wrongly (caught before any call is paid)."""
+    """A definition, resource or argument is wrong (caught before any call is paid). Not a
+    ``ValueError`` on purpose: pydantic (Dagster's config) would wrap one raised at definition
+    load in its own ``ValidationError`` and hide the name."""
 
 
 class OutputSchemaError(ConfigError):
@@ -56,42 +66,28 @@ class WorkerError(RLMError):
     """The REPL worker process died or broke the RPC protocol."""
 
 
-class ModelError(RLMError):
-    """A model call failed after retries (auth, bad request, overload, timeout...)."""
+class AnswerRejected(RLMError):
+    """A final answer does not fit the asset's declared output; the model is told why and
+    tries again (users meet it only through the trajectory)."""
 
-    def __init__(self, message: str, *, retryable: bool = False) -> None:
-        super().__init__(message)
-        self.retryable = retryable
+
+# -- model calls -------------------------------------------------------------------------------
+
+
+class ModelError(RLMError):
+    """A model call failed. The leaves name what happened; ``retryable`` is theirs."""
 
 
 class ProviderAuthError(ModelError):
     """The endpoint refused the credentials or the key may not use the model (401/403)."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, retryable=False)
-
 
 class ModelNotFound(ModelError):
     """The model id, or the endpoint itself, does not exist (404)."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, retryable=False)
-
 
 class ModelBadRequest(ModelError):
     """The endpoint rejected the request's shape or size (400/413/422)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, retryable=False)
-
-
-class ProviderUnavailable(ModelError):
-    """The provider kept failing (429/529/5xx, refused or reset connections, timeouts) after
-    retries. Retryable: the orchestrator's retry policy re-runs later, and every call that
-    already succeeded replays from the cache."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, retryable=True)
 
 
 class ModelRefused(ModelError):
@@ -99,8 +95,37 @@ class ModelRefused(ModelError):
     request). Retrying the same request gets the same answer, so it is never retryable."""
 
     def __init__(self, message: str, *, category: str | None = None) -> None:
-        super().__init__(message, retryable=False)
+        super().__init__(message)
         self.category = category
+
+
+class ProviderUnavailable(ModelError):
+    """The provider kept failing after retries. Retryable: the orchestrator's retry policy
+    re-runs later, and every call that already succeeded replays from the cache. The
+    subclasses say how it failed."""
+
+    retryable = True
+
+
+class RateLimited(ProviderUnavailable):
+    """The provider kept answering 429 (rate limit or quota) after retries."""
+
+
+class ProviderOverloaded(ProviderUnavailable):
+    """The provider kept answering 529 (overloaded) after retries."""
+
+
+class ProviderServerError(ProviderUnavailable):
+    """The provider kept answering 5xx after retries."""
+
+
+class ProviderTimeout(ProviderUnavailable):
+    """No complete reply arrived within ``request_timeout_s``, attempt after attempt."""
+
+
+class EndpointUnreachable(ProviderUnavailable):
+    """No connection could be made to ``base_url`` (refused, unreachable, DNS, TLS), or it
+    kept being reset."""
 
 
 class CacheError(RLMError):
@@ -117,7 +142,8 @@ class WarehouseBusy(RLMError):
 
 
 class BudgetExceeded(RLMError):
-    """A host-enforced limit (sub-calls, tokens, USD, wall time, depth) was reached."""
+    """A host-enforced limit (sub-calls, tokens, USD, wall time, depth) was reached. Not
+    retryable: the same run would reach it again; raise the limit."""
 
     def __init__(self, message: str, *, limit: str = "", partial: Any = None) -> None:
         super().__init__(message)

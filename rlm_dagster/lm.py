@@ -33,12 +33,17 @@ from rlm_dagster.cache import Cache, call_key
 from rlm_dagster.errors import (
     BudgetExceeded,
     ConfigError,
+    EndpointUnreachable,
     ModelBadRequest,
     ModelError,
     ModelNotFound,
     ModelRefused,
     ProviderAuthError,
+    ProviderOverloaded,
+    ProviderServerError,
+    ProviderTimeout,
     ProviderUnavailable,
+    RateLimited,
 )
 from rlm_dagster.models import ModelCatalog
 
@@ -340,18 +345,24 @@ def _connect_failure(err: BaseException) -> bool:
 def _unavailable(
     err: BaseException, model: str, base_url: str, attempt: int, timeout: float, cut: bool
 ) -> ProviderUnavailable:
+    kind: type[ProviderUnavailable] = ProviderUnavailable
     if isinstance(err, TimeoutError):
         what = f"no complete reply within {timeout:.0f} s (request_timeout_s)"
+        kind = ProviderTimeout
     elif _connect_failure(err):
         what = f"could not connect ({err.__cause__ or err})"
+        kind = EndpointUnreachable
     elif isinstance(err, anthropic.APIStatusError):
         what = f"HTTP {err.status_code}: {_message(err)}"
+        kind = {429: RateLimited, 529: ProviderOverloaded}.get(err.status_code, ProviderServerError)
+    elif isinstance(err, anthropic.APITimeoutError):
+        what, kind = str(err), ProviderTimeout
     else:
-        what = str(err)
+        what, kind = str(err), EndpointUnreachable  # the connection broke mid-request
     what = what.rstrip(". ")
     tries = f"{attempt + 1} attempt{'s' if attempt else ''}"
     why = "; max_wall_time_s left no time for another retry" if cut else ""
-    return ProviderUnavailable(
+    return kind(
         f"{model!r} at {base_url} failed after {tries}: {what}{why}. Check that base_url is "
         "right and the provider is up; the run can be retried, and calls that already "
         "succeeded replay from the cache."
@@ -632,7 +643,7 @@ class LM:
     ) -> dict[str, Any]:
         """The request body, shaped by the model's profile: only fields it accepts are sent."""
         if role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, not {role!r}")
+            raise ConfigError(f"role must be one of {ROLES}, not {role!r}")
         profile = self.catalog.profile(model)
         forced = bool(tool_choice) and (tool_choice or {}).get("type") in ("tool", "any")
         if forced and not profile.forced_tool_choice:

@@ -18,14 +18,10 @@ from dataclasses import dataclass
 import duckdb
 import pyarrow as pa
 
-from rlm_dagster.errors import OutputSchemaError
+from rlm_dagster.errors import AnswerRejected, OutputSchemaError
 from rlm_dagster.warehouse import quote_ident
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-class AnswerRejected(ValueError):
-    """A FINAL value does not fit the declared output schema (shown to the model)."""
 
 
 @dataclass(frozen=True)

@@ -47,12 +47,17 @@ from rlm_dagster.budget import Budget
 from rlm_dagster.cache import Cache
 from rlm_dagster.errors import (
     CacheError,
+    EndpointUnreachable,
     ModelBadRequest,
     ModelError,
     ModelNotFound,
     ProviderAuthError,
+    ProviderOverloaded,
+    ProviderServerError,
+    ProviderTimeout,
     ProviderUnavailable,
     QueryError,
+    RateLimited,
     RLMError,
 )
 from rlm_dagster.lm import LM
@@ -263,10 +268,10 @@ STATUSES = [
     (400, "invalid_request_error", ModelBadRequest),
     (413, "request_too_large", ModelBadRequest),
     (422, "invalid_request_error", ModelBadRequest),
-    (429, "rate_limit_error", ProviderUnavailable),
-    (500, "api_error", ProviderUnavailable),
-    (503, "api_error", ProviderUnavailable),
-    (529, "overloaded_error", ProviderUnavailable),
+    (429, "rate_limit_error", RateLimited),
+    (500, "api_error", ProviderServerError),
+    (503, "api_error", ProviderServerError),
+    (529, "overloaded_error", ProviderOverloaded),
 ]
 
 
@@ -277,13 +282,14 @@ STATUSES = [
 def test_each_http_status_becomes_its_error_class(
     path: str, status: int, error_type: str, error: type[ModelError], lms: Callable[..., LM]
 ) -> None:
-    retryable = error is ProviderUnavailable
+    retryable = issubclass(error, ProviderUnavailable)
     with status_server(status, error_type, retry_after_s=0.01) as server:
         lm = lms(server.base_url, max_retries=2)
         call = root_call if path == "sync" else async_sub_call
         out = bounded(lambda: call(lm), 20, f"a {path} call answered HTTP {status}")
         received = server.requests
     err = expect(out, error)
+    assert type(err) is error  # the leaf that names what happened
     assert err.retryable is retryable
     assert received == (3 if retryable else 1), f"{received} requests sent"
     if retryable:
@@ -431,7 +437,7 @@ def test_request_timeout_is_a_total_deadline_per_attempt(lms: Callable[..., LM])
         # ~1 s x 2 attempts + backoff; the server would take ~20 minutes to finish
         out = bounded(lambda: root_call(lm), 12, "a call to a trickling server")
         received = server.requests
-    err = expect(out, ProviderUnavailable)
+    err = expect(out, ProviderTimeout)
     assert err.retryable is True and server.base_url in str(err)
     assert received == 2
 
@@ -495,7 +501,7 @@ def test_nothing_listening_fails_within_a_minute_with_default_settings() -> None
             out = bounded(lambda: root_call(lm), 60, "a call to a closed port (defaults)")
         finally:
             lm.close()
-    err = expect(out, ProviderUnavailable)
+    err = expect(out, EndpointUnreachable)
     assert err.retryable is True and endpoint.base_url in str(err)
 
 
@@ -506,7 +512,7 @@ def test_reset_connections_are_retried_then_provider_unavailable(
         lm = lms(server.base_url, max_retries=1)
         out = bounded(lambda: root_call(lm), 20, "a call to a resetting server")
         attempts = server.connections
-    err = expect(out, ProviderUnavailable)
+    err = expect(out, EndpointUnreachable)
     assert err.retryable is True and server.base_url in str(err)
     assert attempts == 2
 

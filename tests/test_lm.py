@@ -144,7 +144,7 @@ def test_unknown_model_has_unknown_cost(fake: FakeAnthropic, lm: LM) -> None:
 
 
 def test_invalid_role_is_refused_before_any_request(fake: FakeAnthropic, lm: LM) -> None:
-    with pytest.raises(ValueError, match="role must be one of"):
+    with pytest.raises(ConfigError, match="role must be one of"):
         lm.complete(role="boss", model=HAIKU, system="s", messages=MESSAGES)
     assert fake.count(include_faulted=True) == 0
 

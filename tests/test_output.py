@@ -143,6 +143,8 @@ def test_conform_bad_date_is_rejected() -> None:
         schema.conform(pa.table({"day": ["2024-13-45"]}))
 
 
-def test_answer_rejected_is_a_value_error() -> None:
-    # The engine shows AnswerRejected to the model; callers may catch it as ValueError.
-    assert issubclass(AnswerRejected, ValueError)
+def test_answer_rejected_is_an_rlm_error() -> None:
+    # The engine shows AnswerRejected to the model; like every error, it is an RLMError.
+    from rlm_dagster.errors import RLMError
+
+    assert issubclass(AnswerRejected, RLMError) and not issubclass(AnswerRejected, ValueError)
