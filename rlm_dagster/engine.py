@@ -41,7 +41,7 @@ from rlm_dagster.errors import (
 )
 from rlm_dagster.lm import LM, Accounting, cached_system
 from rlm_dagster.output import OutputSchema
-from rlm_dagster.prompts import render
+from rlm_dagster.prompts import render, snippet
 from rlm_dagster.redact import redact
 from rlm_dagster.repl import CellResult, Worker
 from rlm_dagster.repl.host import cut_middle
@@ -397,7 +397,11 @@ class RLMRun:
         sub-call with the context appended to the prompt."""
         context = _context_from_worker(context)
         if self.depth + 1 >= self.limits.max_depth:
-            text = prompt if context is None else f"{prompt}\n\nContext:\n{_context_text(context)}"
+            text = (
+                prompt
+                if context is None
+                else snippet("child_fallback.md", prompt=prompt, context=_context_text(context))
+            )
             return self.semantic.query(text)
         child = RLMRun(
             prompt,
@@ -463,11 +467,10 @@ class RLMRun:
 
     def run(self) -> RLMResult:
         started = time.monotonic()
-        output_instructions = (
-            f"\n## Your answer\nEnd with FINAL(df) where df is a DataFrame (or table handle) with "
-            f"exactly these columns: {self.output.describe()}."
+        output_instructions = "\n" + (
+            snippet("answer_table.md", columns=self.output.describe())
             if self.output
-            else "\n## Your answer\nEnd with FINAL(text): a complete, self-contained answer."
+            else snippet("answer_text.md")
         )
         system = cached_system(
             render(
@@ -489,7 +492,11 @@ class RLMRun:
         messages[:] = [
             {
                 "role": "user",
-                "content": f"Question: {self.question}\n\nTurn 1 of {self.limits.max_iterations}.",
+                "content": snippet(
+                    "first_turn.md",
+                    question=self.question,
+                    max_iterations=self.limits.max_iterations,
+                ),
             }
         ]
         try:
@@ -596,24 +603,19 @@ class RLMRun:
         if self.final is None and (text_final := find_text_final(reply.text)):
             code_failed = any(c.error for c in turn.cells)
             if code_failed:
-                notes.append("text FINAL ignored: the code in the same reply failed")
+                notes.append(snippet("note_text_final_ignored.md"))
             else:
                 self._text_final(*text_final, notes)
         if blocks and _FAKE_OUTPUT.search(reply.text):
-            notes.append(
-                "your reply contained text that looks like REPL output; it was ignored: only the "
-                "real output of your code, above, counts"
-            )
+            notes.append(snippet("note_fake_output.md"))
         if reply.stop_reason == "max_tokens":
             notes.append(
-                "your reply was cut off at the output-token limit before any code or answer "
-                "(thinking counts against the same limit): think less and write the code directly"
+                snippet("note_cut_off_before_code.md")
                 if not blocks and self.final is None
-                else "your reply was cut off at the output-token limit and an unfinished code "
-                "block was not run: write shorter replies and code"
+                else snippet("note_cut_off_in_code.md")
             )
         if not blocks and self.final is None and not notes:
-            notes.append(render("nudge.md").strip())
+            notes.append(snippet("nudge.md"))
         turn.note = "; ".join(notes)
         turn.sub_calls = self.budget.sub_calls_started
         turn.cost_usd = self.budget.accounting.cost_usd
@@ -639,7 +641,12 @@ class RLMRun:
             remaining = self.limits.max_iterations - iteration
             # Observations hold nothing that changes when a retried run replays its calls from
             # the cache (no timings, no spend): the same code then gives the same next request.
-            status = f"Turn {iteration + 1} of {self.limits.max_iterations} ({remaining} left)."
+            status = snippet(
+                "turn_status.md",
+                next=iteration + 1,
+                max_iterations=self.limits.max_iterations,
+                left=remaining,
+            )
             body = "\n\n".join(
                 observations + ([f"[note] {turn.note}"] if turn.note else []) + [status]
             )
@@ -712,10 +719,7 @@ def compact(messages: list[dict[str, Any]], max_tokens: int, keep_turns: int = 3
         first = code[0].strip().splitlines()[0] if code and code[0].strip() else "(no code)"
         seen = " ".join(str(observation["content"]).split())[:300]
         lines.append(f"- ran `{first[:120]}` -> {seen}")
-    digest = (
-        f"\n\n[Earlier turns were compacted to save context; {len(lines)} turns:]\n"
-        + "\n".join(lines)
-    )
+    digest = "\n\n" + snippet("compacted.md", turns=len(lines)) + "\n" + "\n".join(lines)
     messages[:] = [{"role": "user", "content": str(head["content"]) + digest}, *tail]
     return True
 
@@ -739,11 +743,7 @@ def _context_description(context: Any) -> str:
         shape = f"a dict with keys {', '.join(map(str, list(context)[:20]))}"
     else:
         shape = f"a {type(context).__name__}"
-    return (
-        f"\n## Context\nThe variable `context` holds {shape}. It is too long to read at once: "
-        "look at its size and a slice first, then chunk it and use llm_query / "
-        "llm_query_batched / rlm_query on the chunks."
-    )
+    return "\n" + snippet("context.md", shape=shape)
 
 
 def _context_from_worker(context: Any) -> Any:
