@@ -26,7 +26,7 @@ import pyarrow as pa
 from dagster_duckdb import DuckDBResource
 
 from rlm_dagster.budget import Limits
-from rlm_dagster.engine import Event, RLMResult, RLMRun, fenced, wire_context
+from rlm_dagster.engine import RLMResult, RLMRun, fenced, wire_context
 from rlm_dagster.errors import (
     BudgetExceeded,
     ConfigError,
@@ -34,6 +34,7 @@ from rlm_dagster.errors import (
     RLMError,
     WarehouseBusy,
 )
+from rlm_dagster.events import Event
 from rlm_dagster.lm import LM
 from rlm_dagster.metadata import column_schema, run_metadata, unknown_price_models
 from rlm_dagster.models import EFFORTS
@@ -444,26 +445,9 @@ def _check_results(
 
 
 def _log_event(context: dg.AssetExecutionContext, event: Event) -> None:
-    if event["type"] == "iteration":
-        context.log.info(
-            redact(
-                (f"child RLM {event['run_id']} (depth {event['depth']}) " if event["depth"] else "")
-                + f"iteration {event['iteration']}/{event['max_iterations']}: ran {event['cells']} cell(s), "
-                f"{event['code_lines']} lines of code, {event['output_chars']:,} chars of output"
-                + (f", {event['errors']} error(s)" if event["errors"] else "")
-                + f"; sub-calls so far {event['sub_calls']:,}, spend so far ${event['cost_usd']:.4f}"
-                + ("; final answer received" if event["final"] else "")
-                + (f" [{event['note'][:200]}]" if event["note"] else "")
-            )
-        )
-    elif event["type"] in ("llm_where", "llm_where_progress"):
-        context.log.info(redact(str(event["summary"])))
-    elif event["type"] == "rlm_query":
-        context.log.info(
-            f"rlm_query: starting child RLM {event['run_id']} at depth {event['depth']}"
-        )
-    elif event["type"] == "warning":
-        context.log.warning(redact(str(event["summary"])))
+    """Render a run's event in the run log, at its level, redacted."""
+    log = context.log.warning if event.level == "warning" else context.log.info
+    log(redact(event.describe()))
 
 
 def _one_line(text: str, limit: int) -> str:

@@ -22,7 +22,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -39,6 +39,7 @@ from rlm_dagster.errors import (
     QueryError,
     RLMError,
 )
+from rlm_dagster.events import ChildStarted, Event, IterationDone, RunWarning, WhereDone
 from rlm_dagster.lm import LM, Accounting, cached_system
 from rlm_dagster.output import OutputSchema
 from rlm_dagster.prompts import render, snippet
@@ -51,7 +52,6 @@ from rlm_dagster.sandbox import WorkerLimits
 from rlm_dagster.semantic import Semantic, WhereConfig, WhereStats
 from rlm_dagster.warehouse import TableInfo, Warehouse
 
-Event = dict[str, Any]
 # Columns of the answer table the asset writes itself.
 RESERVED_COLUMNS = frozenset({"_partition"})
 
@@ -385,7 +385,7 @@ class RLMRun:
             table, predicate, columns=columns, where=where, limit=args.get("limit")
         )
         self.where_stats.append(stats)
-        self.on_event({"type": "llm_where", "summary": stats.describe(), **asdict(stats)})
+        self.on_event(WhereDone(stats))
         return {
             **_table_dict(info),
             "provenance": _table_dict(provenance),
@@ -419,7 +419,7 @@ class RLMRun:
             where_stats=self.where_stats,
             repl=self.repl_factory,
         )
-        self.on_event({"type": "rlm_query", "run_id": child.run_id, "depth": child.depth})
+        self.on_event(ChildStarted(run_id=child.run_id, depth=child.depth))
         try:
             result = child.run()
         except NoFinalAnswer as err:
@@ -531,16 +531,13 @@ class RLMRun:
         for role, model in (("root", self.lm.root_model), ("sub", self.lm.sub_model)):
             if not self.lm.catalog.profile(model).known:
                 self.on_event(
-                    {
-                        "type": "warning",
-                        "summary": (
-                            f"{role} model {model!r} is not in rlm_dagster's model table: it runs "
-                            "with the conservative profile (no effort or thinking settings, no "
-                            "structured outputs, llm_where verdicts through an offered tool, "
-                            "4,096 output tokens, compaction at 32K context). Declare what it "
-                            f"supports with RLMResource(model_profiles={{{model!r}: {{...}}}})."
-                        ),
-                    }
+                    RunWarning(
+                        f"{role} model {model!r} is not in rlm_dagster's model table: it runs "
+                        "with the conservative profile (no effort or thinking settings, no "
+                        "structured outputs, llm_where verdicts through an offered tool, "
+                        "4,096 output tokens, compaction at 32K context). Declare what it "
+                        f"supports with RLMResource(model_profiles={{{model!r}: {{...}}}})."
+                    )
                 )
                 if self.lm.sub_model == self.lm.root_model:
                     break
@@ -621,21 +618,20 @@ class RLMRun:
         turn.cost_usd = self.budget.accounting.cost_usd
         turn.seconds = time.monotonic() - t0
         self.on_event(
-            {
-                "type": "iteration",
-                "run_id": self.run_id,
-                "depth": self.depth,
-                "iteration": iteration,
-                "max_iterations": self.limits.max_iterations,
-                "cells": len(turn.cells),
-                "code_lines": sum(len(c.code.splitlines()) for c in turn.cells),
-                "output_chars": sum(len(c.output) for c in turn.cells),
-                "errors": sum(1 for c in turn.cells if c.error),
-                "sub_calls": turn.sub_calls,
-                "cost_usd": turn.cost_usd,
-                "final": self.final is not None,
-                "note": turn.note,
-            }
+            IterationDone(
+                run_id=self.run_id,
+                depth=self.depth,
+                iteration=iteration,
+                max_iterations=self.limits.max_iterations,
+                cells=len(turn.cells),
+                code_lines=sum(len(c.code.splitlines()) for c in turn.cells),
+                output_chars=sum(len(c.output) for c in turn.cells),
+                errors=sum(1 for c in turn.cells if c.error),
+                sub_calls=turn.sub_calls,
+                cost_usd=turn.cost_usd,
+                final=self.final is not None,
+                note=turn.note,
+            )
         )
         if self.final is None and not last:
             remaining = self.limits.max_iterations - iteration

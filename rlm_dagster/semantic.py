@@ -40,6 +40,7 @@ import pyarrow.compute as pc
 from rlm_dagster.budget import Budget
 from rlm_dagster.cache import Cache, verdict_key
 from rlm_dagster.errors import BudgetExceeded, QueryError
+from rlm_dagster.events import Event, WhereProgress
 from rlm_dagster.lm import LM, Usage, cached_system
 from rlm_dagster.models import VerdictChannel
 from rlm_dagster.prompts import render
@@ -94,8 +95,6 @@ _LEASE_TTL_S = 60.0
 _LEASE_POLL_S = 0.5
 # Room kept under a long-prompt price threshold for the tokenizer's variance from our estimate.
 _TIER_MARGIN = 0.8
-
-Event = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -389,13 +388,7 @@ class Semantic:
         waited = False
         while not self.cache.try_lease(name, self._owner, _LEASE_TTL_S):
             if not waited:
-                self.on_event(
-                    {
-                        "type": "llm_where_progress",
-                        "summary": "llm_where: another run is judging the same rows; waiting "
-                        "for its verdicts (from the shared cache) instead of paying twice",
-                    }
-                )
+                self.on_event(WhereProgress(waiting=True))
             waited = True
             deadline = self.budget.deadline
             if deadline is not None and time.monotonic() >= deadline:
@@ -644,19 +637,14 @@ class Semantic:
         eta = elapsed / done * (total - done) if done else 0.0
         spent = self.budget.accounting.cost_usd - spent_before
         self.on_event(
-            {
-                "type": "llm_where_progress",
-                "requests_done": done,
-                "requests_total": total,
-                "matches": matched_rows,
-                "cost_usd": spent,
-                "eta_s": eta,
-                "summary": (
-                    f"llm_where: {done:,}/{total:,} requests ({done / total:.0%}), {matched_rows:,} rows "
-                    f"match so far, ${spent:.4f} spent, ETA {eta:.0f} s, concurrency "
-                    f"{int(self.lm.limiter.limit)}"
-                ),
-            }
+            WhereProgress(
+                requests_done=done,
+                requests_total=total,
+                matches=matched_rows,
+                cost_usd=spent,
+                eta_s=eta,
+                concurrency=int(self.lm.limiter.limit),
+            )
         )
 
     async def _ask(

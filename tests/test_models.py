@@ -18,6 +18,7 @@ from rlm_dagster import ConfigError, Limits, RLMResource, Warehouse, run_rlm
 from rlm_dagster.budget import Budget
 from rlm_dagster.cache import Cache
 from rlm_dagster.errors import ModelRefused
+from rlm_dagster.events import Event, RunWarning
 from rlm_dagster.lm import LM, THINKING_ROOM, Usage
 from rlm_dagster.models import CONSERVATIVE, ModelCatalog, profile_for
 from rlm_dagster.semantic import Semantic, WhereConfig
@@ -371,7 +372,7 @@ def test_thinking_is_billed_shown_apart_and_replays_from_the_cache(
 
 
 def test_an_unknown_model_runs_conservatively_and_says_so_once(make_lm: MakeLM) -> None:
-    events: list[dict[str, Any]] = []
+    events: list[Event] = []
     with FakeAnthropic(root=where_program(), where=churn, sub="ok", root_model="llama-local") as f:
         lm = make_lm(f, root_model="llama-local", sub_model="llama-local-sub")
         run_rlm(
@@ -381,7 +382,7 @@ def test_an_unknown_model_runs_conservatively_and_says_so_once(make_lm: MakeLM) 
             sandbox="process",
             on_event=events.append,
         )
-    warnings = [e["summary"] for e in events if e["type"] == "warning"]
+    warnings = [e.describe() for e in events if isinstance(e, RunWarning)]
     assert len(warnings) == 2  # one per unknown model, once per run
     assert all("conservative profile" in w for w in warnings)
     for req in f.requests:

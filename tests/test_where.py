@@ -16,6 +16,7 @@ import pytest
 from rlm_dagster import BudgetExceeded, Limits, Warehouse
 from rlm_dagster.budget import Budget
 from rlm_dagster.cache import Cache
+from rlm_dagster.events import Event, WhereProgress
 from rlm_dagster.lm import LM
 from rlm_dagster.semantic import Semantic, WhereConfig
 from rlm_dagster.testing import FakeAnthropic, FakeRequest
@@ -30,7 +31,7 @@ def ticket_warehouse(warehouse_file: str) -> Warehouse:
 def semantic(
     lm: LM, wh: Warehouse, cache: Cache | None = None, limits: Limits | None = None, **config: Any
 ) -> Semantic:
-    events: list[dict[str, Any]] = []
+    events: list[Event] = []
     sem = Semantic(
         lm,
         wh,
@@ -275,9 +276,9 @@ def test_provenance_accounts_for_every_row_and_the_whole_cost(
     assert set(
         wh.query(f"SELECT DISTINCT _decided_by FROM {prov.name}").to_pydict()["_decided_by"]
     ) == {"model"}
-    progress = [e for e in sem.events if e["type"] == "llm_where_progress"]  # type: ignore[attr-defined]
-    assert progress and progress[-1]["requests_done"] == stats.requests
-    assert "ETA" in progress[0]["summary"] and "match so far" in progress[0]["summary"]
+    progress = [e for e in sem.events if isinstance(e, WhereProgress)]  # type: ignore[attr-defined]
+    assert progress and progress[-1].requests_done == stats.requests
+    assert "ETA" in progress[0].describe() and "match so far" in progress[0].describe()
 
 
 def test_where_from_the_repl_reports_plan_summary_and_provenance(

@@ -1,0 +1,114 @@
+"""What a run reports while it runs: typed, immutable events.
+
+The engine and the semantic layer emit them through ``on_event``; the Dagster layer (or any
+caller of :func:`rlm_dagster.run`) renders them. Each event has ``level`` (``"info"`` or
+``"warning"``) and :meth:`describe`, one plain line for a log::
+
+    >>> ChildStarted(run_id="r0.1", depth=1).describe()
+    'rlm_query: starting child RLM r0.1 at depth 1'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from rlm_dagster.semantic import WhereStats
+
+
+@dataclass(frozen=True)
+class IterationDone:
+    """One root turn of a run (or of a child run) finished."""
+
+    run_id: str
+    depth: int
+    iteration: int
+    max_iterations: int
+    cells: int
+    code_lines: int
+    output_chars: int
+    errors: int
+    sub_calls: int
+    cost_usd: float
+    final: bool
+    note: str = ""
+    level: ClassVar[str] = "info"
+
+    def describe(self) -> str:
+        return (
+            (f"child RLM {self.run_id} (depth {self.depth}) " if self.depth else "")
+            + f"iteration {self.iteration}/{self.max_iterations}: ran {self.cells} cell(s), "
+            f"{self.code_lines} lines of code, {self.output_chars:,} chars of output"
+            + (f", {self.errors} error(s)" if self.errors else "")
+            + f"; sub-calls so far {self.sub_calls:,}, spend so far ${self.cost_usd:.4f}"
+            + ("; final answer received" if self.final else "")
+            + (f" [{self.note[:200]}]" if self.note else "")
+        )
+
+
+@dataclass(frozen=True)
+class WhereDone:
+    """An ``llm_where`` call finished."""
+
+    stats: WhereStats
+    level: ClassVar[str] = "info"
+
+    def describe(self) -> str:
+        return self.stats.describe()
+
+
+@dataclass(frozen=True)
+class WhereProgress:
+    """An ``llm_where`` call is under way (at most every few seconds), or waits for another
+    run that judges the same rows (``waiting``)."""
+
+    requests_done: int = 0
+    requests_total: int = 0
+    matches: int = 0
+    cost_usd: float = 0.0
+    eta_s: float = 0.0
+    concurrency: int = 0
+    waiting: bool = False
+    level: ClassVar[str] = "info"
+
+    def describe(self) -> str:
+        if self.waiting:
+            return (
+                "llm_where: another run is judging the same rows; waiting for its verdicts "
+                "(from the shared cache) instead of paying twice"
+            )
+        done, total = self.requests_done, self.requests_total
+        return (
+            f"llm_where: {done:,}/{total:,} requests ({done / max(total, 1):.0%}), "
+            f"{self.matches:,} rows match so far, ${self.cost_usd:.4f} spent, ETA "
+            f"{self.eta_s:.0f} s, concurrency {self.concurrency}"
+        )
+
+
+@dataclass(frozen=True)
+class ChildStarted:
+    """``rlm_query`` started a child run."""
+
+    run_id: str
+    depth: int
+    level: ClassVar[str] = "info"
+
+    def describe(self) -> str:
+        return f"rlm_query: starting child RLM {self.run_id} at depth {self.depth}"
+
+
+@dataclass(frozen=True)
+class RunWarning:
+    """Something the user should know about the run (e.g. a model on the conservative
+    profile)."""
+
+    message: str
+    level: ClassVar[str] = "warning"
+
+    def describe(self) -> str:
+        return self.message
+
+
+Event = IterationDone | WhereDone | WhereProgress | ChildStarted | RunWarning
+"""Every event a run emits."""
