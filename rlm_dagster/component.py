@@ -26,63 +26,12 @@ shows it and ``dg scaffold defs`` writes a commented ``defs.yaml`` to start from
 
 import re
 import textwrap
-from typing import Annotated, Literal
 
 import dagster as dg
-from dagster.components.resolved.core_models import (
-    DailyPartitionsDefinitionModel,
-    HourlyPartitionsDefinitionModel,
-    StaticPartitionsDefinitionModel,
-    TimeWindowPartitionsDefinitionModel,
-    WeeklyPartitionsDefinitionModel,
-    resolve_partitions_def,
-)
-from pydantic import ConfigDict, Field
 
-from rlm_dagster.assets import DEFAULT_RETRY_POLICY, rlm_asset
+from rlm_dagster.assets import build_rlm_asset
+from rlm_dagster.definition import RLMAssetArgs
 from rlm_dagster.errors import ConfigError
-
-# Dagster's own YAML shape for partitions; `type` picks the variant, so a mistake gets one
-# clear error instead of one per variant.
-PartitionsDefModel = Annotated[
-    HourlyPartitionsDefinitionModel
-    | DailyPartitionsDefinitionModel
-    | WeeklyPartitionsDefinitionModel
-    | TimeWindowPartitionsDefinitionModel
-    | StaticPartitionsDefinitionModel,
-    Field(discriminator="type"),
-]
-
-
-class RetryPolicyModel(dg.Resolvable, dg.Model):
-    """``retry_policy`` in YAML; the defaults are ``rlm_asset``'s default policy."""
-
-    max_retries: int = Field(default=3, description="Retries after the first attempt.")
-    delay: float | None = Field(default=30, description="Seconds before the first retry.")
-    backoff: Literal["linear", "exponential"] | None = "exponential"
-    jitter: Literal["full", "plus_minus"] | None = "plus_minus"
-
-
-def _resolve_retry_policy(
-    context: dg.ResolutionContext, model: RetryPolicyModel | None
-) -> dg.RetryPolicy | None:
-    if model is None:
-        return None
-    return dg.RetryPolicy(
-        max_retries=model.max_retries,
-        delay=model.delay,
-        backoff=dg.Backoff[model.backoff.upper()] if model.backoff else None,
-        jitter=dg.Jitter[model.jitter.upper()] if model.jitter else None,
-    )
-
-
-def _resolve_asset_key(context: dg.ResolutionContext, key: str | None) -> dg.AssetKey | None:
-    return None if key is None else dg.AssetKey.from_user_string(key)
-
-
-def _doc(description: str) -> dg.Resolver:
-    """A plain attribute with a description for the YAML schema (``dg`` and editors show it)."""
-    return dg.Resolver.default(description=description)
 
 
 class RLMComponentScaffolder(dg.Scaffolder):
@@ -145,8 +94,9 @@ _TEMPLATE = textwrap.dedent(
 
 
 @dg.scaffold_with(RLMComponentScaffolder)
-class RLMComponent(dg.Component, dg.Resolvable, dg.Model):
-    """An RLM asset declared in YAML; the attributes are ``rlm_asset``'s keywords.
+class RLMComponent(dg.Component, RLMAssetArgs):
+    """An RLM asset declared in YAML; the attributes are ``rlm_asset``'s keywords (both are
+    :class:`~rlm_dagster.definition.RLMAssetArgs`).
 
     .. code-block:: yaml
 
@@ -160,81 +110,13 @@ class RLMComponent(dg.Component, dg.Resolvable, dg.Model):
     Needs the resources ``rlm`` (``RLMResource``) and ``duckdb`` (``DuckDBResource``).
     """
 
-    # PartitionsDefinition and RetryPolicy are plain classes, checked with isinstance.
-    model_config = ConfigDict(arbitrary_types_allowed=True)
-
-    name: Annotated[str, _doc("Asset name; also the name of the answer's DuckDB table.")]
-    question: Annotated[str, _doc("The question the RLM answers.")]
-    tables: Annotated[
-        list[str], _doc('Tables bound in the REPL, also the asset\'s deps: "t" or "schema.t".')
-    ]
-    output: Annotated[
-        dict[str, str] | None, _doc("Column -> DuckDB type of the answer table; omit for text.")
-    ] = None
-    max_iterations: Annotated[int, _doc("Root-model turns before the final-answer request.")] = 20
-    max_depth: Annotated[int, _doc("Recursion depth of rlm_query.")] = 1
-    max_sub_calls: Annotated[int, _doc("Sub-model calls per run.")] = 5_000
-    max_cost_usd: Annotated[float | None, _doc("USD per run; null = no cap.")] = 5.0
-    max_tokens: Annotated[int | None, _doc("Tokens per run; null = no cap.")] = None
-    max_wall_time_s: Annotated[float | None, _doc("Seconds per run; null = no cap.")] = 3_600.0
-    cell_timeout_s: Annotated[float, _doc("Seconds one REPL cell may run.")] = 300.0
-    max_observation_chars: Annotated[int, _doc("Output of a turn shown to the model.")] = 20_000
-    key_prefix: Annotated[
-        str | list[str] | None, _doc("Asset key prefix; its last part is the table's schema.")
-    ] = None
-    group_name: Annotated[str | None, _doc("Dagster asset group.")] = None
-    description: Annotated[str | None, _doc("Asset description; defaults to the question.")] = None
-    tags: Annotated[dict[str, str] | None, _doc("Asset tags.")] = None
-    owners: Annotated[list[str] | None, _doc('Asset owners, e.g. ["team:support"].')] = None
-    root_model: Annotated[str | None, _doc("Overrides RLMResource.root_model.")] = None
-    sub_model: Annotated[str | None, _doc("Overrides RLMResource.sub_model.")] = None
-    root_effort: Annotated[
-        str | None, _doc("Overrides RLMResource.root_effort (low, medium, high, xhigh, max).")
-    ] = None
-    sub_effort: Annotated[str | None, _doc("Overrides RLMResource.sub_effort.")] = None
-    partitions_def: Annotated[
-        dg.PartitionsDefinition | None,
-        dg.Resolver(
-            resolve_partitions_def,
-            model_field_type=PartitionsDefModel,
-            description='e.g. {type: daily, start_date: "2026-01-01"} or '
-            "{type: static, partition_keys: [eu, us]}.",
-        ),
-    ] = None
-    partition_column: Annotated[
-        str | dict[str, str] | None,
-        _doc("Column the partition key filters: one for all tables, or {table: column}."),
-    ] = None
-    retry_policy: Annotated[
-        dg.RetryPolicy | None,
-        dg.Resolver(
-            _resolve_retry_policy,
-            model_field_type=RetryPolicyModel | None,
-            description="{max_retries, delay, backoff, jitter}; null = no retries.",
-        ),
-    ] = DEFAULT_RETRY_POLICY
-    pool: Annotated[str | None, _doc("Dagster concurrency pool of the asset.")] = None
-    fail_on_undecided_rows: Annotated[
-        bool, _doc("Make the llm_where_rows_decided check blocking (ERROR).")
-    ] = False
-    context: Annotated[
-        dg.AssetKey | None,
-        dg.Resolver(
-            _resolve_asset_key,
-            model_field_type=str | None,
-            description='Upstream asset bound as the REPL variable `context`, e.g. "raw/docs".',
-        ),
-    ] = None
-    rlm_resource_key: Annotated[str, _doc("Resource key of the RLMResource.")] = "rlm"
-    duckdb_resource_key: Annotated[str, _doc("Resource key of the DuckDBResource.")] = "duckdb"
-
     def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:
         """The one RLM asset; the ``rlm`` and ``duckdb`` resources come from the project."""
         try:
-            asset = rlm_asset(**dict(self))
+            asset = build_rlm_asset(RLMAssetArgs(**dict(self)))
         except ConfigError as err:
-            # rlm_asset names the keyword at fault (`output=`), which is the YAML attribute's
-            # name; say which component it is. Same class, so OutputSchemaError stays one.
+            # The message names the attribute at fault (`output=`); say which component and
+            # file it is. Same class, so OutputSchemaError stays one.
             where = context.path
             if where.is_relative_to(context.project_root):
                 where = where.relative_to(context.project_root)

@@ -152,6 +152,14 @@ class RLMResult:
     run_id: str = "r0"
     depth: int = 0
     where_stats: list[WhereStats] = field(default_factory=list)  # this run and its children
+    # Who answered and where the code ran: the provider ("demo" for the offline demo model),
+    # the models, and the sandbox level with its layers.
+    provider: str = ""
+    root_model: str = ""
+    sub_model: str = ""
+    sandbox: str = ""
+    # Content fingerprints of the bound tables (what a data version is computed from).
+    inputs: dict[str, str] = field(default_factory=dict)
 
     @property
     def answer_text(self) -> str:
@@ -553,6 +561,10 @@ class RLMRun:
             run_id=self.run_id,
             depth=self.depth,
             where_stats=self.where_stats,
+            provider=self.lm.provider,
+            root_model=self.lm.root_model,
+            sub_model=self.lm.sub_model,
+            sandbox=f"{self.worker.level} ({', '.join(self.worker.layers) or 'no layers'})",
         )
 
     def _turn(

@@ -17,7 +17,7 @@ import dagster as dg
 import pyarrow as pa
 
 from rlm_dagster.engine import RLMResult
-from rlm_dagster.lm import LM, Accounting
+from rlm_dagster.lm import Accounting
 from rlm_dagster.redact import redact
 
 
@@ -42,14 +42,14 @@ def unknown_price_models(accounting: Accounting) -> list[str]:
     return sorted(m for m, t in accounting.by_model().items() if not t.cost_known)
 
 
-def run_metadata(result: RLMResult, lm: LM) -> dict[str, Any]:
+def run_metadata(result: RLMResult) -> dict[str, Any]:
     """Metadata common to successful and failed runs, with key-shaped strings redacted."""
     acc = result.accounting
     unknown = unknown_price_models(acc)
     meta: dict[str, Any] = {
-        "rlm/provider": lm.provider,
-        "rlm/root_model": lm.root_model,
-        "rlm/sub_model": lm.sub_model,
+        "rlm/provider": result.provider,
+        "rlm/root_model": result.root_model,
+        "rlm/sub_model": result.sub_model,
         "rlm/question": result.question,
         "rlm/iterations": result.iterations,
         "rlm/root_calls": acc.calls("root"),
@@ -68,7 +68,9 @@ def run_metadata(result: RLMResult, lm: LM) -> dict[str, Any]:
         meta["rlm/where_clipped_rows"] = result.where_clipped_rows
     if unknown:
         meta["rlm/cost_unknown_models"] = ", ".join(unknown)
-    if lm.provider == "demo":
+    if result.sandbox:
+        meta["rlm/sandbox"] = result.sandbox
+    if result.provider == "demo":
         note = (
             "Answered by the offline DEMO model (scripted programs and keyword rules, not an LLM). "
             "Set ANTHROPIC_API_KEY to use Claude."

@@ -14,19 +14,29 @@ is never chosen implicitly when a key is configured.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
+import pyarrow as pa
+from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
+from rlm_dagster.budget import Budget, Limits
 from rlm_dagster.cache import Cache, default_cache_path
-from rlm_dagster.errors import ConfigError, MissingAPIKey
-from rlm_dagster.lm import DEFAULT_ROOT_EFFORT, DEFAULT_SUB_EFFORT, LM
+from rlm_dagster.engine import RLMResult, RLMRun, wire_context
+from rlm_dagster.errors import ConfigError, MissingAPIKey, NoFinalAnswer, RLMError
+from rlm_dagster.events import Event
+from rlm_dagster.lm import DEFAULT_ROOT_EFFORT, DEFAULT_SUB_EFFORT, LM, Accounting
+from rlm_dagster.metadata import run_metadata, unknown_price_models
 from rlm_dagster.models import EFFORTS, THINKING_MODES, ModelCatalog
+from rlm_dagster.output import OutputSchema
+from rlm_dagster.redact import redact
 from rlm_dagster.sandbox import WorkerLimits
-from rlm_dagster.semantic import WhereConfig
+from rlm_dagster.semantic import Semantic, WhereConfig, WhereStats
+from rlm_dagster.warehouse import Warehouse, quote_ident
 
 PROVIDERS = ("anthropic", "demo")
 
@@ -225,6 +235,135 @@ class RLMResource(dg.ConfigurableResource):
         with _SHARED.use(key, make) as lm:
             yield lm
 
+    # -- the composable path: RLM work inside any asset body ---------------------------------
+
+    def run(
+        self,
+        context: dg.AssetExecutionContext | dg.OpExecutionContext,
+        question: str,
+        *,
+        tables: Sequence[str] | Mapping[str, Any] = (),
+        duckdb: DuckDBResource | str | None = None,
+        output: Mapping[str, str] | OutputSchema | None = None,
+        limits: Limits | None = None,
+        context_value: Any = None,
+        filters: Mapping[str, str] | None = None,
+        root_model: str | None = None,
+        sub_model: str | None = None,
+        root_effort: str | None = None,
+        sub_effort: str | None = None,
+    ) -> RLMResult:
+        """Run an RLM inside your own asset body; returns its :class:`RLMResult`.
+
+            @dg.asset(deps=["tickets"])
+            def churn(context: dg.AssetExecutionContext, rlm: RLMResource, duckdb: DuckDBResource):
+                result = rlm.run(context, "Who threatens to cancel?", tables=["tickets"], duckdb=duckdb)
+                return dg.MaterializeResult(metadata=run_metadata(result))
+
+        ``tables`` are names in ``duckdb``'s file (snapshot read-only, ``filters`` maps a table
+        to a trusted SQL predicate, e.g. a partition's rows), or a mapping of names to
+        DataFrames. Metered, cached and logged like ``rlm_asset``'s runs: ledger rows carry
+        the Dagster run id, the asset and the partition; events go to ``context.log``. A failure
+        is a ``dg.Failure`` carrying the error, the trajectory so far and ``allow_retries``
+        set exactly when a retry can help. Nothing is written to the warehouse.
+        """
+        schema = OutputSchema.parse(output) if isinstance(output, Mapping) else output
+        with (
+            self._failures(context),
+            self.open_lm(
+                root_model=root_model,
+                sub_model=sub_model,
+                root_effort=root_effort,
+                sub_effort=sub_effort,
+            ) as lm,
+            _bound(tables, duckdb, filters) as warehouse,
+        ):
+            if lm.provider == "demo":
+                context.log.warning(_DEMO_NOTE)
+            result = RLMRun(
+                question,
+                warehouse=warehouse,
+                lm=lm,
+                limits=limits,
+                output=schema,
+                on_event=lambda event: log_event(context, event),
+                sandbox=self.sandbox,
+                where_config=self.where_config(),
+                worker_limits=self.worker_limits(),
+                context=wire_context(context_value),
+                tags=run_tags(context),
+            ).run()
+            result.inputs = warehouse.fingerprints()
+        for model in unknown_price_models(result.accounting):
+            context.log.warning(
+                f"The price of model {model!r} is unknown, so its cost is reported as unknown "
+                "(rlm/cost_unknown_models); declare it with RLMResource(model_profiles=...)."
+            )
+        return result
+
+    def llm_where(
+        self,
+        context: dg.AssetExecutionContext | dg.OpExecutionContext,
+        table: str,
+        predicate: str,
+        *,
+        duckdb: DuckDBResource | str | None = None,
+        frame: Any = None,
+        columns: Sequence[str] | None = None,
+        where: str | None = None,
+        limit: int | None = None,
+        limits: Limits | None = None,
+        sub_model: str | None = None,
+        sub_effort: str | None = None,
+    ) -> WhereResult:
+        """The rows of ``table`` for which ``predicate`` holds, judged by the sub model, inside
+        your own asset body: the same operator as the REPL's ``llm_where`` (projection,
+        dedupe, verdict cache, batching, validation), metered and cached like a run.
+
+            rows = rlm.llm_where(context, "tickets", "The customer threatens to cancel",
+                                 duckdb=duckdb, columns=["body"], where="plan = 'enterprise'")
+            rows.matches.to_pandas(), rows.provenance  # matching rows; every row's verdict
+
+        ``table`` is a table in ``duckdb``'s file, or the name for ``frame`` (a DataFrame or
+        Arrow table). ``limits`` defaults to :class:`Limits` (``max_cost_usd`` $5).
+        """
+        tables: Mapping[str, Any] | Sequence[str] = {table: frame} if frame is not None else [table]
+        with (
+            self._failures(context),
+            self.open_lm(sub_model=sub_model, sub_effort=sub_effort) as lm,
+            _bound(tables, duckdb, None) as warehouse,
+        ):
+            budget = Budget(limits or Limits(), ledger=lm.cache, tags=run_tags(context))
+            semantic = Semantic(
+                lm,
+                warehouse,
+                budget,
+                cache=lm.cache,
+                config=self.where_config(),
+                on_event=lambda event: log_event(context, event),
+            )
+            name = table.rpartition(".")[2].lower() if frame is None else table
+            matches, provenance, stats = semantic.where(
+                name, predicate, columns=columns, where=where, limit=limit
+            )
+            context.log.info(redact(stats.describe()))
+            return WhereResult(
+                matches=warehouse.query(f"SELECT * FROM {quote_ident(matches.name)}"),
+                provenance=warehouse.query(f"SELECT * FROM {quote_ident(provenance.name)}"),
+                stats=stats,
+                accounting=budget.accounting,
+            )
+
+    @contextmanager
+    def _failures(
+        self, context: dg.AssetExecutionContext | dg.OpExecutionContext
+    ) -> Iterator[None]:
+        """Turn an :class:`RLMError` into the ``dg.Failure`` Dagster acts on."""
+        try:
+            yield
+        except RLMError as err:
+            raise failure(err) from err
+
     def _demo_lm(self, cache_path: str) -> tuple[LM, list[Callable[[], None]]]:
         from rlm_dagster.demo import DEMO_PROFILES, DEMO_ROOT_MODEL, DEMO_SUB_MODEL, demo_server
 
@@ -280,3 +419,79 @@ class _SharedClients:
 
 
 _SHARED = _SharedClients()
+
+
+_DEMO_NOTE = (
+    "Using the offline DEMO model (scripted programs and keyword rules, not an LLM) because "
+    "RLMResource(provider='demo'). Set ANTHROPIC_API_KEY for Claude."
+)
+
+
+@dataclass(frozen=True)
+class WhereResult:
+    """What :meth:`RLMResource.llm_where` found: the matching rows, every judged row's
+    verdict (``_verdict``, ``_verdict_reason``, ``_decided_by``, ...), and what it cost."""
+
+    matches: pa.Table
+    provenance: pa.Table
+    stats: WhereStats
+    accounting: Accounting
+
+
+@contextmanager
+def _bound(
+    tables: Sequence[str] | Mapping[str, Any],
+    duckdb: DuckDBResource | str | None,
+    filters: Mapping[str, str] | None,
+) -> Iterator[Warehouse]:
+    """The tables a run binds: a read-only snapshot of named tables, or given frames."""
+    if isinstance(tables, Mapping):
+        warehouse = Warehouse.from_frames(tables)
+    else:
+        if not tables:
+            warehouse = Warehouse.from_frames({})
+        else:
+            if duckdb is None:
+                raise ConfigError(
+                    f"tables={list(tables)} are warehouse tables: pass duckdb= (your "
+                    "DuckDBResource, or the database file's path)."
+                )
+            database = duckdb if isinstance(duckdb, str) else duckdb.database
+            warehouse = Warehouse.snapshot(database, list(tables), filters=filters)
+    try:
+        yield warehouse
+    finally:
+        warehouse.close()
+
+
+def run_tags(context: dg.AssetExecutionContext | dg.OpExecutionContext) -> dict[str, Any]:
+    """Ledger tags of a run in a Dagster step: run id, asset, partition."""
+    keys = (
+        list(context.selected_asset_keys) if isinstance(context, dg.AssetExecutionContext) else []
+    )
+    return {
+        "run_id": context.run.run_id,
+        "asset": keys[0].to_user_string() if len(keys) == 1 else None,
+        "partition": context.partition_key if context.has_partition_key else None,
+    }
+
+
+def log_event(context: dg.AssetExecutionContext | dg.OpExecutionContext, event: Event) -> None:
+    """Render a run's event in the run log, at its level, redacted."""
+    log = context.log.warning if event.level == "warning" else context.log.info
+    log(redact(event.describe()))
+
+
+def failure(err: RLMError) -> dg.Failure:
+    """The ``dg.Failure`` for an error: its name and message, the trajectory so far when the
+    run had started, and ``allow_retries`` exactly when a retry can help (the provider kept
+    failing, the warehouse was locked)."""
+    metadata: dict[str, Any] = {"rlm/error": type(err).__name__, "rlm/retryable": err.retryable}
+    partial = err.trajectory if isinstance(err, NoFinalAnswer) else err.partial
+    if isinstance(partial, RLMResult):
+        metadata.update(run_metadata(partial))
+    return dg.Failure(
+        description=f"{type(err).__name__}: {err}",
+        metadata=metadata,
+        allow_retries=err.retryable,
+    )

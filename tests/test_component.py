@@ -221,9 +221,14 @@ def test_several_assets_in_one_file_as_yaml_documents(sandbox: DefsFolderSandbox
 
 
 def test_every_rlm_asset_keyword_is_an_attribute_with_the_same_default() -> None:
-    """The YAML attributes are rlm_asset's keywords: a keyword added there must be added here."""
+    """The YAML attributes are rlm_asset's keywords: both are RLMAssetArgs' fields (only the
+    translator, a Python object, is rlm_asset's alone)."""
+    from rlm_dagster.definition import RLMAssetArgs
+
     fields = RLMComponent.model_fields
-    parameters = inspect.signature(rlm_asset).parameters
+    assert fields.keys() == RLMAssetArgs.model_fields.keys()
+    parameters = dict(inspect.signature(rlm_asset).parameters)
+    assert parameters.pop("translator").default is None
     assert set(fields) == set(parameters)
     for name, parameter in parameters.items():
         if parameter.default is inspect.Parameter.empty:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections import defaultdict
-from typing import Any
 
 import pytest
 
@@ -87,11 +85,12 @@ def test_trajectory_is_redacted() -> None:
 
 
 def test_run_metadata_and_logs_are_redacted() -> None:
-    from rlm_dagster.assets import _log_event
     from rlm_dagster.budget import Limits
     from rlm_dagster.engine import Answer, RLMResult
-    from rlm_dagster.lm import LM, Accounting
+    from rlm_dagster.events import IterationDone, RunWarning
+    from rlm_dagster.lm import Accounting
     from rlm_dagster.metadata import run_metadata
+    from rlm_dagster.resource import log_event
 
     key = "sk-ant-api03-abcdefghijklmnopqrstuvwxyz0123456789"
     result = RLMResult(
@@ -102,11 +101,7 @@ def test_run_metadata_and_logs_are_redacted() -> None:
         duration_s=1.0,
         limits=Limits(),
     )
-    lm = LM(api_key="test", root_model="r", sub_model="s", base_url="http://127.0.0.1:9")
-    try:
-        meta = run_metadata(result, lm)
-    finally:
-        lm.close()
+    meta = run_metadata(result)
     assert key not in str(meta)
     assert meta["rlm/question"] == f"Is {REDACTED} valid?"
 
@@ -116,11 +111,25 @@ def test_run_metadata_and_logs_are_redacted() -> None:
         def info(self, message: str) -> None:
             logged.append(message)
 
+        warning = info
+
     class Context:
         log = Log()
 
-    # Fields the log line does not set default to 0/False, so the event shape can grow.
-    event: dict[str, Any] = defaultdict(int, {"type": "iteration", "note": f"key {key}"})
-    _log_event(Context(), event)  # type: ignore[arg-type]
-    _log_event(Context(), {"type": "llm_where", "summary": f"where {key}"})  # type: ignore[arg-type]
-    assert logged and all(key not in m for m in logged)
+    iteration = IterationDone(
+        run_id="r0",
+        depth=0,
+        iteration=1,
+        max_iterations=3,
+        cells=1,
+        code_lines=1,
+        output_chars=0,
+        errors=0,
+        sub_calls=0,
+        cost_usd=0.0,
+        final=False,
+        note=f"key {key}",
+    )
+    log_event(Context(), iteration)  # type: ignore[arg-type]
+    log_event(Context(), RunWarning(f"where {key}"))  # type: ignore[arg-type]
+    assert len(logged) == 2 and all(key not in m for m in logged)
