@@ -17,24 +17,23 @@ transaction, and returns a ``MaterializeResult`` with the answer, trajectory and
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from contextlib import ExitStack
 from typing import Any
 
 import dagster as dg
 import pyarrow as pa
 import pydantic
 from dagster_duckdb import DuckDBResource
+from sqlglot import exp
 
 from rlm_dagster.budget import Limits
 from rlm_dagster.definition import DEFAULT_RETRY_POLICY, RLMAssetArgs, digest
 from rlm_dagster.engine import RLMResult, fenced
-from rlm_dagster.errors import ConfigError, RLMError, WarehouseBusy
+from rlm_dagster.errors import ConfigError, RLMError
 from rlm_dagster.metadata import column_schema
 from rlm_dagster.output import OutputSchema
 from rlm_dagster.redact import redact
 from rlm_dagster.resource import RLMResource, failure
 from rlm_dagster.translator import RLMTranslator
-from rlm_dagster.warehouse import is_lock_error, quote_ident
 
 __all__ = ["DEFAULT_RETRY_POLICY", "build_rlm_asset", "rlm_asset"]
 
@@ -163,7 +162,7 @@ def build_rlm_asset(
         if table is None:
             table = pa.table({"question": [args.question], "answer": [answer.text]})
         try:
-            table_name, written = _write_table(duckdb, key, table, partition)
+            written = translator.get_answer_sink(args, duckdb).write(key.path, table, partition)
         except RLMError as err:
             raise failure(err) from err
         # The UI lists metadata in order and folds Markdown over 1,000 characters behind a
@@ -174,7 +173,7 @@ def build_rlm_asset(
             "rlm/answer": dg.MetadataValue.md(redact(_answer_markdown(answer.text, answer.form))),
             "rlm/final_form": answer.form,
             "dagster/row_count": table.num_rows,
-            "dagster/table_name": table_name,
+            "dagster/table_name": written.table,
             "dagster/column_schema": column_schema(table),
         }
         data_version = digest(
@@ -188,7 +187,13 @@ def build_rlm_asset(
             metadata=metadata,
             data_version=dg.DataVersion(data_version),
             check_results=_check_results(
-                schema, written, answer.text, table, result, limits, args.fail_on_undecided_rows
+                schema,
+                written.columns,
+                answer.text,
+                table,
+                result,
+                limits,
+                args.fail_on_undecided_rows,
             ),
         )
 
@@ -234,14 +239,20 @@ def _table_digest(table: pa.Table) -> str:
 def _partition_filter(
     context: dg.AssetExecutionContext, partitions_def: dg.PartitionsDefinition, column: str
 ) -> str:
-    """Host-built SQL selecting the rows of the current partition."""
-    col = quote_ident(column)
+    """Host-built SQL (through sqlglot) selecting the rows of the current partition."""
+    col = exp.column(column, quoted=True)
+    condition: exp.Expr
     if isinstance(partitions_def, dg.TimeWindowPartitionsDefinition):
         window = context.partition_time_window
-        start, end = (t.strftime("%Y-%m-%d %H:%M:%S") for t in (window.start, window.end))
-        return f"{col} >= TIMESTAMP '{start}' AND {col} < TIMESTAMP '{end}'"
-    key = context.partition_key.replace("'", "''")
-    return f"CAST({col} AS VARCHAR) = '{key}'"
+        start, end = (
+            exp.cast(exp.Literal.string(t.strftime("%Y-%m-%d %H:%M:%S")), "TIMESTAMP")
+            for t in (window.start, window.end)
+        )
+        condition = exp.and_(exp.GTE(this=col, expression=start), exp.LT(this=col, expression=end))
+    else:
+        key = exp.Literal.string(context.partition_key)
+        condition = exp.EQ(this=exp.cast(col, "VARCHAR"), expression=key)
+    return condition.sql(dialect="duckdb")
 
 
 def _check_results(
@@ -311,54 +322,3 @@ def _one_line(text: str, limit: int) -> str:
 def _answer_markdown(text: str, form: str, limit: int = 4_000) -> str:
     shown = text if len(text) <= limit else text[:limit] + "\n…"
     return f"{fenced(shown)}\n\n_(ended by {form})_"
-
-
-def _write_table(
-    duckdb: DuckDBResource, key: dg.AssetKey, table: pa.Table, partition: str | None
-) -> tuple[str, dict[str, str]]:
-    """Write the answer in one short transaction: the whole table, or (partitioned) the rows
-    of this partition only. Returns the qualified name and the table's column types."""
-    *schema_parts, name = key.path
-    schema = schema_parts[-1] if schema_parts else "main"
-    qualified = f"{quote_ident(schema)}.{quote_ident(name)}"
-    if partition is not None:
-        table = table.append_column(
-            "_partition", pa.array([partition] * table.num_rows, pa.string())
-        )
-    stack = ExitStack()
-    try:
-        con = stack.enter_context(duckdb.get_connection())
-    except Exception as err:
-        if is_lock_error(err):
-            raise WarehouseBusy(
-                f"Could not write the answer: the warehouse {duckdb.database!r} is locked by "
-                f"another writer ({err}). The run can be retried (its model calls replay from "
-                "the cache); put the assets that write this file in one Dagster pool."
-            ) from err
-        raise
-    with stack:
-        con.execute("BEGIN TRANSACTION")
-        try:
-            con.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
-            con.register("__rlm_answer", table)
-            if partition is None:
-                con.execute(f"CREATE OR REPLACE TABLE {qualified} AS SELECT * FROM __rlm_answer")
-            else:
-                con.execute(
-                    f"CREATE TABLE IF NOT EXISTS {qualified} AS SELECT * FROM __rlm_answer LIMIT 0"
-                )
-                con.execute(f"DELETE FROM {qualified} WHERE _partition = ?", [partition])
-                con.execute(f"INSERT INTO {qualified} BY NAME SELECT * FROM __rlm_answer")
-            con.unregister("__rlm_answer")
-            columns = dict(
-                con.execute(
-                    "SELECT column_name, data_type FROM information_schema.columns "
-                    "WHERE table_schema = ? AND table_name = ?",
-                    [schema, name],
-                ).fetchall()
-            )
-            con.execute("COMMIT")
-        except Exception:
-            con.execute("ROLLBACK")
-            raise
-    return f"{schema}.{name}", columns

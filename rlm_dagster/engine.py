@@ -50,6 +50,7 @@ from rlm_dagster.repl.protocol import decode_arrow, encode_arrow, frame_to_arrow
 from rlm_dagster.repl.seam import REPL, REPLFactory
 from rlm_dagster.sandbox import WorkerLimits
 from rlm_dagster.semantic import Semantic, WhereConfig, WhereStats
+from rlm_dagster.tables import TableSource
 from rlm_dagster.warehouse import TableInfo, Warehouse
 
 # Columns of the answer table the asset writes itself.
@@ -272,7 +273,7 @@ class RLMRun:
         self,
         question: str,
         *,
-        warehouse: Warehouse,
+        warehouse: TableSource,
         lm: LM,
         limits: Limits | None = None,
         output: OutputSchema | None = None,

@@ -36,6 +36,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import sqlglot
+from sqlglot import exp
 
 from rlm_dagster.budget import Budget
 from rlm_dagster.cache import Cache, verdict_key
@@ -45,7 +47,8 @@ from rlm_dagster.lm import LM, Usage, cached_system
 from rlm_dagster.models import VerdictChannel
 from rlm_dagster.prompts import render
 from rlm_dagster.sql_policy import check_sql
-from rlm_dagster.warehouse import TableInfo, Warehouse, quote_ident
+from rlm_dagster.tables import TableSource
+from rlm_dagster.warehouse import TableInfo
 
 VERDICTS_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -217,7 +220,7 @@ class Semantic:
     def __init__(
         self,
         lm: LM,
-        warehouse: Warehouse,
+        warehouse: TableSource,
         budget: Budget,
         *,
         cache: Cache | None = None,
@@ -404,11 +407,18 @@ class Semantic:
         self, table: str, predicate: str, columns: Sequence[str] | None, where: str | None
     ) -> _Job:
         _check_where_args(predicate, columns, where)
+        dialect = self.warehouse.dialect
         base = self.warehouse.input_query(table)
-        source = f"({base}) AS __in"
+        parsed = sqlglot.parse_one(base, read=dialect)
+        assert isinstance(parsed, exp.Query), base  # input_query returns one query
+        source = parsed.subquery("__in")
+
+        def select(*expressions: str | exp.Expr) -> exp.Select:
+            return exp.select(*expressions, dialect=dialect).from_(source.copy())
+
         user_columns = [
             c
-            for c in self.warehouse.trusted_arrow(f"SELECT * FROM {source} LIMIT 0").column_names
+            for c in self.warehouse.trusted_arrow(select("*").limit(0).sql(dialect)).column_names
             if c != VERDICT_REASON
         ]
         projected = list(columns) if columns is not None else user_columns
@@ -417,19 +427,32 @@ class Semantic:
             raise QueryError(
                 f"llm_where columns {unknown} do not exist; columns are: {', '.join(user_columns)}"
             )
-        rows_in = self.warehouse.trusted_arrow(f"SELECT count(*) AS n FROM {source}").column(0)[0]
+        count = select(exp.alias_(exp.func("count", exp.Star()), "n"))
+        rows_in = self.warehouse.trusted_arrow(count.sql(dialect)).column(0)[0]
         # The value the sub-model reads (compact JSON of the projected columns) is built and
-        # deduplicated in DuckDB and Arrow, not row by row in Python.
-        fields = ", ".join(f"{_sql_string(c)}: {quote_ident(c)}" for c in projected)
-        # '<' and '>' are written as JSON escapes, so no row can contain the wire format's
-        # delimiters (<row id="K">, </row>); the model reads the same text.
-        value = f"replace(replace(to_json({{{fields}}})::VARCHAR, '<', '\\u003c'), '>', '\\u003e')"
-        query = f"SELECT *, {value} AS {_KEY} FROM {source}"
+        # deduplicated in the engine and Arrow, not row by row in Python. '<' and '>' are
+        # written as JSON escapes, so no row can contain the wire format's delimiters
+        # (<row id="K">, </row>); the model reads the same text.
+        fields = exp.Struct(
+            expressions=[
+                exp.PropertyEQ(this=exp.to_identifier(c), expression=exp.column(c, quoted=True))
+                for c in projected
+            ]
+        )
+        value: exp.Expr = exp.cast(exp.func("to_json", fields), "VARCHAR")
+        for char, escape in (("<", "\\u003c"), (">", "\\u003e")):
+            value = exp.func("replace", value, exp.Literal.string(char), exp.Literal.string(escape))
+        query = select("*", exp.alias_(value, _KEY))
         if where:
-            check_sql(f"SELECT * FROM {source} WHERE {where}", self.warehouse.tables.keys())
-            query += f" WHERE {where}"
+            # The model's filter: parsed and policed, then attached as an expression.
+            condition = check_sql(
+                select("*").sql(dialect) + f" WHERE {where}",
+                self.warehouse.tables.keys(),
+                dialect=dialect,
+            ).args["where"]
+            query = query.where(condition.this)
         try:
-            data = self.warehouse.trusted_arrow(query)
+            data = self.warehouse.trusted_arrow(query.sql(dialect))
         except Exception as err:
             raise QueryError(f"llm_where input failed: {err}") from None
         encoded = pc.dictionary_encode(data.column(_KEY).combine_chunks())
@@ -798,10 +821,6 @@ def _counts(index: pa.Array, n: int) -> list[int]:
     ):
         counts[position] = count
     return counts
-
-
-def _sql_string(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
 
 
 _QUERY_SYSTEM = "Answer the request directly and concisely."

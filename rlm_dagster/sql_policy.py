@@ -220,8 +220,13 @@ _CALL_NAME = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\(")
 # --------------------------------------------------------------------------------------
 
 
-def check_sql(query: str, allowed_tables: Collection[str]) -> exp.Expr:
+def check_sql(query: str, allowed_tables: Collection[str], *, dialect: str = "duckdb") -> exp.Expr:
     """Parse ``query``, enforce the read-only policy, return the parsed statement.
+
+    ``dialect`` is the sqlglot dialect of the engine that will run the query (the
+    :class:`~rlm_dagster.tables.TableSource`'s). For ``duckdb`` DuckDB's own parser is a
+    second opinion (one statement, and of the same kind sqlglot saw); other dialects rely on
+    sqlglot alone.
 
     ``allowed_tables`` are the tables bound to the run (compared case-insensitively; a
     single ``str`` is taken as one table name). CTE names defined in the query are also
@@ -237,10 +242,10 @@ def check_sql(query: str, allowed_tables: Collection[str]) -> exp.Expr:
             f"e.g. sql({example!r}).",
         )
 
-    statements = _parse(query, tables)
+    statements = _parse(query, tables, dialect)
     if len(statements) != 1:
         raise _too_many(len(statements))
-    duck_types = _duckdb_statement_types(query)
+    duck_types = _duckdb_statement_types(query) if dialect == _DIALECT else None
     if isinstance(duck_types, list) and len(duck_types) != 1:
         raise _too_many(len(duck_types))
 
@@ -253,6 +258,8 @@ def check_sql(query: str, allowed_tables: Collection[str]) -> exp.Expr:
     _check_described(statement, tables)
     _check_tables(statement, query, tables)
 
+    if duck_types is None:
+        return statement  # another engine: sqlglot's reading is the only one
     # Backstop against sqlglot/DuckDB parser differences: DuckDB itself must see one query.
     if isinstance(duck_types, str):
         raise SQLPolicyError(
@@ -275,9 +282,9 @@ def _normalise_tables(allowed_tables: Collection[str]) -> list[str]:
     return sorted({name.lower() for name in names})
 
 
-def _parse(query: str, tables: list[str]) -> list[exp.Expr]:
+def _parse(query: str, tables: list[str], dialect: str = _DIALECT) -> list[exp.Expr]:
     try:
-        parsed = sqlglot.parse(query, read=_DIALECT)
+        parsed = sqlglot.parse(query, read=dialect)
     except SqlglotError as err:
         # sqlglot cannot parse some refused statements at all (EXPORT DATABASE, CREATE
         # SECRET...): name the rule they break rather than blaming the syntax.

@@ -17,10 +17,12 @@ from __future__ import annotations
 from typing import Any
 
 import dagster as dg
+from dagster_duckdb import DuckDBResource
 
 from rlm_dagster.definition import RLMAssetArgs
 from rlm_dagster.engine import RLMResult
 from rlm_dagster.metadata import run_metadata
+from rlm_dagster.tables import AnswerSink, DuckDBSink
 
 
 class RLMTranslator:
@@ -106,6 +108,10 @@ class RLMTranslator:
                 )
             )
         return specs
+
+    def get_answer_sink(self, args: RLMAssetArgs, duckdb: DuckDBResource) -> AnswerSink:
+        """Where the answer table is written (the ``duckdb`` resource's file by default)."""
+        return DuckDBSink(duckdb)
 
     def get_run_metadata(self, result: RLMResult) -> dict[str, Any]:
         """Metadata of a materialization (and of a failed run's ``Failure``)."""

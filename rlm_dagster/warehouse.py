@@ -58,7 +58,10 @@ class TableInfo:
 
 
 class Warehouse:
-    """An in-memory DuckDB database holding the bound tables and scratch results."""
+    """An in-memory DuckDB database holding the bound tables and scratch results: the
+    :class:`~rlm_dagster.tables.TableSource` of today."""
+
+    dialect = "duckdb"
 
     def __init__(self, con: duckdb.DuckDBPyConnection, source: str) -> None:
         self._con = con
@@ -200,7 +203,7 @@ class Warehouse:
     ) -> pa.Table:
         """Run model-written ``sql`` under the read-only policy; at most ``max_rows`` rows,
         interrupted after ``timeout_s`` seconds."""
-        check_sql(sql, allowed_tables=self._tables.keys())
+        check_sql(sql, allowed_tables=self._tables.keys(), dialect=self.dialect)
         with self._lock:
             timer = None
             if timeout_s is not None:
@@ -246,7 +249,8 @@ class Warehouse:
                 f"{', '.join(sorted(self._tables))}."
             )
         # Normalised by sqlglot: no trailing ';', comments made safe for wrapping in (...).
-        return check_sql(source, allowed_tables=self._tables.keys()).sql(dialect="duckdb")
+        checked = check_sql(source, allowed_tables=self._tables.keys(), dialect=self.dialect)
+        return checked.sql(dialect=self.dialect)
 
     # -- scratch results (written by the host only) ---------------------------------------
 

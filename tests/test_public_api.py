@@ -117,3 +117,15 @@ def test_importing_the_package_does_not_import_dagster() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert done.stdout.split() == ["False", "False"]
+
+
+def test_the_engine_runs_without_dagster() -> None:
+    """The engine, the semantic layer and the data seams never import Dagster."""
+    code = (
+        "import sys, rlm_dagster.engine, rlm_dagster.semantic, rlm_dagster.tables; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0].startswith('dagster')))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == "[]"

@@ -359,3 +359,15 @@ def test_every_duckdb_table_function_outside_the_allowlist_is_refused(
             continue
         allowed.append(name)
     assert allowed == []
+
+
+def test_the_policy_parses_with_the_sources_dialect() -> None:
+    """Another engine's dialect is parsed by sqlglot alone, under the same rules."""
+    statement = check_sql("SELECT TOP 3 a FROM t", ["t"], dialect="tsql")
+    assert statement.sql("duckdb") == "SELECT a FROM t LIMIT 3"
+    with pytest.raises(SQLPolicyError) as info:
+        check_sql("DELETE FROM t", ["t"], dialect="tsql")
+    assert info.value.rule == "read-only"
+    with pytest.raises(SQLPolicyError) as info:
+        check_sql("SELECT * FROM secrets", ["t"], dialect="snowflake")
+    assert info.value.rule == "unbound-table"

@@ -1,0 +1,151 @@
+"""Where a run's tables come from, and where its answers go: the two data seams.
+
+* :class:`TableSource` — the tables a run binds and the SQL engine that queries them. Today's
+  implementation is :class:`~rlm_dagster.warehouse.Warehouse`, a read-only DuckDB snapshot
+  (an in-memory copy of the bound tables plus the run's scratch results); another engine
+  (pushdown to a warehouse that keeps the data) implements the same methods and names its
+  SQL ``dialect``, which the SQL policy parses with.
+* :class:`AnswerSink` — where an asset's answer table is written, once, at the end of a run.
+  Today's implementation is :class:`DuckDBSink`, one short write transaction through a
+  ``DuckDBResource``.
+
+The engine and the semantic layer know only :class:`TableSource`; the Dagster layer only
+:class:`AnswerSink`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, ExitStack
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import pyarrow as pa
+
+from rlm_dagster.errors import WarehouseBusy
+from rlm_dagster.warehouse import TableInfo, is_lock_error, quote_ident
+
+
+class TableSource(Protocol):
+    """The tables of one run and the engine that queries them."""
+
+    dialect: str
+    """The sqlglot dialect of its SQL (``"duckdb"``)."""
+
+    @property
+    def tables(self) -> Mapping[str, TableInfo]:
+        """Bound tables and scratch results, by name."""
+        ...
+
+    def info(self, name: str) -> TableInfo: ...
+
+    def describe(self) -> str:
+        """One line per bound table, for the root model's prompt."""
+        ...
+
+    def fingerprints(self) -> dict[str, str]:
+        """A content fingerprint per bound table (what data versions are computed from)."""
+        ...
+
+    def query(self, sql: str, *, max_rows: int = ..., timeout_s: float | None = ...) -> pa.Table:
+        """Model-written SQL, under the read-only policy, capped and interruptible."""
+        ...
+
+    def trusted_arrow(self, sql: str) -> pa.Table:
+        """SQL the host built itself (no policy)."""
+        ...
+
+    def input_query(self, source: str) -> str:
+        """A table name or a model-written query as a policy-checked subquery."""
+        ...
+
+    def create_scratch(self, prefix: str, data: pa.Table, *, name: str | None = None) -> TableInfo:
+        """Store host-made ``data`` as a scratch result the REPL can query."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Written:
+    """Where an answer went: the qualified table name and its column types as stored."""
+
+    table: str
+    columns: dict[str, str]
+
+
+class AnswerSink(Protocol):
+    """Writes an asset's answer table."""
+
+    def write(self, key_path: Sequence[str], table: pa.Table, partition: str | None) -> Written:
+        """Replace the answer table named by ``key_path`` (the asset key's path), or only the
+        rows of ``partition`` in it; one transaction."""
+        ...
+
+
+class DuckDBConnections(Protocol):
+    """What :class:`DuckDBSink` needs of a ``dagster_duckdb.DuckDBResource`` (this module
+    does not import Dagster: the engine layer imports it)."""
+
+    database: str
+
+    def get_connection(self) -> AbstractContextManager[Any]: ...
+
+
+class DuckDBSink:
+    """Answers written to the ``DuckDBResource``'s file: the table is the key's last part,
+    its schema the part before (``main`` without one); a partitioned answer gets a
+    ``_partition`` column and replaces only that partition's rows."""
+
+    def __init__(self, resource: DuckDBConnections) -> None:
+        self.resource = resource
+
+    def write(self, key_path: Sequence[str], table: pa.Table, partition: str | None) -> Written:
+        *schema_parts, name = key_path
+        schema = schema_parts[-1] if schema_parts else "main"
+        qualified = f"{quote_ident(schema)}.{quote_ident(name)}"
+        if partition is not None:
+            table = table.append_column(
+                "_partition", pa.array([partition] * table.num_rows, pa.string())
+            )
+        stack = ExitStack()
+        try:
+            con = stack.enter_context(self.resource.get_connection())
+        except Exception as err:
+            if is_lock_error(err):
+                raise WarehouseBusy(
+                    f"Could not write the answer: the warehouse {self.resource.database!r} is "
+                    f"locked by another writer ({err}). The run can be retried (its model calls "
+                    "replay from the cache); put the assets that write this file in one Dagster "
+                    "pool."
+                ) from err
+            raise
+        with stack:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                con.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
+                con.register("__rlm_answer", table)
+                if partition is None:
+                    con.execute(
+                        f"CREATE OR REPLACE TABLE {qualified} AS SELECT * FROM __rlm_answer"
+                    )
+                else:
+                    con.execute(
+                        f"CREATE TABLE IF NOT EXISTS {qualified} AS "
+                        "SELECT * FROM __rlm_answer LIMIT 0"
+                    )
+                    con.execute(f"DELETE FROM {qualified} WHERE _partition = ?", [partition])
+                    con.execute(f"INSERT INTO {qualified} BY NAME SELECT * FROM __rlm_answer")
+                con.unregister("__rlm_answer")
+                columns = dict(
+                    con.execute(
+                        "SELECT column_name, data_type FROM information_schema.columns "
+                        "WHERE table_schema = ? AND table_name = ?",
+                        [schema, name],
+                    ).fetchall()
+                )
+                con.execute("COMMIT")
+            except Exception:
+                con.execute("ROLLBACK")
+                raise
+        return Written(f"{schema}.{name}", columns)
