@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from rlm_dagster.errors import BudgetExceeded, ConfigError
-from rlm_dagster.lm import Accounting, CallRecord, ledger_row
+from rlm_dagster.lm import Accounting, CallRecord, Meter, ledger_row
 
 if TYPE_CHECKING:
     from rlm_dagster.cache import Cache
@@ -79,8 +79,8 @@ class Budget:
 
     ``ledger`` is where the run's ledger rows go, tagged with ``tags`` (run id, asset,
     partition). Rows are written as calls complete, except ``llm_where`` batches: the
-    semantic layer takes them with :meth:`take_ledger` and commits them with the verdicts
-    they paid for.
+    semantic layer meters them with :meth:`holding_ledger`, takes them with
+    :meth:`take_ledger` and commits them with the verdicts they paid for.
     """
 
     def __init__(
@@ -105,12 +105,20 @@ class Budget:
 
     def record(self, record: CallRecord) -> None:
         """Account one completed call (a cache replay too) and write its ledger row."""
+        self._record(record, hold=False)
+
+    def holding_ledger(self) -> Meter:
+        """This budget as a meter whose ledger rows wait for :meth:`take_ledger`: a caller
+        that commits rows together with what they paid for (``llm_where``'s verdicts)."""
+        return _HoldingMeter(self)
+
+    def _record(self, record: CallRecord, *, hold: bool) -> None:
         self.accounting.add(record)
         if self.ledger is None:
             return
         with self._rows_lock:
             self._rows.append(ledger_row(record, self.tags))
-        if record.role != "where":
+        if not hold:
             self.flush_ledger()
 
     def take_ledger(self) -> list[dict[str, Any]]:
@@ -240,3 +248,16 @@ class Budget:
                 "Raise max_wall_time_s on the asset.",
                 limit="max_wall_time_s",
             )
+
+
+class _HoldingMeter:
+    def __init__(self, budget: Budget) -> None:
+        self.budget = budget
+
+    def reserve(
+        self, *, role: str, depth: int, model: str, tokens: int, usd: float | None
+    ) -> _Reservation:
+        return self.budget.reserve(role=role, depth=depth, model=model, tokens=tokens, usd=usd)
+
+    def record(self, record: CallRecord) -> None:
+        self.budget._record(record, hold=True)

@@ -460,6 +460,7 @@ class LM:
         depth: int = 0,
         deadline: float | None = None,
         meter: Meter | None = None,
+        cached: bool = True,
     ) -> Completion:
         """One blocking call (the root loop's turns and single sub-calls): :meth:`acomplete`
         run on the LM's event loop, with the same retries and deadlines."""
@@ -476,6 +477,7 @@ class LM:
                 depth=depth,
                 deadline=deadline,
                 meter=meter,
+                cached=cached,
             )
         )
 
@@ -493,8 +495,13 @@ class LM:
         depth: int = 0,
         deadline: float | None = None,
         meter: Meter | None = None,
+        cached: bool = True,
     ) -> Completion:
         """One call on the LM's event loop under the adaptive limiter.
+
+        ``cached`` replays the call from the call cache and stores it there once it succeeds;
+        a caller that caches results its own way (``llm_where``: verdicts per value) passes
+        ``False``.
 
         Every attempt has a total deadline (connect + send + receive) of ``request_timeout_s``,
         cut to what is left before ``deadline`` (a ``time.monotonic()`` value: the run's wall
@@ -510,7 +517,7 @@ class LM:
         tokens, usd = self.upper_bound(kwargs)
         reservation = meter.reserve(role=role, depth=depth, model=model, tokens=tokens, usd=usd)
         try:
-            return await self._call(role, model, kwargs, depth, deadline, meter)
+            return await self._call(role, model, kwargs, depth, deadline, meter, cached)
         finally:
             reservation.release()
 
@@ -534,9 +541,10 @@ class LM:
         depth: int,
         deadline: float | None,
         meter: Meter,
+        cached: bool,
     ) -> Completion:
         assert self._aclient is not None, "call acomplete through LM.run_async"
-        key, hit = self._cached(role, kwargs, depth, meter)
+        key, hit = self._cached(role, kwargs, depth, meter) if cached else (None, None)
         if hit is not None:
             return hit
         attempt = 0
@@ -687,9 +695,8 @@ class LM:
     def _cached(
         self, role: str, request: dict[str, Any], depth: int, meter: Meter
     ) -> tuple[str | None, Completion | None]:
-        """The call-cache key of ``request`` and its stored completion, if any. llm_where
-        batches are cached per value by the verdict cache instead."""
-        if self.cache is None or role == "where":
+        """The call-cache key of ``request`` and its stored completion, if any."""
+        if self.cache is None:
             return None, None
         key = call_key(request)
         stored = self.cache.get_call(key)

@@ -696,7 +696,9 @@ class Semantic:
             max_tokens=200 + 60 * len(batch),
             depth=self.depth,
             deadline=self.budget.deadline,
-            meter=self.budget,
+            # verdicts are cached per value, and the batch's ledger row is committed with them
+            meter=self.budget.holding_ledger(),
+            cached=False,
             **request,
         )
         cost = reply.record.cost_usd or 0.0

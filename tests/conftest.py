@@ -5,11 +5,14 @@ from __future__ import annotations
 import csv
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pytest
 
 from rlm_dagster.lm import LM
+from rlm_dagster.repl.inprocess import InProcessREPL
+from rlm_dagster.repl.seam import REPLFactory
 from rlm_dagster.testing import FakeAnthropic
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -77,3 +80,23 @@ def make_lm() -> Iterator[Callable[..., LM]]:
     yield make
     for lm in made:
         lm.close()
+
+
+@pytest.fixture
+def inprocess_repl() -> Iterator[REPLFactory]:
+    """A REPL factory for ``run_rlm(..., repl=inprocess_repl)``: cells run in a thread of the
+    test process (:mod:`rlm_dagster.repl.inprocess`), with no worker process to start.
+
+    For engine tests whose cells are the test's own code and that do not test the worker:
+    timeouts, restarts, crashes, memory, stdout caps of the worker and sandbox levels keep
+    the real ``Worker``. Every REPL it made is closed after the test."""
+    made: list[InProcessREPL] = []
+
+    def make(*args: Any, **kwargs: Any) -> InProcessREPL:
+        repl = InProcessREPL(*args, **kwargs)
+        made.append(repl)
+        return repl
+
+    yield make
+    for repl in made:
+        repl.close()

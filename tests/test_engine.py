@@ -13,6 +13,7 @@ import pytest
 from rlm_dagster import BudgetExceeded, Limits, NoFinalAnswer, Warehouse, run_rlm
 from rlm_dagster.budget import Budget
 from rlm_dagster.lm import LM
+from rlm_dagster.repl.seam import REPLFactory
 from rlm_dagster.semantic import VERDICTS_SCHEMA, Semantic, WhereConfig
 from rlm_dagster.testing import FakeAnthropic, FakeRequest
 
@@ -62,7 +63,9 @@ def root_requests(fake: FakeAnthropic) -> list[FakeRequest]:
 # -- a whole run ----------------------------------------------------------------------------
 
 
-def test_scripted_run_uses_sql_llm_where_llm_query_and_final(make_lm: MakeLM) -> None:
+def test_scripted_run_uses_sql_llm_where_llm_query_and_final(
+    make_lm: MakeLM, inprocess_repl: REPLFactory
+) -> None:
     script = [
         code(
             "print(len(tickets), tickets.columns)\nprint(sql('SELECT count(*) AS n FROM customers'))"
@@ -78,7 +81,12 @@ def test_scripted_run_uses_sql_llm_where_llm_query_and_final(make_lm: MakeLM) ->
         ),
     ]
     with FakeAnthropic(root=script, sub=lambda r: "two churn threats", where=churn_judge) as fake:
-        result = run_rlm("Who threatens to churn?", warehouse=small_warehouse(), lm=make_lm(fake))
+        result = run_rlm(
+            "Who threatens to churn?",
+            warehouse=small_warehouse(),
+            lm=make_lm(fake),
+            repl=inprocess_repl,
+        )
         roots = root_requests(fake)
     assert result.answer.table is not None
     assert result.answer.table.to_pydict() == {
@@ -100,9 +108,11 @@ def test_scripted_run_uses_sql_llm_where_llm_query_and_final(make_lm: MakeLM) ->
     assert result.accounting.by_model()["claude-haiku-4-5"].cost_usd > 0
 
 
-def test_root_prompt_describes_tables_and_is_cache_marked(make_lm: MakeLM) -> None:
+def test_root_prompt_describes_tables_and_is_cache_marked(
+    make_lm: MakeLM, inprocess_repl: REPLFactory
+) -> None:
     with FakeAnthropic(root=["FINAL(ok)"]) as fake:
-        run_rlm("q?", warehouse=small_warehouse(), lm=make_lm(fake))
+        run_rlm("q?", warehouse=small_warehouse(), lm=make_lm(fake), repl=inprocess_repl)
         body = fake.requests[0].body
     system = body["system"]
     assert system[0]["cache_control"] == {"type": "ephemeral"}
@@ -208,10 +218,12 @@ def test_llm_where_limit_stops_early(make_lm: MakeLM) -> None:
 # -- observations -----------------------------------------------------------------------------
 
 
-def test_python_error_reaches_the_model_with_traceback_tail(make_lm: MakeLM) -> None:
+def test_python_error_reaches_the_model_with_traceback_tail(
+    make_lm: MakeLM, inprocess_repl: REPLFactory
+) -> None:
     script = [code("x = {'a': 1}\nx['missing']"), "FINAL(recovered)"]
     with FakeAnthropic(root=script) as fake:
-        result = run_rlm("q", warehouse=small_warehouse(), lm=make_lm(fake))
+        result = run_rlm("q", warehouse=small_warehouse(), lm=make_lm(fake), repl=inprocess_repl)
         seen = root_requests(fake)[1].last_user_text
     assert result.answer_text == "recovered"
     assert 'File "<cell 1>", line 2' in seen and "x['missing']" in seen
@@ -219,15 +231,15 @@ def test_python_error_reaches_the_model_with_traceback_tail(make_lm: MakeLM) -> 
     assert "rlm_dagster" not in seen  # no worker-internal frames
 
 
-def test_sql_policy_error_reaches_the_model(make_lm: MakeLM) -> None:
+def test_sql_policy_error_reaches_the_model(make_lm: MakeLM, inprocess_repl: REPLFactory) -> None:
     script = [code("sql('DROP TABLE tickets')"), "FINAL(ok)"]
     with FakeAnthropic(root=script) as fake:
-        run_rlm("q", warehouse=small_warehouse(), lm=make_lm(fake))
+        run_rlm("q", warehouse=small_warehouse(), lm=make_lm(fake), repl=inprocess_repl)
         seen = root_requests(fake)[1].last_user_text
     assert "SQLPolicyError: [read-only]" in seen
 
 
-def test_long_output_is_truncated_with_a_note(make_lm: MakeLM) -> None:
+def test_long_output_is_truncated_with_a_note(make_lm: MakeLM, inprocess_repl: REPLFactory) -> None:
     script = [code("print('x' * 50_000)"), "FINAL(done)"]
     with FakeAnthropic(root=script) as fake:
         run_rlm(
@@ -235,15 +247,18 @@ def test_long_output_is_truncated_with_a_note(make_lm: MakeLM) -> None:
             warehouse=small_warehouse(),
             lm=make_lm(fake),
             limits=Limits(max_observation_chars=1_000),
+            repl=inprocess_repl,
         )
         seen = root_requests(fake)[1].last_user_text
     assert "x" * 1_000 in seen and "x" * 1_001 not in seen
     assert "[output truncated: 49,001 more characters not shown" in seen  # 50,000 x + newline
 
 
-def test_reply_without_code_or_final_gets_a_nudge(make_lm: MakeLM) -> None:
+def test_reply_without_code_or_final_gets_a_nudge(
+    make_lm: MakeLM, inprocess_repl: REPLFactory
+) -> None:
     with FakeAnthropic(root=["Let me think about this.", "FINAL(ok)"]) as fake:
-        run_rlm("q", warehouse=small_warehouse(), lm=make_lm(fake))
+        run_rlm("q", warehouse=small_warehouse(), lm=make_lm(fake), repl=inprocess_repl)
         seen = root_requests(fake)[1].last_user_text
     assert "no ```repl``` code block and no final answer" in seen
 
@@ -267,25 +282,35 @@ def test_reply_without_code_or_final_gets_a_nudge(make_lm: MakeLM) -> None:
         ([code("total = 6 * 7") + "\nFINAL_VAR(total)"], "42", "FINAL_VAR (text)"),
     ],
 )
-def test_final_forms(make_lm: MakeLM, script: list[str], answer: str, form: str) -> None:
+def test_final_forms(
+    make_lm: MakeLM, script: list[str], answer: str, form: str, inprocess_repl: REPLFactory
+) -> None:
     with FakeAnthropic(root=script) as fake:
-        result = run_rlm("q", warehouse=small_warehouse(), lm=make_lm(fake))
+        result = run_rlm("q", warehouse=small_warehouse(), lm=make_lm(fake), repl=inprocess_repl)
     assert (result.answer_text, result.answer.form) == (answer, form)
 
 
-def test_text_final_ignored_when_code_in_same_reply_failed(make_lm: MakeLM) -> None:
+def test_text_final_ignored_when_code_in_same_reply_failed(
+    make_lm: MakeLM, inprocess_repl: REPLFactory
+) -> None:
     script = [code("1/0") + "\nFINAL(made up before seeing output)", "FINAL(real)"]
     with FakeAnthropic(root=script) as fake:
-        result = run_rlm("q", warehouse=small_warehouse(), lm=make_lm(fake))
+        result = run_rlm("q", warehouse=small_warehouse(), lm=make_lm(fake), repl=inprocess_repl)
     assert result.answer_text == "real"
     assert "text FINAL ignored" in result.turns[0].note
 
 
-def test_no_final_after_max_iterations_keeps_trajectory(make_lm: MakeLM) -> None:
+def test_no_final_after_max_iterations_keeps_trajectory(
+    make_lm: MakeLM, inprocess_repl: REPLFactory
+) -> None:
     with FakeAnthropic(root=lambda req: code("print('still exploring')")) as fake:
         with pytest.raises(NoFinalAnswer, match="No final answer after 3 iterations") as err:
             run_rlm(
-                "q", warehouse=small_warehouse(), lm=make_lm(fake), limits=Limits(max_iterations=3)
+                "q",
+                warehouse=small_warehouse(),
+                lm=make_lm(fake),
+                limits=Limits(max_iterations=3),
+                repl=inprocess_repl,
             )
         last = root_requests(fake)[-1].last_user_text
     assert fake.count("root") == 4  # 3 iterations + one last call asking for the answer
@@ -294,7 +319,7 @@ def test_no_final_after_max_iterations_keeps_trajectory(make_lm: MakeLM) -> None
     assert partial.iterations == 4 and "still exploring" in partial.trajectory_markdown()
 
 
-def test_output_schema_is_enforced_on_final(make_lm: MakeLM) -> None:
+def test_output_schema_is_enforced_on_final(make_lm: MakeLM, inprocess_repl: REPLFactory) -> None:
     script = [
         code("FINAL('just text')"),
         code("FINAL(pd.DataFrame({'customer': [1]}))"),
@@ -308,6 +333,7 @@ def test_output_schema_is_enforced_on_final(make_lm: MakeLM) -> None:
             warehouse=small_warehouse(),
             lm=make_lm(fake),
             output={"customer_id": "BIGINT", "reason": "VARCHAR"},
+            repl=inprocess_repl,
         )
         roots = root_requests(fake)
     assert (
@@ -324,7 +350,9 @@ def test_output_schema_is_enforced_on_final(make_lm: MakeLM) -> None:
 # -- limits -----------------------------------------------------------------------------------------
 
 
-def test_fan_out_over_sub_call_budget_is_refused_before_any_request(make_lm: MakeLM) -> None:
+def test_fan_out_over_sub_call_budget_is_refused_before_any_request(
+    make_lm: MakeLM, inprocess_repl: REPLFactory
+) -> None:
     script = [
         code(
             "try:\n    llm_query_batched([f'q{i}' for i in range(10)])\nexcept BudgetExceeded as e:\n    print('refused:', e)"
@@ -332,7 +360,13 @@ def test_fan_out_over_sub_call_budget_is_refused_before_any_request(make_lm: Mak
         "FINAL(ok)",
     ]
     with FakeAnthropic(root=script) as fake:
-        run_rlm("q", warehouse=small_warehouse(), lm=make_lm(fake), limits=Limits(max_sub_calls=5))
+        run_rlm(
+            "q",
+            warehouse=small_warehouse(),
+            lm=make_lm(fake),
+            limits=Limits(max_sub_calls=5),
+            repl=inprocess_repl,
+        )
         seen = root_requests(fake)[1].last_user_text
         subs = fake.count("sub", include_faulted=True)
     assert "refused: 10 sub-calls requested but only 5 of max_sub_calls=5 are left" in seen
@@ -378,7 +412,9 @@ def test_llm_query_batched_fails_loud_when_the_provider_keeps_failing(
         assert {r.prompt for r in fake.requests} == {"q2"}  # the rest replayed from the cache
 
 
-def test_cost_limit_ends_the_run_with_partial_trajectory(make_lm: MakeLM) -> None:
+def test_cost_limit_ends_the_run_with_partial_trajectory(
+    make_lm: MakeLM, inprocess_repl: REPLFactory
+) -> None:
     """The budget holds one root turn's upper bound but not a second one on top of what the
     first spent: the second turn is refused before it is sent, and the trajectory is kept."""
     from rlm_dagster.testing import FakeReply
@@ -395,7 +431,7 @@ def test_cost_limit_ends_the_run_with_partial_trajectory(make_lm: MakeLM) -> Non
         assert bound is not None
         limits = Limits(max_cost_usd=bound * 1.5)
         with pytest.raises(BudgetExceeded, match="can cost up to") as err:
-            run_rlm("q", warehouse=small_warehouse(), lm=lm, limits=limits)
+            run_rlm("q", warehouse=small_warehouse(), lm=lm, limits=limits, repl=inprocess_repl)
     assert err.value.limit == "max_cost_usd"
     assert err.value.partial is not None and err.value.partial.iterations == 1
     assert fake.count("root") == 1
@@ -418,15 +454,19 @@ def test_cell_timeout_restarts_worker_and_tells_the_model(make_lm: MakeLM) -> No
     assert "False 6" in roots[2].last_user_text
 
 
-def test_trajectory_markdown_shows_code_and_outputs(make_lm: MakeLM) -> None:
+def test_trajectory_markdown_shows_code_and_outputs(
+    make_lm: MakeLM, inprocess_repl: REPLFactory
+) -> None:
     with FakeAnthropic(root=[code("print(sql('SELECT 41 + 1 AS n'))"), "FINAL(42)"]) as fake:
-        result = run_rlm("q", warehouse=small_warehouse(), lm=make_lm(fake))
+        result = run_rlm("q", warehouse=small_warehouse(), lm=make_lm(fake), repl=inprocess_repl)
     md = result.trajectory_markdown()
     assert "### Turn 1" in md and "SELECT 41 + 1" in md and "42" in md
     assert json.dumps(md)  # plain text, serialisable as metadata
 
 
-def test_model_text_cannot_break_out_of_its_markdown_block(make_lm: MakeLM) -> None:
+def test_model_text_cannot_break_out_of_its_markdown_block(
+    make_lm: MakeLM, inprocess_repl: REPLFactory
+) -> None:
     """Prose, code and output are fenced so that nothing the model writes renders as page
     structure: a closing fence, a heading, an image or raw HTML stays text."""
     hostile = "```\n# Injected heading\n![x](http://127.0.0.1/leak?d=rows)\n<img src=x>\n````"
@@ -435,7 +475,7 @@ def test_model_text_cannot_break_out_of_its_markdown_block(make_lm: MakeLM) -> N
         "```repl\nFINAL('done')\n```",
     ]
     with FakeAnthropic(root=script) as fake:
-        result = run_rlm("q", warehouse=small_warehouse(), lm=make_lm(fake), sandbox="process")
+        result = run_rlm("q", warehouse=small_warehouse(), lm=make_lm(fake), repl=inprocess_repl)
     markdown = result.trajectory_markdown()
     outside: list[str] = []
     fence: str | None = None
@@ -456,12 +496,14 @@ def test_model_text_cannot_break_out_of_its_markdown_block(make_lm: MakeLM) -> N
     ), outside
 
 
-def test_a_worker_made_partition_column_is_refused(make_lm: MakeLM) -> None:
+def test_a_worker_made_partition_column_is_refused(
+    make_lm: MakeLM, inprocess_repl: REPLFactory
+) -> None:
     script = [
         "```repl\nimport pandas as pd\nFINAL(pd.DataFrame({'_partition': ['x'], 'n': [1]}))\n```",
         "```repl\nimport pandas as pd\nFINAL(pd.DataFrame({'n': [1]}))\n```",
     ]
     with FakeAnthropic(root=script) as fake:
-        result = run_rlm("q", warehouse=small_warehouse(), lm=make_lm(fake), sandbox="process")
+        result = run_rlm("q", warehouse=small_warehouse(), lm=make_lm(fake), repl=inprocess_repl)
     assert "reserved" in (result.turns[0].cells[0].error or "")
     assert result.answer.table is not None and result.answer.table.column_names == ["n"]

@@ -11,6 +11,7 @@ from rlm_dagster import Limits, Warehouse, run, run_rlm
 from rlm_dagster.cache import Cache
 from rlm_dagster.engine import compact
 from rlm_dagster.lm import LM
+from rlm_dagster.repl.seam import REPLFactory
 from rlm_dagster.testing import FakeAnthropic, FakeReply
 
 MakeLM = Callable[..., LM]
@@ -24,7 +25,7 @@ def wide_warehouse() -> Warehouse:
 
 
 def test_every_turn_after_the_first_reads_the_conversation_from_the_prompt_cache(
-    make_lm: MakeLM, tmp_path: Path
+    make_lm: MakeLM, tmp_path: Path, inprocess_repl: REPLFactory
 ) -> None:
     turns = [
         f"```repl\nprint('step {i}', sql('SELECT count(*) AS n FROM events'))\n```"
@@ -33,7 +34,7 @@ def test_every_turn_after_the_first_reads_the_conversation_from_the_prompt_cache
     with FakeAnthropic(root=[*turns, "FINAL(done)"]) as fake:
         lm = make_lm(fake, cache=Cache(tmp_path / "c.sqlite3"))
         lm.context.update(run_id="long")
-        run_rlm("q", warehouse=wide_warehouse(), lm=lm)
+        run_rlm("q", warehouse=wide_warehouse(), lm=lm, repl=inprocess_repl)
         lm.flush_ledger()
     rows = [r for r in Cache(tmp_path / "c.sqlite3").ledger("long") if r["role"] == "root"]
     assert len(rows) == 10
@@ -61,7 +62,9 @@ def test_old_turns_are_compacted_deterministically() -> None:
     assert not compact(messages, max_tokens=10**6)
 
 
-def test_compaction_keeps_a_long_run_under_its_window(make_lm: MakeLM) -> None:
+def test_compaction_keeps_a_long_run_under_its_window(
+    make_lm: MakeLM, inprocess_repl: REPLFactory
+) -> None:
     turns = [f"```repl\nprint('chunk {i}', 'z' * 4000)\n```" for i in range(12)]
     with FakeAnthropic(root=[*turns, "FINAL(done)"], prompt_caching=False) as fake:
         run_rlm(
@@ -69,6 +72,7 @@ def test_compaction_keeps_a_long_run_under_its_window(make_lm: MakeLM) -> None:
             warehouse=wide_warehouse(),
             lm=make_lm(fake),
             limits=Limits(context_window_tokens=8_000),
+            repl=inprocess_repl,
         )
         sizes = [len(str(r.body["messages"])) // 4 for r in fake.requests if r.kind == "root"]
         last = [r for r in fake.requests if r.kind == "root"][-1]
@@ -76,29 +80,33 @@ def test_compaction_keeps_a_long_run_under_its_window(make_lm: MakeLM) -> None:
     assert "Earlier turns were compacted" in str(last.body["messages"][0]["content"])
 
 
-def test_made_up_repl_output_is_not_trusted(make_lm: MakeLM) -> None:
+def test_made_up_repl_output_is_not_trusted(make_lm: MakeLM, inprocess_repl: REPLFactory) -> None:
     reply = "```repl\nprint(6 * 7)\n```\nREPL output:\n```output\n41\n```\nSo the answer is 41."
     with FakeAnthropic(root=[reply, "FINAL(42)"]) as fake:
-        run_rlm("q", warehouse=wide_warehouse(), lm=make_lm(fake))
+        run_rlm("q", warehouse=wide_warehouse(), lm=make_lm(fake), repl=inprocess_repl)
         seen = [r for r in fake.requests if r.kind == "root"][1].last_user_text
     assert "42" in seen and "looks like REPL output; it was ignored" in seen
 
 
-def test_a_reply_cut_off_by_thinking_is_detected_and_told(make_lm: MakeLM) -> None:
+def test_a_reply_cut_off_by_thinking_is_detected_and_told(
+    make_lm: MakeLM, inprocess_repl: REPLFactory
+) -> None:
     cut = FakeReply(text="", stop_reason="max_tokens")
     with FakeAnthropic(root=[cut, "FINAL(ok)"]) as fake:
-        result = run_rlm("q", warehouse=wide_warehouse(), lm=make_lm(fake))
+        result = run_rlm("q", warehouse=wide_warehouse(), lm=make_lm(fake), repl=inprocess_repl)
         seen = [r for r in fake.requests if r.kind == "root"][1].last_user_text
     assert result.answer_text == "ok"
     assert "cut off at the output-token limit before any code or answer" in seen
 
 
-def test_run_binds_text_list_and_dict_contexts(make_lm: MakeLM) -> None:
+def test_run_binds_text_list_and_dict_contexts(
+    make_lm: MakeLM, inprocess_repl: REPLFactory
+) -> None:
     program = "```repl\nFINAL(f'{type(context).__name__}:{len(context)}')\n```"
     with FakeAnthropic(root=lambda r: program) as fake:
         lm = make_lm(fake)
         got = [
-            run("q", context=value, lm=lm).answer_text
+            run("q", context=value, lm=lm, repl=inprocess_repl).answer_text
             for value in ("x" * 5_000, ["doc one", "doc two", "doc three"], {"a": 1, "b": [2]})
         ]
         system = fake.requests[0].system
@@ -106,10 +114,13 @@ def test_run_binds_text_list_and_dict_contexts(make_lm: MakeLM) -> None:
     assert "The variable `context` holds a str of 5,000 characters" in system
 
 
-def test_run_binds_a_dataframe_context(make_lm: MakeLM) -> None:
+def test_run_binds_a_dataframe_context(make_lm: MakeLM, inprocess_repl: REPLFactory) -> None:
     program = (
         "```repl\nFINAL(f'{type(context).__name__}:{context.shape}:{context.loc[1, \"b\"]}')\n```"
     )
     frame = pd.DataFrame({"a": [1, 2], "b": ["x", "y"]})
     with FakeAnthropic(root=lambda r: program) as fake:
-        assert run("q", context=frame, lm=make_lm(fake)).answer_text == "DataFrame:(2, 2):y"
+        assert (
+            run("q", context=frame, lm=make_lm(fake), repl=inprocess_repl).answer_text
+            == "DataFrame:(2, 2):y"
+        )

@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from rlm_dagster.errors import RLMError, WorkerError
 from rlm_dagster.repl.protocol import (
@@ -88,154 +88,85 @@ class CellResult:
     restarted: bool = False
 
 
-class Worker:
-    """A REPL worker process with a persistent namespace, started lazily.
+class FramedREPL:
+    """The host's side of the frame protocol: sends cells, serves the worker's RPC calls with
+    the handlers and checks every frame it gets, whatever runs the worker's loop.
 
-    ``sandbox`` is one of :data:`rlm_dagster.sandbox.SANDBOX_CHOICES` (``"auto"`` picks the
-    strongest level this machine has); ``limits`` are the worker's OS resource limits.
+    A subclass is the transport: :meth:`start` (which calls :meth:`_handshake`), :meth:`kill`,
+    :meth:`close`, :meth:`_send`, :meth:`_has_pending_frame` and :meth:`_death_reason`; it
+    sets ``_reader`` when it starts the worker.
     """
+
+    level: str
+    """The sandbox level the worker runs at."""
 
     def __init__(
         self,
         handlers: Mapping[str, Handler],
         *,
         tables: Callable[[], list[dict[str, Any]]],
-        cell_timeout_s: float = 300.0,
-        max_capture_chars: int = 1_000_000,
-        context: Any = None,
-        sandbox: str = "auto",
-        limits: WorkerLimits | None = None,
+        cell_timeout_s: float,
+        max_capture_chars: int,
+        context: Any,
     ) -> None:
         self.handlers = dict(handlers)
-        self.sandbox = check_choice(sandbox)
-        self.level = resolve_level(sandbox)
-        if sandbox == "auto":
-            _note_auto_level(self.level)
-        self.limits = limits or WorkerLimits()
         self.tables = tables
         self.cell_timeout_s = cell_timeout_s
         self.max_capture_chars = max_capture_chars
         self.context = context
         self.restarts = 0
         self.layers: list[str] = []
-        self._proc: subprocess.Popen[bytes] | None = None
         self._reader: FrameReader | None = None
-        self._drain: threading.Thread | None = None
-        self._stderr: collections.deque[str] = collections.deque(maxlen=50)
-        _remove_stale_scratch()
-        self._scratch = tempfile.TemporaryDirectory(prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-")
         self._cells = 0
 
-    # -- lifecycle ------------------------------------------------------------------------
-
-    def _env(self) -> dict[str, str]:
-        """The worker's whole environment: nothing inherited from the host."""
-        return {
-            "PATH": os.defpath,
-            "HOME": self._scratch.name,
-            "TMPDIR": self._scratch.name,
-            "LANG": "C.UTF-8",
-            "LC_ALL": "C.UTF-8",
-            "PYTHONPATH": _PACKAGE_PARENT,
-            "PYTHONDONTWRITEBYTECODE": "1",
-            "PYTHONUNBUFFERED": "1",
-            # One BLAS/OpenMP thread: the worker's numpy needs no more, and per-thread
-            # buffers would eat into the address-space limit.
-            "OPENBLAS_NUM_THREADS": "1",
-            "OMP_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1",
-        }
+    # -- the transport (subclasses) -------------------------------------------------------
 
     def start(self) -> None:
-        if self._proc is not None:
-            return
-        policy = build_policy(self.level, self._scratch.name, self.limits)
-        self._stderr.clear()
-        self._proc = subprocess.Popen(
-            worker_command(policy, "-m", "rlm_dagster.repl"),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=self._scratch.name,
-            env=self._env(),
-            start_new_session=True,
-            close_fds=True,
-        )
-        assert self._proc.stdout is not None and self._proc.stderr is not None
-        assert self._proc.stdin is not None
-        # Non-blocking, so that a worker that stops reading cannot hang the host.
-        os.set_blocking(self._proc.stdin.fileno(), False)
-        self._reader = FrameReader(self._proc.stdout.fileno(), MAX_WORKER_FRAME_BYTES)
-        drain = threading.Thread(target=self._drain_stderr, args=(self._proc,), daemon=True)
-        drain.start()
-        self._drain = drain
-        try:
-            self._send(
-                {
-                    "op": "init",
-                    "tables": self.tables(),
-                    "max_capture": self.max_capture_chars,
-                    "context": _value_for_worker(self.context),
-                },
-                timeout=_STARTUP_TIMEOUT_S,
-            )
-            reply = self._read(timeout=_STARTUP_TIMEOUT_S)
-        except (OSError, EOFError, TimeoutError, ValueError) as exc:
-            self.kill()
-            raise WorkerError(
-                f"The REPL worker did not start at sandbox level {self.level!r} "
-                f"({type(exc).__name__}). {self._stderr_tail()} If the sandbox is the cause, "
-                "try sandbox='process'."
-            ) from None
-        if reply.get("op") != "ready":
-            self.kill()
-            raise WorkerError(f"REPL worker did not start: {reply}. {self._stderr_tail()}")
-        layers = reply.get("sandbox")
-        self.layers = [str(x) for x in layers] if isinstance(layers, list) else []
-        log.debug("REPL worker started: sandbox %s (%s)", self.level, ", ".join(self.layers))
+        """Start the worker unless it runs, then :meth:`_handshake` with it."""
+        raise NotImplementedError
 
-    def _drain_stderr(self, proc: subprocess.Popen[bytes]) -> None:
-        stream = proc.stderr
-        assert stream is not None
-        # Bounded lines: the worker's stderr is model-controlled and may never send "\n".
-        with contextlib.suppress(OSError, ValueError):
-            for line in iter(lambda: stream.readline(8192), b""):
-                self._stderr.append(line.decode("utf-8", "replace").rstrip())
+    def kill(self) -> None:
+        """Stop the worker now; :meth:`start` starts a fresh one."""
+        raise NotImplementedError
 
-    def _stderr_tail(self) -> str:
-        tail = "\n".join(list(self._stderr)[-10:])
-        return f"Worker stderr:\n{tail}" if tail else ""
+    def close(self) -> None:
+        """Stop the worker and remove what it left behind."""
+        raise NotImplementedError
 
     def _send(self, message: dict[str, Any], timeout: float | None) -> None:
-        assert self._proc is not None and self._proc.stdin is not None
-        write_frame(self._proc.stdin.fileno(), message, timeout=timeout)
+        raise NotImplementedError
 
     def _read(self, timeout: float | None) -> dict[str, Any]:
         assert self._reader is not None
         return self._reader.read(timeout)
 
-    def kill(self) -> None:
-        proc, self._proc = self._proc, None
-        self._reader = None
-        if proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-        if self._drain is not None:
-            self._drain.join(timeout=2)  # reads stderr to its end; then it can be closed
-            self._drain = None
-        for stream in (proc.stdin, proc.stdout, proc.stderr):
-            if stream is not None:
-                with contextlib.suppress(OSError):
-                    stream.close()
+    def _has_pending_frame(self) -> bool:
+        """Whether the worker sent something between cells."""
+        raise NotImplementedError
 
-    def close(self) -> None:
-        """Stop the worker (it keeps nothing worth a graceful exit) and delete its scratch."""
-        self.kill()
-        self._scratch.cleanup()
+    def _death_reason(self) -> str:
+        """Why the worker's end of the channel closed, in words for the model."""
+        raise NotImplementedError
 
-    def __enter__(self) -> Worker:
+    def _handshake(self, timeout: float) -> dict[str, Any]:
+        """Send ``init`` (tables, capture limit, context) and return the worker's reply; on
+        ``ready``, ``layers`` become the confinement layers it reports."""
+        self._send(
+            {
+                "op": "init",
+                "tables": self.tables(),
+                "max_capture": self.max_capture_chars,
+                "context": _value_for_worker(self.context),
+            },
+            timeout=timeout,
+        )
+        reply = self._read(timeout=timeout)
+        if reply.get("op") == "ready":
+            layers = reply.get("sandbox")
+            self.layers = [str(x) for x in layers] if isinstance(layers, list) else []
+        return reply
+
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -333,40 +264,6 @@ class Worker:
             answer=answer,
         )
 
-    def _has_pending_frame(self) -> bool:
-        assert self._proc is not None and self._proc.stdout is not None
-        if self._reader is not None and self._reader.buffered:
-            return True
-        with contextlib.suppress(OSError, ValueError):
-            ready, _, _ = select.select([self._proc.stdout.fileno()], [], [], 0)
-            return bool(ready) and self._proc.poll() is None
-        return False
-
-    def _death_reason(self) -> str:
-        returncode = None
-        if self._proc is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                returncode = self._proc.wait(timeout=2)
-        signum = -returncode if returncode is not None and returncode < 0 else None
-        if signum is None and self.level == "namespace" and returncode and returncode > 128:
-            signum = returncode - 128  # bubblewrap reports its child's signal this way
-        causes = {
-            signal.SIGKILL: "killed by SIGKILL: out of memory, or killed from outside",
-            signal.SIGXCPU: f"its CPU-time limit of {self.limits.cpu_seconds:,} s",
-            signal.SIGSEGV: "a crash (SIGSEGV), e.g. recursion too deep for the C stack",
-            signal.SIGXFSZ: "its file-size limit",
-            signal.SIGSYS: "a system call the sandbox forbids",
-        }
-        if signum is not None:
-            try:
-                name = signal.Signals(signum).name
-            except ValueError:
-                name = f"signal {signum}"
-            cause = causes.get(signum, f"signal {name}")  # type: ignore[call-overload]
-        else:
-            cause = f"exit code {returncode}"
-        return f"WorkerDied: the REPL process ended ({cause})."
-
     def _restart_after(self, code: str, started: float, reason: str) -> CellResult:
         self.kill()
         self.restarts += 1
@@ -426,6 +323,171 @@ class Worker:
                 f"the REPL could not return {name!r} ({type(exc).__name__}: {exc}); a fresh "
                 "REPL was started. Call FINAL(value) in code instead."
             ) from None
+
+
+class Worker(FramedREPL):
+    """A REPL worker process with a persistent namespace, started lazily.
+
+    ``sandbox`` is one of :data:`rlm_dagster.sandbox.SANDBOX_CHOICES` (``"auto"`` picks the
+    strongest level this machine has); ``limits`` are the worker's OS resource limits.
+    """
+
+    def __init__(
+        self,
+        handlers: Mapping[str, Handler],
+        *,
+        tables: Callable[[], list[dict[str, Any]]],
+        cell_timeout_s: float = 300.0,
+        max_capture_chars: int = 1_000_000,
+        context: Any = None,
+        sandbox: str = "auto",
+        limits: WorkerLimits | None = None,
+    ) -> None:
+        self.sandbox = check_choice(sandbox)
+        self.level = resolve_level(sandbox)
+        if sandbox == "auto":
+            _note_auto_level(self.level)
+        super().__init__(
+            handlers,
+            tables=tables,
+            cell_timeout_s=cell_timeout_s,
+            max_capture_chars=max_capture_chars,
+            context=context,
+        )
+        self.limits = limits or WorkerLimits()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._drain: threading.Thread | None = None
+        self._stderr: collections.deque[str] = collections.deque(maxlen=50)
+        _remove_stale_scratch()
+        self._scratch = tempfile.TemporaryDirectory(prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-")
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def _env(self) -> dict[str, str]:
+        """The worker's whole environment: nothing inherited from the host."""
+        return {
+            "PATH": os.defpath,
+            "HOME": self._scratch.name,
+            "TMPDIR": self._scratch.name,
+            "LANG": "C.UTF-8",
+            "LC_ALL": "C.UTF-8",
+            "PYTHONPATH": _PACKAGE_PARENT,
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONUNBUFFERED": "1",
+            # One BLAS/OpenMP thread: the worker's numpy needs no more, and per-thread
+            # buffers would eat into the address-space limit.
+            "OPENBLAS_NUM_THREADS": "1",
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+        }
+
+    def start(self) -> None:
+        if self._proc is not None:
+            return
+        policy = build_policy(self.level, self._scratch.name, self.limits)
+        self._stderr.clear()
+        self._proc = subprocess.Popen(
+            worker_command(policy, "-m", "rlm_dagster.repl"),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=self._scratch.name,
+            env=self._env(),
+            start_new_session=True,
+            close_fds=True,
+        )
+        assert self._proc.stdout is not None and self._proc.stderr is not None
+        assert self._proc.stdin is not None
+        # Non-blocking, so that a worker that stops reading cannot hang the host.
+        os.set_blocking(self._proc.stdin.fileno(), False)
+        self._reader = FrameReader(self._proc.stdout.fileno(), MAX_WORKER_FRAME_BYTES)
+        drain = threading.Thread(target=self._drain_stderr, args=(self._proc,), daemon=True)
+        drain.start()
+        self._drain = drain
+        try:
+            reply = self._handshake(_STARTUP_TIMEOUT_S)
+        except (OSError, EOFError, TimeoutError, ValueError) as exc:
+            self.kill()
+            raise WorkerError(
+                f"The REPL worker did not start at sandbox level {self.level!r} "
+                f"({type(exc).__name__}). {self._stderr_tail()} If the sandbox is the cause, "
+                "try sandbox='process'."
+            ) from None
+        if reply.get("op") != "ready":
+            self.kill()
+            raise WorkerError(f"REPL worker did not start: {reply}. {self._stderr_tail()}")
+        log.debug("REPL worker started: sandbox %s (%s)", self.level, ", ".join(self.layers))
+
+    def _drain_stderr(self, proc: subprocess.Popen[bytes]) -> None:
+        stream = proc.stderr
+        assert stream is not None
+        # Bounded lines: the worker's stderr is model-controlled and may never send "\n".
+        with contextlib.suppress(OSError, ValueError):
+            for line in iter(lambda: stream.readline(8192), b""):
+                self._stderr.append(line.decode("utf-8", "replace").rstrip())
+
+    def _stderr_tail(self) -> str:
+        tail = "\n".join(list(self._stderr)[-10:])
+        return f"Worker stderr:\n{tail}" if tail else ""
+
+    def _send(self, message: dict[str, Any], timeout: float | None) -> None:
+        assert self._proc is not None and self._proc.stdin is not None
+        write_frame(self._proc.stdin.fileno(), message, timeout=timeout)
+
+    def kill(self) -> None:
+        proc, self._proc = self._proc, None
+        self._reader = None
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        if self._drain is not None:
+            self._drain.join(timeout=2)  # reads stderr to its end; then it can be closed
+            self._drain = None
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+    def close(self) -> None:
+        """Stop the worker (it keeps nothing worth a graceful exit) and delete its scratch."""
+        self.kill()
+        self._scratch.cleanup()
+
+    def _has_pending_frame(self) -> bool:
+        assert self._proc is not None and self._proc.stdout is not None
+        if self._reader is not None and self._reader.buffered:
+            return True
+        with contextlib.suppress(OSError, ValueError):
+            ready, _, _ = select.select([self._proc.stdout.fileno()], [], [], 0)
+            return bool(ready) and self._proc.poll() is None
+        return False
+
+    def _death_reason(self) -> str:
+        returncode = None
+        if self._proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                returncode = self._proc.wait(timeout=2)
+        signum = -returncode if returncode is not None and returncode < 0 else None
+        if signum is None and self.level == "namespace" and returncode and returncode > 128:
+            signum = returncode - 128  # bubblewrap reports its child's signal this way
+        causes = {
+            signal.SIGKILL: "killed by SIGKILL: out of memory, or killed from outside",
+            signal.SIGXCPU: f"its CPU-time limit of {self.limits.cpu_seconds:,} s",
+            signal.SIGSEGV: "a crash (SIGSEGV), e.g. recursion too deep for the C stack",
+            signal.SIGXFSZ: "its file-size limit",
+            signal.SIGSYS: "a system call the sandbox forbids",
+        }
+        if signum is not None:
+            try:
+                name = signal.Signals(signum).name
+            except ValueError:
+                name = f"signal {signum}"
+            cause = causes.get(signum, f"signal {name}")  # type: ignore[call-overload]
+        else:
+            cause = f"exit code {returncode}"
+        return f"WorkerDied: the REPL process ended ({cause})."
 
 
 def cut_middle(text: str, limit: int) -> str:

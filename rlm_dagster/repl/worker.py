@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import contextlib
 import io
 import itertools
 import linecache
@@ -21,7 +22,7 @@ import os
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
 import pandas as pd
@@ -41,6 +42,12 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 # Frames of these files are the REPL's machinery, not the model's code: tracebacks omit them.
 _WORKER_FILES = {os.path.join(_HERE, f) for f in ("worker.py", "guard.py", "protocol.py")}
 _ERROR_TYPES: dict[str, type[Exception]] = {}
+DISPLAY_OPTIONS: dict[str, Any] = {
+    "display.max_rows": 40,
+    "display.width": 200,
+    "display.max_colwidth": 80,
+}
+"""pandas display options while model code runs: what a printed DataFrame looks like."""
 
 
 class RemoteError(Exception):
@@ -160,6 +167,7 @@ class Repl:
         self.cells = itertools.count(1)
         self.namespace: dict[str, Any] = {"__name__": "__repl__", "__builtins__": __builtins__}
         self.reserved: set[str] = set()
+        self.sources: dict[str, tuple[int, None, list[str], str]] = {}  # linecache entries
 
     # -- namespace ------------------------------------------------------------------------
 
@@ -290,24 +298,25 @@ class Repl:
     def execute(self, code: str) -> dict[str, Any]:
         cell = next(self.cells)
         filename = f"<cell {cell}>"
-        linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+        entry = (len(code), None, code.splitlines(True), filename)
+        linecache.cache[filename] = self.sources[filename] = entry
         capture = _Capture(self.max_capture)
         error = None
-        old_out, old_err = sys.stdout, sys.stderr
-        sys.stdout = sys.stderr = capture
-        try:
-            # compile() rather than ast.parse(): a SyntaxError then carries no stdlib frame
-            tree = cast(ast.Module, compile(code, filename, "exec", ast.PyCF_ONLY_AST))
-            last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
-            exec(compile(tree, filename, "exec"), self.namespace)
-            if isinstance(last, ast.Expr):
-                value = eval(compile(ast.Expression(last.value), filename, "eval"), self.namespace)
-                if value is not None:
-                    print(repr(value))
-        except BaseException as exc:  # model code may raise anything, SystemExit included
-            error = format_error(exc)
-        finally:
-            sys.stdout, sys.stderr = old_out, old_err
+        with self.output_to(capture):
+            try:
+                # compile() rather than ast.parse(): a SyntaxError then carries no stdlib frame
+                tree = cast(ast.Module, compile(code, filename, "exec", ast.PyCF_ONLY_AST))
+                last = (
+                    tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+                )
+                exec(compile(tree, filename, "exec"), self.namespace)
+                if isinstance(last, ast.Expr):
+                    expr = ast.Expression(last.value)
+                    value = eval(compile(expr, filename, "eval"), self.namespace)
+                    if value is not None:
+                        print(repr(value))
+            except BaseException as exc:  # model code may raise anything, SystemExit included
+                error = self.format_error(exc)
         result: dict[str, Any] = {
             "op": "done",
             "stdout": capture.getvalue(),
@@ -320,8 +329,25 @@ class Repl:
             try:
                 result["answer"] = encode_value(answer.get("content", ""))
             except Exception as exc:
-                result["error"] = (error or "") + format_error(exc)
+                result["error"] = (error or "") + self.format_error(exc)
         return result
+
+    @contextlib.contextmanager
+    def output_to(self, capture: _Capture) -> Iterator[None]:
+        """Send what a cell prints (stdout and stderr) to ``capture`` while it runs. The
+        worker process prints nothing else, so this swaps ``sys.stdout`` and ``sys.stderr``."""
+        old_out, old_err = sys.stdout, sys.stderr
+        sys.stdout = sys.stderr = capture
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = old_out, old_err
+
+    def format_error(self, exc: BaseException) -> str:
+        """:func:`format_error`, quoting this namespace's cells (a process holding several
+        namespaces, like the tests' in-process double, shares one ``linecache``)."""
+        linecache.cache.update(self.sources)
+        return format_error(exc)
 
     def get_var(self, name: str) -> dict[str, Any]:
         if name not in self.namespace:
@@ -329,7 +355,7 @@ class Repl:
         try:
             return {"op": "var", "value": encode_value(self.namespace[name])}
         except Exception as exc:
-            return {"op": "var", "error": format_error(exc)}
+            return {"op": "var", "error": self.format_error(exc)}
 
 
 def _wire(context: Any) -> Any:
@@ -380,10 +406,19 @@ def main(policy_json: str) -> None:
     reader = FrameReader(in_fd)
     channel = Channel(reader, out_fd)
     repl = Repl(channel)
-    pd.set_option("display.max_rows", 40)
-    pd.set_option("display.width", 200)
-    pd.set_option("display.max_colwidth", 80)
+    for option, value in DISPLAY_OPTIONS.items():
+        pd.set_option(option, value)
     guard.install(policy, protected_fds=(in_fd, out_fd))
+    serve(reader, channel, repl, layers=[*policy.applied, "audit hooks"])
+
+
+def serve(reader: FrameReader, channel: Channel, repl: Repl, layers: list[str]) -> None:
+    """Answer the host's frames until it closes the channel: ``init``, ``exec`` and
+    ``get_var``. ``layers`` are the confinement layers the ``ready`` reply reports.
+
+    The worker process runs this after its guard is installed; the tests' in-process double
+    (:mod:`rlm_dagster.repl.inprocess`) runs it in a thread, with neither guard nor sandbox.
+    """
     while True:
         try:
             message = reader.read()
@@ -392,7 +427,6 @@ def main(policy_json: str) -> None:
         op = message.get("op")
         if op == "init":
             repl.init(message["tables"], int(message["max_capture"]), message.get("context"))
-            layers = [*policy.applied, "audit hooks"]
             channel.send({"op": "ready", "pid": os.getpid(), "sandbox": layers})
         elif op == "exec":
             result = repl.execute(str(message["code"]))
