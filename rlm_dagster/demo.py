@@ -15,6 +15,7 @@ SQL policy, ``llm_where``'s wire protocol — and every run it serves is labelle
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from typing import Any
 
 from rlm_dagster.testing import FakeAnthropic, FakeRequest
@@ -123,6 +124,31 @@ for name, value in list(globals().items()):
 ```""",
     """FINAL(The offline demo model only scripts the sample pipeline's questions; set ANTHROPIC_API_KEY to answer this one with Claude.)""",
 ]
+
+
+# What each scripted program ends with: the churn program a table with these columns, the
+# themes program free text.
+_CHURN_COLUMNS = {"customer_id", "customer_name", "ticket_id", "reason"}
+
+
+def unscripted(question: str, output_columns: Collection[str] | None) -> str | None:
+    """Why the demo cannot answer ``question`` with ``output_columns`` (``None``: free text),
+    or ``None`` when one of its scripts does."""
+    program = _program_for(question)
+    if program is _CHURN_PROGRAMS and set(output_columns or ()) == _CHURN_COLUMNS:
+        return None
+    if program is _THEME_PROGRAMS and output_columns is None:
+        return None
+    shape = "free text" if output_columns is None else f"columns {sorted(output_columns)}"
+    return (
+        f"The offline DEMO model (scripted programs and keyword rules, not an LLM) has no "
+        f"script for this question with {shape}; it only answers the sample pipeline's two "
+        "questions (churn threats with columns customer_id, customer_name, ticket_id, reason; "
+        "urgent ticket themes as text). It refuses rather than pass off a placeholder as an "
+        "answer. Set ANTHROPIC_API_KEY and use RLMResource(api_key=dg.EnvVar("
+        "'ANTHROPIC_API_KEY')), or point RLMResource(base_url=...) at an Anthropic-compatible "
+        "server."
+    )
 
 
 def _program_for(question: str) -> list[str]:

@@ -39,6 +39,11 @@ class MissingAPIKey(ConfigError):
     """No Anthropic API key is configured while the demo model is switched off."""
 
 
+class DemoCannotAnswer(ConfigError):
+    """The offline demo model (scripted, not an LLM) was asked a question it has no script
+    for; it refuses instead of passing off a placeholder as an answer."""
+
+
 class UnknownTableError(RLMError):
     """A table named in ``tables=`` (or in model code) does not exist."""
 

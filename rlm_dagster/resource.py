@@ -27,7 +27,13 @@ from pydantic import Field
 from rlm_dagster.budget import Budget, Limits
 from rlm_dagster.cache import Cache, default_cache_path
 from rlm_dagster.engine import RLMResult, RLMRun, wire_context
-from rlm_dagster.errors import ConfigError, MissingAPIKey, NoFinalAnswer, RLMError
+from rlm_dagster.errors import (
+    ConfigError,
+    DemoCannotAnswer,
+    MissingAPIKey,
+    NoFinalAnswer,
+    RLMError,
+)
 from rlm_dagster.events import Event
 from rlm_dagster.lm import DEFAULT_ROOT_EFFORT, DEFAULT_SUB_EFFORT, LM, Accounting
 from rlm_dagster.metadata import run_metadata, unknown_price_models
@@ -279,6 +285,11 @@ class RLMResource(dg.ConfigurableResource):
             _bound(tables, duckdb, filters) as warehouse,
         ):
             if lm.provider == "demo":
+                from rlm_dagster.demo import unscripted
+
+                columns = None if schema is None else [name for name, _ in schema.columns]
+                if (why := unscripted(question, columns)) is not None:
+                    raise DemoCannotAnswer(why)
                 context.log.warning(_DEMO_NOTE)
             result = RLMRun(
                 question,

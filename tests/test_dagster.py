@@ -244,7 +244,9 @@ def test_asset_spec_deps_kinds_and_key_prefix(warehouse_file: str) -> None:
 
 def test_demo_provider_is_labelled(warehouse_file: str) -> None:
     asset = rlm_asset(
-        name="anything", question="How many customers are there?", tables=["customers"]
+        name="themes",
+        question="What are the main themes of urgent support tickets, with counts?",
+        tables=["tickets"],
     )
     result = run_asset(asset, RLMResource(provider="demo"), warehouse_file)
     assert result.success
@@ -418,3 +420,24 @@ def test_a_warehouse_locked_by_another_writer_is_retryable(warehouse_file: str) 
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.parametrize(
+    ("question", "output"),
+    [
+        ("How many customers are there?", None),  # no script for the question
+        ("Which customers threaten to cancel?", {"customer_id": "BIGINT"}),  # nor the shape
+    ],
+)
+def test_the_demo_refuses_questions_it_has_no_script_for(
+    warehouse_file: str, question: str, output: dict[str, str] | None
+) -> None:
+    """A placeholder never goes green: the demo fails fast, says it is the demo, and what to set."""
+    asset = rlm_asset(name="anything", question=question, tables=["customers"], output=output)
+    result = run_asset(asset, RLMResource(provider="demo"), warehouse_file)
+    assert not result.success
+    description, meta = step_failure(result)
+    assert "DemoCannotAnswer" in description and "DEMO" in description
+    assert "ANTHROPIC_API_KEY" in description
+    assert meta["rlm/error"] == "DemoCannotAnswer" and meta["rlm/retryable"] is False
+    assert not result.get_asset_materialization_events()

@@ -33,9 +33,9 @@ def test_every_turn_after_the_first_reads_the_conversation_from_the_prompt_cache
     ]
     with FakeAnthropic(root=[*turns, "FINAL(done)"]) as fake:
         lm = make_lm(fake, cache=Cache(tmp_path / "c.sqlite3"))
-        lm.context.update(run_id="long")
-        run_rlm("q", warehouse=wide_warehouse(), lm=lm, repl=inprocess_repl)
-        lm.flush_ledger()
+        run_rlm(
+            "q", warehouse=wide_warehouse(), lm=lm, tags={"run_id": "long"}, repl=inprocess_repl
+        )
     rows = [r for r in Cache(tmp_path / "c.sqlite3").ledger("long") if r["role"] == "root"]
     assert len(rows) == 10
     assert rows[0]["cache_read_input_tokens"] == 0 and rows[0]["cache_creation_input_tokens"] > 0

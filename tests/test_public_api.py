@@ -37,6 +37,7 @@ PUBLIC = frozenset(
         "ConfigError",
         "OutputSchemaError",
         "MissingAPIKey",
+        "DemoCannotAnswer",
         "UnknownTableError",
         "QueryError",
         "SQLPolicyError",
