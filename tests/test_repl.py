@@ -24,6 +24,7 @@ import pytest
 from rlm_dagster.errors import (
     BudgetExceeded,
     ModelError,
+    ModelRefused,
     QueryError,
     SQLPolicyError,
     UnknownTableError,
@@ -281,7 +282,8 @@ def test_any_rlm_error_from_a_handler_keeps_its_class_name() -> None:
         "query": QueryError("bad column"),
         "table": UnknownTableError("no table named 'x'"),
         "budget": BudgetExceeded("max_sub_calls=3 reached", limit="max_sub_calls"),
-        "model": ModelError("overloaded", retryable=True),
+        "model": ModelError("overloaded"),
+        "refused": ModelRefused("declined"),
     }
 
     def raise_it(args: dict[str, Any]) -> None:
@@ -289,12 +291,19 @@ def test_any_rlm_error_from_a_handler_keeps_its_class_name() -> None:
 
     with Worker({"sql": raise_it}, tables=lambda: []) as worker:
         for key, error in errors.items():
+            if key == "refused":
+                continue  # a leaf the namespace does not bind: below
             name = type(error).__name__
             code = (
                 f"try:\n    sql({key!r})\nexcept {name} as exc:\n"
                 "    got = (type(exc).__name__, str(exc))\ngot"
             )
             assert ok(worker, code).output == repr((name, str(error))) + "\n"
+        # a leaf is caught as the family the namespace binds, keeping its own name
+        code = (
+            "try:\n    sql('refused')\nexcept ModelError as exc:\n    got = type(exc).__name__\ngot"
+        )
+        assert ok(worker, code).output == repr("ModelRefused") + "\n"
 
 
 def test_host_value_error_is_catchable_as_value_error(shared: Worker) -> None:

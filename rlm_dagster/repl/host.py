@@ -38,6 +38,7 @@ from typing import Any, Self
 
 from rlm_dagster.errors import RLMError, WorkerError
 from rlm_dagster.repl.protocol import (
+    FAMILIES,
     MAX_WORKER_FRAME_BYTES,
     ChannelClosed,
     ChannelTimeout,
@@ -292,6 +293,10 @@ class FramedREPL:
             reply = _error_reply(call_id, type(exc).__name__, str(exc))
             if rule := getattr(exc, "rule", None):
                 reply["error"]["rule"] = rule
+            # The error class model code may catch it as (ProviderOverloaded -> ModelError).
+            family = next((c.__name__ for c in type(exc).__mro__ if c.__name__ in FAMILIES), None)
+            if family is not None and family != type(exc).__name__:
+                reply["error"]["family"] = family
             return reply
         except (TypeError, ValueError, KeyError) as exc:
             kind = "ValueError" if isinstance(exc, ProtocolError) else type(exc).__name__

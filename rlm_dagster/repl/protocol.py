@@ -39,6 +39,9 @@ MAX_FRAME_BYTES = 512 * 1024 * 1024
 MAX_WORKER_FRAME_BYTES = 64 * 1024 * 1024
 MAX_FRAME_ROWS = 10_000_000
 MAX_FRAME_COLUMNS = 10_000
+FAMILIES = ("SQLPolicyError", "QueryError", "BudgetExceeded", "ModelError", "UnknownTableError")
+"""The host error classes the REPL namespace binds; an error reply names the one its error
+descends from (``family``), so model code catches a ProviderOverloaded as a ModelError."""
 """Largest frame the worker may send (FINAL values): parsing JSON costs the host several
 times its size in memory."""
 _HEADER = struct.Struct(">I")

@@ -29,6 +29,7 @@ import pandas as pd
 
 from rlm_dagster.repl import guard
 from rlm_dagster.repl.protocol import (
+    FAMILIES,
     MAX_WORKER_FRAME_BYTES,
     ChannelClosed,
     FrameReader,
@@ -42,6 +43,10 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 # Frames of these files are the REPL's machinery, not the model's code: tracebacks omit them.
 _WORKER_FILES = {os.path.join(_HERE, f) for f in ("worker.py", "guard.py", "protocol.py")}
 _ERROR_TYPES: dict[str, type[Exception]] = {}
+# CPython 3.11 keeps the AST validator's recursion depth per interpreter, not per thread:
+# cells compiled at once in threads (the in-process double's child runs) fail with
+# "SystemError: AST constructor recursion depth mismatch". One compile at a time.
+_COMPILING = threading.Lock()
 DISPLAY_OPTIONS: dict[str, Any] = {
     "display.max_rows": 40,
     "display.width": 200,
@@ -54,16 +59,20 @@ class RemoteError(Exception):
     """Base of errors raised by the host in reply to a namespace call."""
 
 
-def _error_type(name: str) -> type[Exception]:
+def _error_type(name: str, family: str | None = None) -> type[Exception]:
     """The class model code sees for a host error called ``name``; a builtin name (ValueError,
-    TypeError...) stays catchable as that builtin."""
-    if name not in _ERROR_TYPES:
+    TypeError...) stays catchable as that builtin, and one of the namespace's error classes
+    (:data:`FAMILIES`) as that class (``family``: ProviderOverloaded is a ModelError)."""
+    key = f"{name}<{family}" if family in FAMILIES and family != name else name
+    if key not in _ERROR_TYPES:
         builtin = getattr(builtins, name, None)
         bases: tuple[type, ...] = (RemoteError,)
-        if isinstance(builtin, type) and issubclass(builtin, Exception):
+        if key != name:
+            bases = (_error_type(str(family)),)
+        elif isinstance(builtin, type) and issubclass(builtin, Exception):
             bases = (RemoteError, builtin)
-        _ERROR_TYPES[name] = type(name, bases, {})
-    return _ERROR_TYPES[name]
+        _ERROR_TYPES[key] = type(name, bases, {})
+    return _ERROR_TYPES[key]
 
 
 class _Capture(io.TextIOBase):
@@ -118,7 +127,8 @@ class Channel:
             )
         if not reply.get("ok"):
             err = reply.get("error") or {}
-            exc = _error_type(str(err.get("type", "HostError")))(str(err.get("message", "")))
+            kind = _error_type(str(err.get("type", "HostError")), err.get("family"))
+            exc = kind(str(err.get("message", "")))
             if err.get("rule"):
                 exc.rule = err["rule"]  # type: ignore[attr-defined]
             raise exc
@@ -189,13 +199,7 @@ class Repl:
         ns["answer"] = {"content": "", "ready": False}
         ns["pd"] = pd
         ns["SandboxViolation"] = guard.SandboxViolation
-        for name in (
-            "SQLPolicyError",
-            "QueryError",
-            "BudgetExceeded",
-            "ModelError",
-            "UnknownTableError",
-        ):
+        for name in FAMILIES:
             ns[name] = _error_type(name)
         for t in tables:
             ns[t["name"]] = self._handle(t)
@@ -305,14 +309,19 @@ class Repl:
         with self.output_to(capture):
             try:
                 # compile() rather than ast.parse(): a SyntaxError then carries no stdlib frame
-                tree = cast(ast.Module, compile(code, filename, "exec", ast.PyCF_ONLY_AST))
-                last = (
-                    tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
-                )
-                exec(compile(tree, filename, "exec"), self.namespace)
+                with _COMPILING:
+                    tree = cast(ast.Module, compile(code, filename, "exec", ast.PyCF_ONLY_AST))
+                    last = (
+                        tree.body.pop()
+                        if tree.body and isinstance(tree.body[-1], ast.Expr)
+                        else None
+                    )
+                    body = compile(tree, filename, "exec")
+                exec(body, self.namespace)
                 if isinstance(last, ast.Expr):
-                    expr = ast.Expression(last.value)
-                    value = eval(compile(expr, filename, "eval"), self.namespace)
+                    with _COMPILING:
+                        expr = compile(ast.Expression(last.value), filename, "eval")
+                    value = eval(expr, self.namespace)
                     if value is not None:
                         print(repr(value))
             except BaseException as exc:  # model code may raise anything, SystemExit included
