@@ -46,7 +46,7 @@ from failing_servers import closed_port, reset_server, trickle_server  # noqa: E
 
 from rlm_dagster import Limits, Warehouse, run_rlm  # noqa: E402
 from rlm_dagster.cache import Cache  # noqa: E402
-from rlm_dagster.lm import LM  # noqa: E402
+from rlm_dagster.models.client import LM  # noqa: E402
 from rlm_dagster.semantic import WhereConfig  # noqa: E402
 from rlm_dagster.testing import FakeAnthropic, FakeReply, FakeRequest, Fault  # noqa: E402
 

@@ -38,9 +38,9 @@ from typing import Any
 import pandas as pd
 
 from rlm_dagster import Limits, Warehouse
-from rlm_dagster.budget import Budget
 from rlm_dagster.cache import Cache
-from rlm_dagster.lm import LM, CallRecord, Completion, Usage, cached_system
+from rlm_dagster.engine.budget import Budget
+from rlm_dagster.models.client import LM, CallRecord, Completion, Usage, cached_system
 from rlm_dagster.prompts import render
 from rlm_dagster.semantic import VERDICTS_SCHEMA, Semantic, parse_verdicts
 

@@ -18,12 +18,17 @@
         },
     )
 
-Layers (see ARCHITECTURE.md): ``models`` + ``prices`` (what each model accepts and costs) ->
-``lm`` (Anthropic SDK, requests shaped by the model's profile, accounting) -> ``warehouse`` +
-``sql_policy`` (read-only DuckDB snapshot) -> ``semantic`` (llm_where, llm_query_batched) ->
-``repl`` (the worker process and its RPC) -> ``engine`` (the root loop, no Dagster) ->
-``resource`` / ``assets`` / ``metadata`` (the Dagster adapter). ``testing`` holds the fake
-Anthropic server for tests; ``demo`` the offline demo model built on it.
+Layers, one folder each (see the README's Layout), bottom up:
+
+``models/``  what each model accepts (``profiles``) and costs (``prices``), and the client
+             (``client``: the anthropic SDK, retries, deadlines, adaptive concurrency)
+``sql/``     the data seams (``tables``), the read-only DuckDB snapshot (``warehouse``), the
+             sqlglot policy (``policy``) and the answer schema (``output``)
+``semantic`` llm_where and llm_query_batched; ``cache`` the call cache, verdicts and ledger
+``repl/``    the worker process, its sandbox, its RPC, and the in-process test double
+``engine/``  the root loop (``loop``), the run's limits and metering (``budget``), ``events``
+``dagster/`` the adapter: resource, asset factory, argument model, translator, component
+``prompts/`` every text the models read; ``testing/`` the fake server; ``demo`` built on it
 """
 
 from typing import TYPE_CHECKING, Any
@@ -33,12 +38,16 @@ from typing import TYPE_CHECKING, Any
 # `import rlm_dagster` stays cheap. tests/test_public_api.py pins this list and checks that
 # the TYPE_CHECKING imports below (for type checkers only) mirror it exactly.
 _EXPORTS = {
-    "rlm_asset": "rlm_dagster.assets",
-    "Limits": "rlm_dagster.budget",
-    "RLMComponent": "rlm_dagster.component",
-    "RLMResult": "rlm_dagster.engine",
-    "run_rlm": "rlm_dagster.engine",
-    "run": "rlm_dagster.engine",
+    "rlm_asset": "rlm_dagster.dagster.assets",
+    "RLMAssetArgs": "rlm_dagster.dagster.definition",
+    "RLMTranslator": "rlm_dagster.dagster.translator",
+    "WhereResult": "rlm_dagster.dagster.resource",
+    "run_metadata": "rlm_dagster.dagster.metadata",
+    "Limits": "rlm_dagster.engine.budget",
+    "RLMComponent": "rlm_dagster.dagster.component",
+    "RLMResult": "rlm_dagster.engine.loop",
+    "run_rlm": "rlm_dagster.engine.loop",
+    "run": "rlm_dagster.engine.loop",
     "AnswerRejected": "rlm_dagster.errors",
     "BudgetExceeded": "rlm_dagster.errors",
     "CacheError": "rlm_dagster.errors",
@@ -65,17 +74,21 @@ _EXPORTS = {
     "UnknownTableError": "rlm_dagster.errors",
     "WarehouseBusy": "rlm_dagster.errors",
     "WorkerError": "rlm_dagster.errors",
-    "LM": "rlm_dagster.lm",
-    "OutputSchema": "rlm_dagster.output",
-    "RLMResource": "rlm_dagster.resource",
-    "Warehouse": "rlm_dagster.warehouse",
+    "LM": "rlm_dagster.models.client",
+    "OutputSchema": "rlm_dagster.sql.output",
+    "RLMResource": "rlm_dagster.dagster.resource",
+    "Warehouse": "rlm_dagster.sql.warehouse",
 }
 
 if TYPE_CHECKING:  # what type checkers see: the same names, mirrored (and tested)
-    from rlm_dagster.assets import rlm_asset
-    from rlm_dagster.budget import Limits
-    from rlm_dagster.component import RLMComponent
-    from rlm_dagster.engine import RLMResult, run, run_rlm
+    from rlm_dagster.dagster.assets import rlm_asset
+    from rlm_dagster.dagster.component import RLMComponent
+    from rlm_dagster.dagster.definition import RLMAssetArgs
+    from rlm_dagster.dagster.metadata import run_metadata
+    from rlm_dagster.dagster.resource import RLMResource, WhereResult
+    from rlm_dagster.dagster.translator import RLMTranslator
+    from rlm_dagster.engine.budget import Limits
+    from rlm_dagster.engine.loop import RLMResult, run, run_rlm
     from rlm_dagster.errors import (
         AnswerRejected,
         BudgetExceeded,
@@ -104,10 +117,9 @@ if TYPE_CHECKING:  # what type checkers see: the same names, mirrored (and teste
         WarehouseBusy,
         WorkerError,
     )
-    from rlm_dagster.lm import LM
-    from rlm_dagster.output import OutputSchema
-    from rlm_dagster.resource import RLMResource
-    from rlm_dagster.warehouse import Warehouse
+    from rlm_dagster.models.client import LM
+    from rlm_dagster.sql.output import OutputSchema
+    from rlm_dagster.sql.warehouse import Warehouse
 
 __all__ = sorted(_EXPORTS)
 

@@ -10,7 +10,7 @@ one verdict per distinct projected value, the persistent verdict cache, then pac
 Each request speaks the wire protocol of ARCHITECTURE.md: the predicate sits in the system
 prompt (a cache-marked prefix identical across batches), rows go in the user message as
 ``<row id="K">{json}</row>`` lines, and the verdicts come back through the best channel the
-sub model's profile allows (:attr:`~rlm_dagster.models.ModelProfile.verdict_channel`):
+sub model's profile allows (:attr:`~rlm_dagster.models.profiles.ModelProfile.verdict_channel`):
 structured outputs, a forced ``record_verdicts`` tool, or that tool offered with
 ``tool_choice`` auto; only that channel of the reply is read. A reply with
 missing, duplicated or malformed ids is re-asked for those rows in a smaller batch, then one
@@ -39,16 +39,16 @@ import pyarrow.compute as pc
 import sqlglot
 from sqlglot import exp
 
-from rlm_dagster.budget import Budget
 from rlm_dagster.cache import Cache, verdict_key
+from rlm_dagster.engine.budget import Budget
+from rlm_dagster.engine.events import Event, WhereProgress
 from rlm_dagster.errors import BudgetExceeded, QueryError
-from rlm_dagster.events import Event, WhereProgress
-from rlm_dagster.lm import LM, Usage, cached_system
-from rlm_dagster.models import VerdictChannel
+from rlm_dagster.models.client import LM, Usage, cached_system
+from rlm_dagster.models.profiles import VerdictChannel
 from rlm_dagster.prompts import render
-from rlm_dagster.sql_policy import check_sql
-from rlm_dagster.tables import TableSource
-from rlm_dagster.warehouse import TableInfo
+from rlm_dagster.sql.policy import check_sql
+from rlm_dagster.sql.tables import TableSource
+from rlm_dagster.sql.warehouse import TableInfo
 
 VERDICTS_SCHEMA: dict[str, Any] = {
     "type": "object",

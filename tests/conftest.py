@@ -10,7 +10,7 @@ from typing import Any
 import duckdb
 import pytest
 
-from rlm_dagster.lm import LM
+from rlm_dagster.models.client import LM
 from rlm_dagster.repl.inprocess import InProcessREPL
 from rlm_dagster.repl.seam import REPLFactory
 from rlm_dagster.testing import FakeAnthropic

@@ -26,7 +26,7 @@ from dagster_shared.serdes.objects import EnvRegistryKey
 
 import rlm_dagster
 from rlm_dagster import RLMComponent, RLMResource, rlm_asset
-from rlm_dagster.assets import DEFAULT_RETRY_POLICY
+from rlm_dagster.dagster.assets import DEFAULT_RETRY_POLICY
 from rlm_dagster.errors import ConfigError, OutputSchemaError
 from rlm_dagster.testing import FakeAnthropic
 
@@ -223,7 +223,7 @@ def test_several_assets_in_one_file_as_yaml_documents(sandbox: DefsFolderSandbox
 def test_every_rlm_asset_keyword_is_an_attribute_with_the_same_default() -> None:
     """The YAML attributes are rlm_asset's keywords: both are RLMAssetArgs' fields (only the
     translator, a Python object, is rlm_asset's alone)."""
-    from rlm_dagster.definition import RLMAssetArgs
+    from rlm_dagster.dagster.definition import RLMAssetArgs
 
     fields = RLMComponent.model_fields
     assert fields.keys() == RLMAssetArgs.model_fields.keys()
@@ -379,7 +379,7 @@ def test_scaffolded_template_comments_are_valid_attributes(sandbox: DefsFolderSa
 def test_scaffolder_names_the_asset_after_the_folder(sandbox: DefsFolderSandbox) -> None:
     path = sandbox.scaffold_component(component_cls=RLMComponent, defs_path="urgent-themes")
     text = (path / "defs.yaml").read_text()
-    assert "type: rlm_dagster.component.RLMComponent\n" in text
+    assert "type: rlm_dagster.dagster.component.RLMComponent\n" in text
     assert "  name: urgent_themes\n" in text
 
 

@@ -10,11 +10,11 @@ from dagster_duckdb import DuckDBResource
 
 from rlm_dagster import Limits, RLMResource, rlm_asset
 from rlm_dagster.cache import Cache
-from rlm_dagster.definition import RLMAssetArgs
-from rlm_dagster.metadata import run_metadata
-from rlm_dagster.resource import WhereResult
+from rlm_dagster.dagster.definition import RLMAssetArgs
+from rlm_dagster.dagster.metadata import run_metadata
+from rlm_dagster.dagster.resource import WhereResult
+from rlm_dagster.dagster.translator import RLMTranslator
 from rlm_dagster.testing import FakeAnthropic, Fault
-from rlm_dagster.translator import RLMTranslator
 
 
 def resource(fake: FakeAnthropic, tmp_path: Path, **kwargs: Any) -> RLMResource:

@@ -20,9 +20,9 @@ import pytest
 from dagster_duckdb import DuckDBResource
 
 from rlm_dagster import Limits, RLMResource, rlm_asset, run
-from rlm_dagster import resource as resource_module
 from rlm_dagster.cache import Cache
-from rlm_dagster.lm import LM
+from rlm_dagster.dagster import resource as resource_module
+from rlm_dagster.models.client import LM
 from rlm_dagster.testing import FakeAnthropic, FakeRequest
 
 # The question names how many sub-calls its run makes: the two runs use different amounts.

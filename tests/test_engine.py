@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from rlm_dagster import BudgetExceeded, Limits, NoFinalAnswer, Warehouse, run_rlm
-from rlm_dagster.budget import Budget
-from rlm_dagster.lm import LM
+from rlm_dagster.engine.budget import Budget
+from rlm_dagster.models.client import LM
 from rlm_dagster.repl.seam import REPLFactory
 from rlm_dagster.semantic import VERDICTS_SCHEMA, Semantic, WhereConfig
 from rlm_dagster.testing import FakeAnthropic, FakeRequest

@@ -43,8 +43,8 @@ import pytest
 from failing_servers import closed_port, reset_server, status_server, trickle_server
 
 from rlm_dagster import BudgetExceeded, Limits, Warehouse, run_rlm
-from rlm_dagster.budget import Budget
 from rlm_dagster.cache import Cache
+from rlm_dagster.engine.budget import Budget
 from rlm_dagster.errors import (
     CacheError,
     EndpointUnreachable,
@@ -60,7 +60,7 @@ from rlm_dagster.errors import (
     RateLimited,
     RLMError,
 )
-from rlm_dagster.lm import LM
+from rlm_dagster.models.client import LM
 from rlm_dagster.semantic import Semantic, WhereConfig
 from rlm_dagster.testing import FakeAnthropic, FakeReply, FakeRequest, Fault, ToolUse
 

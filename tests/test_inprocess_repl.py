@@ -18,7 +18,7 @@ from rlm_dagster.repl import guard
 from rlm_dagster.repl.host import CellResult, FramedREPL, Worker
 from rlm_dagster.repl.inprocess import LEVEL, CellStuck, InProcessREPL, _PerThread
 from rlm_dagster.repl.protocol import encode_arrow
-from rlm_dagster.warehouse import Warehouse
+from rlm_dagster.sql.warehouse import Warehouse
 
 MAX_CAPTURE = 2_000
 

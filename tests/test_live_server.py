@@ -23,9 +23,9 @@ import pandas as pd
 import pytest
 
 from rlm_dagster import Limits, NoFinalAnswer, Warehouse, run_rlm
-from rlm_dagster.budget import Budget
-from rlm_dagster.lm import LM
-from rlm_dagster.models import ModelCatalog
+from rlm_dagster.engine.budget import Budget
+from rlm_dagster.models.client import LM
+from rlm_dagster.models.profiles import ModelCatalog
 from rlm_dagster.semantic import Semantic, WhereConfig
 
 BASE_URL = os.environ.get("RLM_LIVE_BASE_URL", "")

@@ -10,10 +10,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from rlm_dagster import prices
-from rlm_dagster.budget import Budget, Limits
+from rlm_dagster.engine.budget import Budget, Limits
 from rlm_dagster.errors import BudgetExceeded, ConfigError, ModelError
-from rlm_dagster.lm import LM, Accounting, CallRecord, Usage, cached_system
+from rlm_dagster.models import prices
+from rlm_dagster.models.client import LM, Accounting, CallRecord, Usage, cached_system
 from rlm_dagster.testing import FakeAnthropic, FakeReply, Fault, ToolUse
 
 HAIKU = "claude-haiku-4-5"

@@ -9,8 +9,8 @@ import pandas as pd
 
 from rlm_dagster import Limits, Warehouse, run, run_rlm
 from rlm_dagster.cache import Cache
-from rlm_dagster.engine import compact
-from rlm_dagster.lm import LM
+from rlm_dagster.engine.loop import compact
+from rlm_dagster.models.client import LM
 from rlm_dagster.repl.seam import REPLFactory
 from rlm_dagster.testing import FakeAnthropic, FakeReply
 

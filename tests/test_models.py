@@ -15,12 +15,12 @@ import pandas as pd
 import pytest
 
 from rlm_dagster import ConfigError, Limits, RLMResource, Warehouse, run_rlm
-from rlm_dagster.budget import Budget
 from rlm_dagster.cache import Cache
+from rlm_dagster.engine.budget import Budget
+from rlm_dagster.engine.events import Event, RunWarning
 from rlm_dagster.errors import ModelRefused
-from rlm_dagster.events import Event, RunWarning
-from rlm_dagster.lm import LM, THINKING_ROOM, Usage
-from rlm_dagster.models import CONSERVATIVE, ModelCatalog, profile_for
+from rlm_dagster.models.client import LM, THINKING_ROOM, Usage
+from rlm_dagster.models.profiles import CONSERVATIVE, ModelCatalog, profile_for
 from rlm_dagster.semantic import Semantic, WhereConfig
 from rlm_dagster.testing import REFUSE, FakeAnthropic, FakeReply, FakeRequest
 

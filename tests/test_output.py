@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 
 from rlm_dagster.errors import OutputSchemaError
-from rlm_dagster.output import AnswerRejected, OutputSchema
+from rlm_dagster.sql.output import AnswerRejected, OutputSchema
 
 # -- parse ---------------------------------------------------------------------------------
 

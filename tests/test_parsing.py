@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rlm_dagster.engine import extract_code_blocks, find_text_final, truncate
+from rlm_dagster.engine.loop import extract_code_blocks, find_text_final, truncate
 
 
 def test_blocks_tagged_repl_python_or_py_in_order() -> None:

@@ -15,7 +15,7 @@ from dagster_duckdb import DuckDBResource
 from rlm_dagster import BudgetExceeded, Limits, RLMResource, rlm_asset, run
 from rlm_dagster.cache import Cache
 from rlm_dagster.errors import QueryError
-from rlm_dagster.lm import LM
+from rlm_dagster.models.client import LM
 from rlm_dagster.testing import FakeAnthropic, FakeReply, FakeRequest
 
 MakeLM = Callable[..., LM]
@@ -296,7 +296,7 @@ def test_the_host_never_decodes_arrow_sent_by_model_code(make_lm: MakeLM) -> Non
         ),
         "FINAL(done)",
     ]
-    from rlm_dagster.engine import _context_from_worker
+    from rlm_dagster.engine.loop import _context_from_worker
 
     with pytest.raises(QueryError, match="context"):
         _context_from_worker({"kind": "frame", "arrow": "QUFBQQ=="})

@@ -39,7 +39,7 @@ from rlm_dagster.repl.protocol import (
     encode_frame,
     frame_to_arrow,
 )
-from rlm_dagster.warehouse import Warehouse
+from rlm_dagster.sql.warehouse import Warehouse
 
 MAX_CAPTURE = 2_000
 

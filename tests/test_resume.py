@@ -18,7 +18,7 @@ from cli import cli_env, materialize_cli, materialize_command
 
 from rlm_dagster import Warehouse, run_rlm
 from rlm_dagster.cache import Cache
-from rlm_dagster.lm import LM
+from rlm_dagster.models.client import LM
 from rlm_dagster.testing import FakeAnthropic, FakeRequest
 
 MakeLM = Callable[..., LM]

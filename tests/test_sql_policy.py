@@ -9,7 +9,7 @@ import pytest
 from sqlglot import exp
 
 from rlm_dagster.errors import SQLPolicyError
-from rlm_dagster.sql_policy import RULES, check_sql
+from rlm_dagster.sql.policy import RULES, check_sql
 
 TABLES = ("tickets", "customers")
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 from rlm_dagster.errors import QueryError, RLMError, SQLPolicyError, UnknownTableError
-from rlm_dagster.warehouse import Warehouse
+from rlm_dagster.sql.warehouse import Warehouse
 
 
 def _make_db(path: Path) -> Path:

@@ -14,10 +14,10 @@ import pandas as pd
 import pytest
 
 from rlm_dagster import BudgetExceeded, Limits, Warehouse
-from rlm_dagster.budget import Budget
 from rlm_dagster.cache import Cache
-from rlm_dagster.events import Event, WhereProgress
-from rlm_dagster.lm import LM
+from rlm_dagster.engine.budget import Budget
+from rlm_dagster.engine.events import Event, WhereProgress
+from rlm_dagster.models.client import LM
 from rlm_dagster.semantic import Semantic, WhereConfig
 from rlm_dagster.testing import FakeAnthropic, FakeRequest
 
@@ -98,9 +98,9 @@ def test_verdict_cache_survives_a_new_process(
         script = textwrap.dedent(
             f"""
             from rlm_dagster import Limits, Warehouse
-            from rlm_dagster.budget import Budget
+            from rlm_dagster.engine.budget import Budget
             from rlm_dagster.cache import Cache
-            from rlm_dagster.lm import LM
+            from rlm_dagster.models.client import LM
             from rlm_dagster.semantic import Semantic
             lm = LM(api_key="k", base_url={fake.base_url!r}, root_model="fake-root", sub_model="claude-haiku-4-5")
             wh = Warehouse.snapshot({warehouse_file!r}, ["tickets"])

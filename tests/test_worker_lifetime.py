@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from rlm_dagster.repl import Worker
-from rlm_dagster.sandbox import resolve_level
+from rlm_dagster.repl.sandbox import resolve_level
 
 HOST = textwrap.dedent(
     """

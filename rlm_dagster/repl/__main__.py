@@ -1,6 +1,6 @@
 """Stage 2 of the REPL worker: ``python -m rlm_dagster.repl POLICY_JSON``.
 
-Started by :mod:`rlm_dagster.sandbox` once the process is confined. The import guard goes in
+Started by :mod:`rlm_dagster.repl.sandbox` once the process is confined. The import guard goes in
 before anything imports pandas, so the worker's libraries load without ctypes or pyarrow.
 """
 

@@ -16,7 +16,7 @@ code or defaults (how one would reach and patch this hook).
 
 An audit hook is not a security boundary on its own: code that corrupts memory (numpy's
 ``as_strided`` on purpose, or an interpreter bug) can get past it. It gives model code clear
-errors, and covers the ``process`` level; the kernel layers of :mod:`rlm_dagster.sandbox`
+errors, and covers the ``process`` level; the kernel layers of :mod:`rlm_dagster.repl.sandbox`
 (seccomp, Landlock, namespaces) are what hold against native code.
 
 The hook keeps no state that model code can reach: everything it uses is bound as a default
@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from rlm_dagster.errors import SandboxViolation as _RLMSandboxViolation
-from rlm_dagster.sandbox import Policy
+from rlm_dagster.repl.sandbox import Policy
 
 __all__ = ["BLOCKED_MODULES", "SandboxViolation", "install", "prepare_imports"]
 

@@ -11,7 +11,7 @@ model calls (a long ``llm_where`` is not a runaway cell; model calls are bounded
 budget). A cell that times out, kills its worker or breaks the protocol ends in a fresh
 worker, and the result says that the variables were lost.
 
-The worker is untrusted: it runs model-written code under :mod:`rlm_dagster.sandbox`, and
+The worker is untrusted: it runs model-written code under :mod:`rlm_dagster.repl.sandbox`, and
 every frame it sends is checked here. A frame that is not what the protocol allows ends the
 cell with an error and a fresh worker; it never reaches the handlers or the engine.
 """
@@ -50,7 +50,7 @@ from rlm_dagster.repl.protocol import (
     frame_to_arrow,
     write_frame,
 )
-from rlm_dagster.sandbox import (
+from rlm_dagster.repl.sandbox import (
     LEVELS,
     WorkerLimits,
     available_levels,

@@ -49,8 +49,8 @@ from rlm_dagster.repl.protocol import (
     FrameReader,
     write_frame,
 )
+from rlm_dagster.repl.sandbox import WorkerLimits
 from rlm_dagster.repl.worker import DISPLAY_OPTIONS, Channel, Repl, _Capture, serve
-from rlm_dagster.sandbox import WorkerLimits
 
 __all__ = ["LEVEL", "CellStuck", "InProcessREPL"]
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from rlm_dagster.repl.host import CellResult
-    from rlm_dagster.sandbox import WorkerLimits
+    from rlm_dagster.repl.sandbox import WorkerLimits
 
 Handler = Callable[[dict[str, Any]], Any]
 """A host function the REPL's namespace calls (``sql``, ``llm_query``, ...): RPC arguments in,

@@ -1,7 +1,7 @@
 """The REPL worker: runs model-written code in a persistent namespace, in its own process.
 
 Started by :class:`rlm_dagster.repl.host.Worker` as ``python -m rlm_dagster.repl POLICY``
-(after :mod:`rlm_dagster.sandbox` has confined the process) with a scrubbed environment. It
+(after :mod:`rlm_dagster.repl.sandbox` has confined the process) with a scrubbed environment. It
 holds no API key and no database handle: every namespace function (``sql``, ``llm_query``,
 ``llm_where`` ...) is a stub that sends an RPC to the host and waits for the reply. The
 protocol runs on private duplicates of fds 0 and 1; the real fds 0 and 1 are pointed at
@@ -37,7 +37,7 @@ from rlm_dagster.repl.protocol import (
     encode_frame,
     write_frame,
 )
-from rlm_dagster.sandbox import Policy
+from rlm_dagster.repl.sandbox import Policy
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 # Frames of these files are the REPL's machinery, not the model's code: tracebacks omit them.

@@ -191,7 +191,7 @@ _ERROR_TYPES: dict[int, str] = {
 #
 # What the real Messages API accepts, per model family, written from Anthropic's documentation
 # (December 2026). It is deliberately independent of rlm_dagster's own capability table
-# (rlm_dagster.models): the fake must catch the client sending what a model rejects.
+# (rlm_dagster.models.profiles): the fake must catch the client sending what a model rejects.
 
 #: The ``output_config.effort`` levels the API knows, lowest first.
 EFFORT_LEVELS: Final[tuple[str, ...]] = ("low", "medium", "high", "xhigh", "max")

@@ -20,9 +20,9 @@ import duckdb
 import pytest
 
 from rlm_dagster import Limits, RLMResult, Warehouse, run_rlm
-from rlm_dagster.lm import LM
+from rlm_dagster.models.client import LM
 from rlm_dagster.repl import host as host_module
-from rlm_dagster.sandbox import LEVELS, WorkerLimits, available_levels
+from rlm_dagster.repl.sandbox import LEVELS, WorkerLimits, available_levels
 from rlm_dagster.testing import FakeAnthropic, FakeRequest
 
 SECRET_MARK = "do-not-leak"

@@ -19,7 +19,7 @@ import pytest
 
 from rlm_dagster import Limits, Warehouse, run_rlm
 from rlm_dagster.errors import BudgetExceeded, RLMError
-from rlm_dagster.lm import LM, Accounting
+from rlm_dagster.models.client import LM, Accounting
 from rlm_dagster.testing import FakeAnthropic, FakeRequest
 
 from .conftest import each_level

@@ -160,7 +160,7 @@ BLOCKED: dict[str, tuple[str, tuple[str, ...]]] = {
         ("SandboxViolation", "native code is blocked"),
     ),
     "import-host-modules": (
-        "import rlm_dagster.budget as b\nb.Budget.reserve = lambda *a, **k: None",
+        "import rlm_dagster.engine.budget as b\nb.Budget.reserve = lambda *a, **k: None",
         ("SandboxViolation", "host's code"),
     ),
     "import-host-engine": (

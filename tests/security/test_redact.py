@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from rlm_dagster.engine import Turn, render_trajectory
+from rlm_dagster.engine.loop import Turn, render_trajectory
 from rlm_dagster.redact import REDACTED, redact
 from rlm_dagster.repl.host import CellResult
 
@@ -85,12 +85,12 @@ def test_trajectory_is_redacted() -> None:
 
 
 def test_run_metadata_and_logs_are_redacted() -> None:
-    from rlm_dagster.budget import Limits
-    from rlm_dagster.engine import Answer, RLMResult
-    from rlm_dagster.events import IterationDone, RunWarning
-    from rlm_dagster.lm import Accounting
-    from rlm_dagster.metadata import run_metadata
-    from rlm_dagster.resource import log_event
+    from rlm_dagster.dagster.metadata import run_metadata
+    from rlm_dagster.dagster.resource import log_event
+    from rlm_dagster.engine.budget import Limits
+    from rlm_dagster.engine.events import IterationDone, RunWarning
+    from rlm_dagster.engine.loop import Answer, RLMResult
+    from rlm_dagster.models.client import Accounting
 
     key = "sk-ant-api03-abcdefghijklmnopqrstuvwxyz0123456789"
     result = RLMResult(

@@ -1,7 +1,7 @@
 """What each sandbox level enforces in the kernel, below the worker's Python guard.
 
 These programs run in the confined process *without* the audit hook (``python -c`` after
-``rlm_dagster.sandbox``'s first stage), as native code that got past the hook would. They
+``rlm_dagster.repl.sandbox``'s first stage), as native code that got past the hook would. They
 pin down the README's table: what every level stops, and what only ``landlock`` and
 ``namespace`` stop. Each level is skipped, with the reason, where the machine lacks it.
 """
@@ -22,7 +22,7 @@ import pytest
 
 from rlm_dagster.errors import ConfigError
 from rlm_dagster.repl.host import Worker
-from rlm_dagster.sandbox import WorkerLimits, build_policy, resolve_level, worker_command
+from rlm_dagster.repl.sandbox import WorkerLimits, build_policy, resolve_level, worker_command
 
 from .conftest import each_level
 
@@ -228,7 +228,7 @@ def test_thread_limit_counts_the_users_tasks_when_not_root(tmp_path: Path) -> No
     # plumbing in a child that believes it is uid 65534.
     code = (
         "import os, resource, sys\nos.getuid = lambda: 65534\n"
-        "from rlm_dagster.sandbox import WorkerLimits, _set_limits, build_policy\n"
+        "from rlm_dagster.repl.sandbox import WorkerLimits, _set_limits, build_policy\n"
         f"applied = _set_limits(build_policy('process', {str(tmp_path)!r}, "
         "WorkerLimits(processes=77)))\n"
         "print(applied[-1], resource.getrlimit(resource.RLIMIT_NPROC)[0])"
@@ -249,7 +249,7 @@ def test_worker_loads_no_native_escape_hatches() -> None:
             "('ctypes', '_ctypes', 'pyarrow', 'duckdb', 'sqlite3', 'cffi', 'rlm_dagster'))"
         ).output
     assert "pyarrow" not in out and "_ctypes" not in out and "duckdb" not in out
-    assert "rlm_dagster.repl.host" not in out and "rlm_dagster.engine" not in out
+    assert "rlm_dagster.repl.host" not in out and "rlm_dagster.engine.loop" not in out
     assert "'ctypes'" in out  # the empty stub pandas imports
 
 
@@ -261,7 +261,7 @@ def test_sandbox_value_is_validated() -> None:
 
 
 def test_unavailable_level_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
-    import rlm_dagster.sandbox as sandbox
+    import rlm_dagster.repl.sandbox as sandbox
 
     monkeypatch.setattr(
         sandbox,

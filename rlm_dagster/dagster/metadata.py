@@ -16,8 +16,8 @@ from typing import Any
 import dagster as dg
 import pyarrow as pa
 
-from rlm_dagster.engine import RLMResult
-from rlm_dagster.lm import Accounting
+from rlm_dagster.engine.loop import RLMResult
+from rlm_dagster.models.client import Accounting
 from rlm_dagster.redact import redact
 
 

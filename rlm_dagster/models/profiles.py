@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from rlm_dagster.errors import ConfigError
-from rlm_dagster.prices import Price, price_cost, price_for
+from rlm_dagster.models.prices import Price, price_cost, price_for
 
 if TYPE_CHECKING:
-    from rlm_dagster.lm import Usage
+    from rlm_dagster.models.client import Usage
 
 EFFORTS = ("low", "medium", "high", "xhigh", "max")
 THINKING_MODES = ("auto", "off")

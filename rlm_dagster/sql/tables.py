@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import pyarrow as pa
 
 from rlm_dagster.errors import WarehouseBusy
-from rlm_dagster.warehouse import TableInfo, is_lock_error, quote_ident
+from rlm_dagster.sql.warehouse import TableInfo, is_lock_error, quote_ident
 
 
 class TableSource(Protocol):

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from rlm_dagster.errors import BudgetExceeded, ConfigError
-from rlm_dagster.lm import Accounting, CallRecord, Meter, ledger_row
+from rlm_dagster.models.client import Accounting, CallRecord, Meter, ledger_row
 
 if TYPE_CHECKING:
     from rlm_dagster.cache import Cache

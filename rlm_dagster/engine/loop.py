@@ -28,7 +28,8 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from rlm_dagster.budget import Budget, Limits
+from rlm_dagster.engine.budget import Budget, Limits
+from rlm_dagster.engine.events import ChildStarted, Event, IterationDone, RunWarning, WhereDone
 from rlm_dagster.errors import (
     AnswerRejected,
     CacheError,
@@ -39,19 +40,18 @@ from rlm_dagster.errors import (
     QueryError,
     RLMError,
 )
-from rlm_dagster.events import ChildStarted, Event, IterationDone, RunWarning, WhereDone
-from rlm_dagster.lm import LM, Accounting, cached_system
-from rlm_dagster.output import OutputSchema
+from rlm_dagster.models.client import LM, Accounting, cached_system
 from rlm_dagster.prompts import render, snippet
 from rlm_dagster.redact import redact
 from rlm_dagster.repl import CellResult, Worker
 from rlm_dagster.repl.host import cut_middle
 from rlm_dagster.repl.protocol import decode_arrow, encode_arrow, frame_to_arrow
+from rlm_dagster.repl.sandbox import WorkerLimits
 from rlm_dagster.repl.seam import REPL, REPLFactory
-from rlm_dagster.sandbox import WorkerLimits
 from rlm_dagster.semantic import Semantic, WhereConfig, WhereStats
-from rlm_dagster.tables import TableSource
-from rlm_dagster.warehouse import TableInfo, Warehouse
+from rlm_dagster.sql.output import OutputSchema
+from rlm_dagster.sql.tables import TableSource
+from rlm_dagster.sql.warehouse import TableInfo, Warehouse
 
 # Columns of the answer table the asset writes itself.
 RESERVED_COLUMNS = frozenset({"_partition"})

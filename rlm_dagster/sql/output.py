@@ -19,7 +19,7 @@ import duckdb
 import pyarrow as pa
 
 from rlm_dagster.errors import AnswerRejected, OutputSchemaError
-from rlm_dagster.warehouse import quote_ident
+from rlm_dagster.sql.warehouse import quote_ident
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 

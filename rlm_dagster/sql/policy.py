@@ -7,7 +7,7 @@ that is not one read-only query over the tables bound to the run. A refusal rais
 :class:`~rlm_dagster.errors.SQLPolicyError` whose ``rule`` names the rule that fired (see
 :data:`RULES`) and whose message tells the model what to do instead::
 
-    >>> from rlm_dagster.sql_policy import check_sql
+    >>> from rlm_dagster.sql.policy import check_sql
     >>> from rlm_dagster.errors import SQLPolicyError
     >>> stmt = check_sql("FROM tickets SELECT customer_id, count(*) GROUP BY ALL", ["tickets"])
     >>> stmt.sql("duckdb")

@@ -10,7 +10,7 @@ in-memory database, detaches, and then switches off DuckDB's external access for
 (``enable_external_access=false`` + ``lock_configuration``). So the file lock is held for
 seconds rather than for the whole run (other assets can write the file meanwhile), the run
 sees one consistent snapshot, and model SQL has no path to any file even if it slipped past
-the sqlglot policy in :mod:`rlm_dagster.sql_policy`.
+the sqlglot policy in :mod:`rlm_dagster.sql.policy`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import pandas as pd
 import pyarrow as pa
 
 from rlm_dagster.errors import ConfigError, QueryError, UnknownTableError, WarehouseBusy
-from rlm_dagster.sql_policy import check_sql
+from rlm_dagster.sql.policy import check_sql
 
 _BARE_NAME = re.compile(r"^[A-Za-z_][\w.]*$")
 _LOCK_MARKERS = ("Could not set lock", "Conflicting lock", "lock on file")

@@ -29,11 +29,11 @@ from dagster.components.resolved.core_models import (
 )
 from pydantic import ConfigDict, Field
 
-from rlm_dagster.budget import Limits
+from rlm_dagster.engine.budget import Limits
 from rlm_dagster.errors import ConfigError
-from rlm_dagster.models import EFFORTS
-from rlm_dagster.output import OutputSchema
+from rlm_dagster.models.profiles import EFFORTS
 from rlm_dagster.prompts import PROMPT_VERSION
+from rlm_dagster.sql.output import OutputSchema
 
 DEFAULT_RETRY_POLICY = dg.RetryPolicy(
     max_retries=3, delay=30, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS

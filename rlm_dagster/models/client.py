@@ -45,7 +45,7 @@ from rlm_dagster.errors import (
     ProviderUnavailable,
     RateLimited,
 )
-from rlm_dagster.models import ModelCatalog
+from rlm_dagster.models.profiles import ModelCatalog
 
 T = TypeVar("T")
 

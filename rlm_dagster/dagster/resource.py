@@ -24,9 +24,11 @@ import pyarrow as pa
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
-from rlm_dagster.budget import Budget, Limits
 from rlm_dagster.cache import Cache, default_cache_path
-from rlm_dagster.engine import RLMResult, RLMRun, wire_context
+from rlm_dagster.dagster.metadata import run_metadata, unknown_price_models
+from rlm_dagster.engine.budget import Budget, Limits
+from rlm_dagster.engine.events import Event
+from rlm_dagster.engine.loop import RLMResult, RLMRun, wire_context
 from rlm_dagster.errors import (
     ConfigError,
     DemoCannotAnswer,
@@ -34,15 +36,13 @@ from rlm_dagster.errors import (
     NoFinalAnswer,
     RLMError,
 )
-from rlm_dagster.events import Event
-from rlm_dagster.lm import DEFAULT_ROOT_EFFORT, DEFAULT_SUB_EFFORT, LM, Accounting
-from rlm_dagster.metadata import run_metadata, unknown_price_models
-from rlm_dagster.models import EFFORTS, THINKING_MODES, ModelCatalog
-from rlm_dagster.output import OutputSchema
+from rlm_dagster.models.client import DEFAULT_ROOT_EFFORT, DEFAULT_SUB_EFFORT, LM, Accounting
+from rlm_dagster.models.profiles import EFFORTS, THINKING_MODES, ModelCatalog
 from rlm_dagster.redact import redact
-from rlm_dagster.sandbox import WorkerLimits
+from rlm_dagster.repl.sandbox import WorkerLimits
 from rlm_dagster.semantic import Semantic, WhereConfig, WhereStats
-from rlm_dagster.warehouse import Warehouse, quote_ident
+from rlm_dagster.sql.output import OutputSchema
+from rlm_dagster.sql.warehouse import Warehouse, quote_ident
 
 PROVIDERS = ("anthropic", "demo")
 

@@ -1,6 +1,6 @@
 """How far the REPL worker is isolated from the host: sandbox levels, OS limits, confinement.
 
-    >>> from rlm_dagster.sandbox import resolve_level
+    >>> from rlm_dagster.repl.sandbox import resolve_level
     >>> resolve_level("process")
     'process'
     >>> resolve_level("auto") in ("namespace", "landlock", "process")
@@ -23,7 +23,7 @@ On Linux every level also installs a seccomp filter: no sockets, no new processe
 or io_uring. ``auto`` picks the strongest level the machine has; see the README's "Security
 model" for what each level does and does not guarantee.
 
-The worker starts in two stages: ``python -m rlm_dagster.sandbox POLICY`` (inside bubblewrap
+The worker starts in two stages: ``python -m rlm_dagster.repl.sandbox POLICY`` (inside bubblewrap
 for ``namespace``) confines itself with ctypes, then execs the worker through a descriptor
 the filter lets it exec once. The worker's first step (:func:`sealed`) stacks a second filter
 that allows no exec at all, unloads ctypes, and only then imports the REPL, so the process
@@ -70,7 +70,7 @@ SANDBOX_CHOICES: tuple[str, ...] = ("auto", *LEVELS)
 """Valid values of ``RLMResource(sandbox=...)``."""
 
 _GIB = 1024**3
-_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+_PACKAGE_DIR = str(Path(__file__).resolve().parents[1])  # rlm_dagster/
 # Files under /etc that Python and its libraries read at run time (dynamic loader cache,
 # time zone, user database); nothing else of /etc is visible to the worker.
 _ETC_FILES = (
@@ -305,13 +305,13 @@ def worker_command(policy: Policy, *python_args: str) -> list[str]:
 
     >>> argv = worker_command(build_policy("process", "/tmp/x"), "-m", "rlm_dagster.repl")
     >>> argv[3:5], argv[-2:]
-    (['-m', 'rlm_dagster.sandbox'], ['-m', 'rlm_dagster.repl'])
+    (['-m', 'rlm_dagster.repl.sandbox'], ['-m', 'rlm_dagster.repl'])
 
-    The first stage, ``python -m rlm_dagster.sandbox POLICY_JSON PYTHON_ARGS...``, confines
+    The first stage, ``python -m rlm_dagster.repl.sandbox POLICY_JSON PYTHON_ARGS...``, confines
     itself and then execs the second, which gets the policy (with the layers applied) as its
     first argument.
     """
-    stage1 = [sys.executable, "-s", "-B", "-m", "rlm_dagster.sandbox", policy.to_json()]
+    stage1 = [sys.executable, "-s", "-B", "-m", "rlm_dagster.repl.sandbox", policy.to_json()]
     stage1 += python_args
     if policy.level != "namespace":
         return stage1
@@ -766,7 +766,7 @@ def confine(policy: Policy) -> tuple[str, ...]:
         # for the namespace level with --die-with-parent.
         kernel.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, "parent-death signal")
         if policy.level != "namespace" and os.getppid() == 1:
-            sys.exit("rlm_dagster.sandbox: the host exited before the worker started")
+            sys.exit("rlm_dagster.repl.sandbox: the host exited before the worker started")
         applied.append("dies with its host")
         kernel.prctl(_PR_SET_NO_NEW_PRIVS, 1, "no_new_privs")
         if os.geteuid() == 0:
@@ -794,22 +794,22 @@ def confine(policy: Policy) -> tuple[str, ...]:
 
 
 def main(argv: Sequence[str]) -> NoReturn:
-    """Stage 1: ``python -m rlm_dagster.sandbox POLICY_JSON PYTHON_ARGS...``: confine, exec."""
+    """Stage 1: ``python -m rlm_dagster.repl.sandbox POLICY_JSON PYTHON_ARGS...``: confine, exec."""
     if len(argv) < 2:
-        sys.exit("usage: python -m rlm_dagster.sandbox POLICY_JSON PYTHON_ARGS...")
+        sys.exit("usage: python -m rlm_dagster.repl.sandbox POLICY_JSON PYTHON_ARGS...")
     policy = Policy.from_json(argv[0])
     try:
         applied = confine(policy)
     except OSError as exc:
         sys.exit(
-            f"rlm_dagster.sandbox: could not confine the worker at level {policy.level!r}: {exc}"
+            f"rlm_dagster.repl.sandbox: could not confine the worker at level {policy.level!r}: {exc}"
         )
     stage2 = dataclasses.replace(policy, applied=applied)
     env = dict(os.environ)
     if "seccomp" in applied:
         # Stage 2 starts in `sealed`, which closes the exec this stage needed, then runs
         # PYTHON_ARGS as `python` would.
-        boot = "import sys; from rlm_dagster.sandbox import sealed; sealed(sys.argv[1:])"
+        boot = "import sys; from rlm_dagster.repl.sandbox import sealed; sealed(sys.argv[1:])"
         args = [sys.executable, "-s", "-B", "-c", boot, *argv[1:], stage2.to_json()]
         os.execve(_exec_fd(policy), args, env)
     os.execve(sys.executable, [sys.executable, "-s", "-B", *argv[1:], stage2.to_json()], env)
@@ -834,7 +834,7 @@ def sealed(argv: Sequence[str]) -> None:
         sys.argv = ["-c", *argv[2:]]
         exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__"})
     else:
-        sys.exit(f"rlm_dagster.sandbox: stage 2 expects -m MODULE or -c CODE, not {argv[:1]}")
+        sys.exit(f"rlm_dagster.repl.sandbox: stage 2 expects -m MODULE or -c CODE, not {argv[:1]}")
 
 
 if __name__ == "__main__":

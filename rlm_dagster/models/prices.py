@@ -1,6 +1,6 @@
 """USD prices per million tokens, kept in one place.
 
-    >>> from rlm_dagster.lm import Usage
+    >>> from rlm_dagster.models.client import Usage
     >>> cost_usd("claude-haiku-4-5", Usage(input_tokens=1_000_000, output_tokens=0))
     1.0
     >>> cost_usd("my-local-llama", Usage(input_tokens=10)) is None
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from rlm_dagster.lm import Usage
+    from rlm_dagster.models.client import Usage
 
 _DATED = re.compile(r"^(?P<family>.+)-\d{8}$")
 

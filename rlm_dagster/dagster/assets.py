@@ -25,15 +25,15 @@ import pydantic
 from dagster_duckdb import DuckDBResource
 from sqlglot import exp
 
-from rlm_dagster.budget import Limits
-from rlm_dagster.definition import DEFAULT_RETRY_POLICY, RLMAssetArgs, digest
-from rlm_dagster.engine import RLMResult, fenced
+from rlm_dagster.dagster.definition import DEFAULT_RETRY_POLICY, RLMAssetArgs, digest
+from rlm_dagster.dagster.metadata import column_schema
+from rlm_dagster.dagster.resource import RLMResource, failure
+from rlm_dagster.dagster.translator import RLMTranslator
+from rlm_dagster.engine.budget import Limits
+from rlm_dagster.engine.loop import RLMResult, fenced
 from rlm_dagster.errors import ConfigError, RLMError
-from rlm_dagster.metadata import column_schema
-from rlm_dagster.output import OutputSchema
 from rlm_dagster.redact import redact
-from rlm_dagster.resource import RLMResource, failure
-from rlm_dagster.translator import RLMTranslator
+from rlm_dagster.sql.output import OutputSchema
 
 __all__ = ["DEFAULT_RETRY_POLICY", "build_rlm_asset", "rlm_asset"]
 

@@ -29,8 +29,8 @@ import textwrap
 
 import dagster as dg
 
-from rlm_dagster.assets import build_rlm_asset
-from rlm_dagster.definition import RLMAssetArgs
+from rlm_dagster.dagster.assets import build_rlm_asset
+from rlm_dagster.dagster.definition import RLMAssetArgs
 from rlm_dagster.errors import ConfigError
 
 

@@ -19,10 +19,10 @@ from typing import Any
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from rlm_dagster.definition import RLMAssetArgs
-from rlm_dagster.engine import RLMResult
-from rlm_dagster.metadata import run_metadata
-from rlm_dagster.tables import AnswerSink, DuckDBSink
+from rlm_dagster.dagster.definition import RLMAssetArgs
+from rlm_dagster.dagster.metadata import run_metadata
+from rlm_dagster.engine.loop import RLMResult
+from rlm_dagster.sql.tables import AnswerSink, DuckDBSink
 
 
 class RLMTranslator:
