@@ -75,7 +75,7 @@ def rlm_asset(
 ) -> dg.AssetsDefinition:
     """Define an asset whose value is an RLM's answer to ``question`` over ``tables``.
 
-    The keywords are :class:`~rlm_dagster.definition.RLMAssetArgs`' fields (the same as
+    The keywords are :class:`~rlm_dagster.dagster.definition.RLMAssetArgs`' fields (the same as
     ``RLMComponent``'s attributes, with the same defaults; a test keeps them equal).
     ``root_model`` / ``sub_model`` override the resource's models for this asset, and
     ``root_effort`` / ``sub_effort`` its efforts (all enter its code version). With
@@ -91,7 +91,7 @@ def rlm_asset(
     ``llm_where_rows_decided`` check blocking (ERROR): a run whose ``llm_where`` calls left
     rows NULL (the model's replies stayed malformed, or it refused them) then fails its check
     and stops downstream assets; by default it warns. ``translator`` (an
-    :class:`~rlm_dagster.translator.RLMTranslator` subclass) changes how the definition
+    :class:`~rlm_dagster.dagster.translator.RLMTranslator` subclass) changes how the definition
     becomes Dagster objects: key, deps, group, metadata, checks.
     """
     values = {k: v for k, v in locals().items() if k != "translator"}

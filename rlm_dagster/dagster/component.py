@@ -96,7 +96,7 @@ _TEMPLATE = textwrap.dedent(
 @dg.scaffold_with(RLMComponentScaffolder)
 class RLMComponent(dg.Component, RLMAssetArgs):
     """An RLM asset declared in YAML; the attributes are ``rlm_asset``'s keywords (both are
-    :class:`~rlm_dagster.definition.RLMAssetArgs`).
+    :class:`~rlm_dagster.dagster.definition.RLMAssetArgs`).
 
     .. code-block:: yaml
 

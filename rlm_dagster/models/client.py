@@ -68,7 +68,7 @@ class Reservation(Protocol):
 class Meter(Protocol):
     """A run's metering, which the shared client never holds: reserve a call's upper bound
     before it is sent, and record what it used once it completed (accounting and ledger).
-    :class:`~rlm_dagster.budget.Budget` is the run's meter."""
+    :class:`~rlm_dagster.engine.budget.Budget` is the run's meter."""
 
     def reserve(
         self, *, role: str, depth: int, model: str, tokens: int, usd: float | None
@@ -383,7 +383,7 @@ def _usage(raw: Any) -> Usage:
 class LM:
     """Anthropic Messages API client pair with routing, concurrency and accounting.
 
-    A call made with a ``meter`` (a run's :class:`~rlm_dagster.budget.Budget`) reserves its
+    A call made with a ``meter`` (a run's :class:`~rlm_dagster.engine.budget.Budget`) reserves its
     upper-bound cost (known input + ``max_tokens``, priced at the model's tier) with the meter
     before it is sent, and releases the reservation when it ends; the meter may refuse.
     """

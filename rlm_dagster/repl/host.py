@@ -333,7 +333,7 @@ class FramedREPL:
 class Worker(FramedREPL):
     """A REPL worker process with a persistent namespace, started lazily.
 
-    ``sandbox`` is one of :data:`rlm_dagster.sandbox.SANDBOX_CHOICES` (``"auto"`` picks the
+    ``sandbox`` is one of :data:`rlm_dagster.repl.sandbox.SANDBOX_CHOICES` (``"auto"`` picks the
     strongest level this machine has); ``limits`` are the worker's OS resource limits.
     """
 

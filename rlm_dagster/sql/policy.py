@@ -224,7 +224,7 @@ def check_sql(query: str, allowed_tables: Collection[str], *, dialect: str = "du
     """Parse ``query``, enforce the read-only policy, return the parsed statement.
 
     ``dialect`` is the sqlglot dialect of the engine that will run the query (the
-    :class:`~rlm_dagster.tables.TableSource`'s). For ``duckdb`` DuckDB's own parser is a
+    :class:`~rlm_dagster.sql.tables.TableSource`'s). For ``duckdb`` DuckDB's own parser is a
     second opinion (one statement, and of the same kind sqlglot saw); other dialects rely on
     sqlglot alone.
 

@@ -1,7 +1,7 @@
 """Where a run's tables come from, and where its answers go: the two data seams.
 
 * :class:`TableSource` — the tables a run binds and the SQL engine that queries them. Today's
-  implementation is :class:`~rlm_dagster.warehouse.Warehouse`, a read-only DuckDB snapshot
+  implementation is :class:`~rlm_dagster.sql.warehouse.Warehouse`, a read-only DuckDB snapshot
   (an in-memory copy of the bound tables plus the run's scratch results); another engine
   (pushdown to a warehouse that keeps the data) implements the same methods and names its
   SQL ``dialect``, which the SQL policy parses with.

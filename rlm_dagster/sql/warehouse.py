@@ -59,7 +59,7 @@ class TableInfo:
 
 class Warehouse:
     """An in-memory DuckDB database holding the bound tables and scratch results: the
-    :class:`~rlm_dagster.tables.TableSource` of today."""
+    :class:`~rlm_dagster.sql.tables.TableSource` of today."""
 
     dialect = "duckdb"
 
