@@ -235,8 +235,9 @@ class RLMResource(dg.ConfigurableResource):
         )
 
         def make() -> tuple[LM, list[Callable[[], None]]]:
-            lm = LM(provider="anthropic", cache=Cache(cache_path), catalog=catalog, **settings)
-            return lm, []
+            cache = Cache(cache_path)
+            lm = LM(provider="anthropic", cache=cache, catalog=catalog, **settings)
+            return lm, [cache.close]
 
         with _SHARED.use(key, make) as lm:
             yield lm
@@ -344,12 +345,13 @@ class RLMResource(dg.ConfigurableResource):
             self.open_lm(sub_model=sub_model, sub_effort=sub_effort) as lm,
             _bound(tables, duckdb, None) as warehouse,
         ):
-            budget = Budget(limits or Limits(), ledger=lm.cache, tags=run_tags(context))
+            cache = lm.cache if isinstance(lm.cache, Cache) else None
+            budget = Budget(limits or Limits(), ledger=cache, tags=run_tags(context))
             semantic = Semantic(
                 lm,
                 warehouse,
                 budget,
-                cache=lm.cache,
+                cache=cache,
                 config=self.where_config(),
                 on_event=lambda event: log_event(context, event),
             )
@@ -380,6 +382,7 @@ class RLMResource(dg.ConfigurableResource):
 
         server = demo_server()
         fake = server.__enter__()
+        cache = Cache(cache_path)
         lm = LM(
             api_key="demo-no-key",
             base_url=fake.base_url,
@@ -389,10 +392,10 @@ class RLMResource(dg.ConfigurableResource):
             request_timeout_s=self.request_timeout_s,
             max_retries=self.max_retries,
             provider="demo",
-            cache=Cache(cache_path),
+            cache=cache,
             catalog=ModelCatalog(DEMO_PROFILES),
         )
-        return lm, [lambda: server.__exit__(None, None, None)]
+        return lm, [cache.close, lambda: server.__exit__(None, None, None)]
 
 
 class _SharedClients:
@@ -423,8 +426,6 @@ class _SharedClients:
             if last:
                 lm: LM = entry[0]
                 lm.close()
-                if lm.cache is not None:
-                    lm.cache.close()
                 for close in entry[1]:
                     close()
 

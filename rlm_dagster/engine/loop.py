@@ -28,6 +28,7 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
+from rlm_dagster.cache import Cache
 from rlm_dagster.engine.budget import Budget, Limits
 from rlm_dagster.engine.events import ChildStarted, Event, IterationDone, RunWarning, WhereDone
 from rlm_dagster.errors import (
@@ -288,6 +289,7 @@ class RLMRun:
         where_stats: list[WhereStats] | None = None,
         repl: REPLFactory | None = None,
         tags: Mapping[str, Any] | None = None,
+        cache: Cache | None = None,
     ) -> None:
         self.question = question
         # Shared with child runs, like the budget: the metadata counts the whole call tree.
@@ -303,18 +305,23 @@ class RLMRun:
         self.context = context
         self.depth = depth
         self.run_id = run_id
+        # The run's store of verdicts, leases and ledger rows: given, or the client's call
+        # store when that is one (run(lm=LM(cache=Cache(...))) keeps working).
+        if cache is None and isinstance(lm.cache, Cache):
+            cache = lm.cache
+        self.cache = cache
         # A child run shares its parent's budget: its spend counts as it happens.
         # The run's meter: its own accounting and ledger tags, never the shared client's.
         if budget is None:
             tags = dict(tags or {})
             tags.setdefault("run_id", uuid.uuid4().hex)
-            budget = Budget(self.limits, ledger=lm.cache, tags=tags)
+            budget = Budget(self.limits, ledger=self.cache, tags=tags)
         self.budget = budget
         self.semantic = Semantic(
             lm,
             warehouse,
             self.budget,
-            cache=lm.cache,
+            cache=self.cache,
             config=where_config,
             on_event=self.on_event,
             depth=depth,
@@ -427,6 +434,7 @@ class RLMRun:
             worker_limits=self.worker_limits,
             where_stats=self.where_stats,
             repl=self.repl_factory,
+            cache=self.cache,
         )
         self.on_event(ChildStarted(run_id=child.run_id, depth=child.depth))
         try:

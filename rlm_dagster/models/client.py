@@ -29,7 +29,7 @@ from typing import Any, Protocol, TypeVar
 import anthropic
 import httpx2
 
-from rlm_dagster.cache import Cache, call_key
+from rlm_dagster.cache import call_key
 from rlm_dagster.errors import (
     BudgetExceeded,
     ConfigError,
@@ -63,6 +63,20 @@ THINKING_ROOM = {"low": 2_048, "medium": 8_192, "high": 16_384, "xhigh": 32_768,
 
 class Reservation(Protocol):
     def release(self) -> None: ...
+
+
+class CallStore(Protocol):
+    """Where completed calls are kept, so that a retried run replays them instead of paying
+    again: all the client knows of caching. :class:`~rlm_dagster.cache.Cache` (SQLite) is
+    today's store; another (a database shared by hosts) implements these three methods."""
+
+    def get_call(self, key: str) -> dict[str, Any] | None: ...
+
+    def put_call(self, key: str, model: str, response: Mapping[str, Any]) -> None: ...
+
+    def record(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Append ledger rows (the client writes those of calls made outside any run)."""
+        ...
 
 
 class Meter(Protocol):
@@ -401,7 +415,7 @@ class LM:
         root_max_tokens: int = 4096,
         sub_max_tokens: int = 1024,
         provider: str = "anthropic",
-        cache: Cache | None = None,
+        cache: CallStore | None = None,
         catalog: ModelCatalog | None = None,
         root_effort: str | None = DEFAULT_ROOT_EFFORT,
         sub_effort: str | None = DEFAULT_SUB_EFFORT,
@@ -780,7 +794,7 @@ class _Unmetered:
     """The meter of calls made outside any run: no limits; accounted on the client and
     written to the ledger at once, untagged."""
 
-    def __init__(self, accounting: Accounting, cache: Cache | None) -> None:
+    def __init__(self, accounting: Accounting, cache: CallStore | None) -> None:
         self.accounting, self.cache = accounting, cache
 
     def reserve(
