@@ -93,6 +93,11 @@ def test_cli_materialize_end_to_end(
     log = proc.stdout + proc.stderr
     assert "iteration 1/6: ran 1 cell(s)" in log and "llm_where:" in log
     assert "'fake-root' is unknown, so its cost is reported as unknown" in log
+    # the end of the run says what it answered, where it went, what it cost, who answered
+    assert "RLM answer (FINAL): " in log and "written to: main.churn (" in log
+    assert "paid now" in log and "model calls, 0 replayed from the cache" in log
+    assert "answered by: anthropic fake-root (root) + claude-haiku-4-5 (sub)" in log
+    assert "see more: the asset's page in the Dagster UI" in log
 
     con = duckdb.connect(warehouse_file, read_only=True)
     rows = con.sql("SELECT customer_id, ticket_id, reason FROM churn ORDER BY ticket_id").fetchall()
@@ -441,3 +446,33 @@ def test_the_demo_refuses_questions_it_has_no_script_for(
     assert "ANTHROPIC_API_KEY" in description
     assert meta["rlm/error"] == "DemoCannotAnswer" and meta["rlm/retryable"] is False
     assert not result.get_asset_materialization_events()
+
+
+def test_run_summary_labels_replays_and_the_demo() -> None:
+    from rlm_dagster.dagster.metadata import run_summary
+    from rlm_dagster.engine.budget import Limits
+    from rlm_dagster.engine.loop import Answer, RLMResult
+    from rlm_dagster.models.client import Accounting, CallRecord, Usage
+
+    acc = Accounting()
+    for role in ("root", "sub"):
+        acc.add(CallRecord(role, "demo-root", Usage(10, 5), 0.002, 0.0, cache_hit=True))
+    result = RLMResult(
+        question="q",
+        answer=Answer(text="two customers\nthreaten to leave", form="FINAL"),
+        turns=[],
+        accounting=acc,
+        duration_s=1.0,
+        limits=Limits(),
+        provider="demo",
+        root_model="demo-root",
+        sub_model="demo-sub",
+        sandbox="process",
+    )
+    text = run_summary(result, written=("main.churn", 2), cache_path="/p/cache.sqlite3")
+    assert "RLM answer (FINAL): two customers threaten to leave" in text
+    assert "written to: main.churn (2 rows)" in text
+    assert "$0.0000 paid now, $0.0040 replayed" in text
+    assert "all 2 model calls replayed from the cache: nothing was paid" in text
+    assert "[the offline DEMO model: scripted, not an LLM]" in text
+    assert "ledger at /p/cache.sqlite3" in text

@@ -26,7 +26,7 @@ from dagster_duckdb import DuckDBResource
 from sqlglot import exp
 
 from rlm_dagster.dagster.definition import DEFAULT_RETRY_POLICY, RLMAssetArgs, digest
-from rlm_dagster.dagster.metadata import column_schema
+from rlm_dagster.dagster.metadata import column_schema, run_summary
 from rlm_dagster.dagster.resource import RLMResource, failure
 from rlm_dagster.dagster.translator import RLMTranslator
 from rlm_dagster.engine.budget import Limits
@@ -156,6 +156,7 @@ def build_rlm_asset(
             sub_model=args.sub_model,
             root_effort=args.root_effort,
             sub_effort=args.sub_effort,
+            log_summary=False,  # said below, with where the answer was written
         )
         answer = result.answer
         table = answer.table
@@ -165,6 +166,11 @@ def build_rlm_asset(
             written = translator.get_answer_sink(args, duckdb).write(key.path, table, partition)
         except RLMError as err:
             raise failure(err) from err
+        context.log.info(
+            run_summary(
+                result, written=(written.table, table.num_rows), cache_path=rlm.cache_location()
+            )
+        )
         # The UI lists metadata in order and folds Markdown over 1,000 characters behind a
         # click: a short plain preview goes first.
         metadata = {

@@ -38,6 +38,38 @@ def usage_metadata(accounting: Accounting) -> dict[str, Any]:
     return out
 
 
+def run_summary(
+    result: RLMResult, *, written: tuple[str, int] | None = None, cache_path: str | None = None
+) -> str:
+    """What the end of a run says in the run log (and so on the CLI's output): the answer,
+    where it went, what it cost (paid now vs replayed), who answered, and where to see more."""
+    acc = result.accounting
+    calls, replayed = len(acc.records), sum(1 for r in acc.records if r.cache_hit)
+    unknown = unknown_price_models(acc)
+    cost = f"${acc.paid_usd:.4f} paid now" + (
+        f", ${acc.cost_usd - acc.paid_usd:.4f} replayed" if replayed else ""
+    )
+    if unknown:
+        cost += f" (price unknown for {', '.join(unknown)})"
+    if calls and replayed == calls:
+        calls_line = f"all {calls} model calls replayed from the cache: nothing was paid"
+    else:
+        calls_line = f"{calls} model calls, {replayed} replayed from the cache"
+    who = f"{result.provider} {result.root_model} (root) + {result.sub_model} (sub)"
+    if result.provider == "demo":
+        who += " [the offline DEMO model: scripted, not an LLM]"
+    preview = " ".join(result.answer.text.split())
+    lines = [
+        f"RLM answer ({result.answer.form}): {preview[:300]}{'…' if len(preview) > 300 else ''}",
+        f"  written to: {written[0]} ({written[1]:,} rows)" if written else "",
+        f"  cost: {cost}; {calls_line}",
+        f"  answered by: {who}; {result.iterations} root turns, sandbox {result.sandbox}",
+        "  see more: the asset's page in the Dagster UI (rlm/trajectory, rlm/call_tree, checks)"
+        + (f"; every call is in the ledger at {cache_path}" if cache_path else ""),
+    ]
+    return redact("\n".join(line for line in lines if line))
+
+
 def unknown_price_models(accounting: Accounting) -> list[str]:
     return sorted(m for m, t in accounting.by_model().items() if not t.cost_known)
 

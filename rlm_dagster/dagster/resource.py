@@ -25,7 +25,7 @@ from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
 from rlm_dagster.cache import Cache, default_cache_path
-from rlm_dagster.dagster.metadata import run_metadata, unknown_price_models
+from rlm_dagster.dagster.metadata import run_metadata, run_summary, unknown_price_models
 from rlm_dagster.engine.budget import Budget, Limits
 from rlm_dagster.engine.events import Event
 from rlm_dagster.engine.loop import RLMResult, RLMRun, wire_context
@@ -163,6 +163,10 @@ class RLMResource(dg.ConfigurableResource):
             }
         )
 
+    def cache_location(self) -> str:
+        """Where the call cache and ledger live."""
+        return str(self.cache_path or default_cache_path())
+
     def open_cache(self) -> Cache:
         """The persistent cache at ``cache_path`` (or the default location)."""
         return Cache(self.cache_path or default_cache_path())
@@ -196,7 +200,7 @@ class RLMResource(dg.ConfigurableResource):
             raise ConfigError(f"RLMResource(provider={self.provider!r}): use one of {PROVIDERS}.")
         if self.max_concurrency < 1:
             raise ConfigError("RLMResource(max_concurrency=...) must be at least 1.")
-        cache_path = str(self.cache_path or default_cache_path())
+        cache_path = self.cache_location()
         if self.provider == "demo":
             key: tuple[Any, ...] = ("demo", cache_path, self.max_concurrency, self.max_retries)
             with _SHARED.use(key, lambda: self._demo_lm(cache_path)) as lm:
@@ -259,6 +263,7 @@ class RLMResource(dg.ConfigurableResource):
         sub_model: str | None = None,
         root_effort: str | None = None,
         sub_effort: str | None = None,
+        log_summary: bool = True,
     ) -> RLMResult:
         """Run an RLM inside your own asset body; returns its :class:`RLMResult`.
 
@@ -311,6 +316,8 @@ class RLMResource(dg.ConfigurableResource):
                 f"The price of model {model!r} is unknown, so its cost is reported as unknown "
                 "(rlm/cost_unknown_models); declare it with RLMResource(model_profiles=...)."
             )
+        if log_summary:
+            context.log.info(run_summary(result, cache_path=self.cache_location()))
         return result
 
     def llm_where(
