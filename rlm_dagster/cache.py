@@ -92,11 +92,13 @@ _CHUNK = 5_000  # keys per IN (...) lookup, below SQLite's variable limit (32,76
 
 
 def default_cache_path() -> str:
-    """``$RLM_CACHE_PATH``, else ``$XDG_CACHE_HOME/rlm_dagster/cache.sqlite3`` (~/.cache)."""
+    """``$RLM_CACHE_PATH``, else ``.rlm_dagster/cache.sqlite3`` in the project: the directory
+    Dagster runs the code location from (``dagster dev`` / ``dagster asset materialize``'s
+    working directory). The cache lives with the project, so two projects never replay each
+    other's calls."""
     if explicit := os.environ.get("RLM_CACHE_PATH"):
         return explicit
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return str(Path(base) / "rlm_dagster" / "cache.sqlite3")
+    return str(Path.cwd() / ".rlm_dagster" / "cache.sqlite3")
 
 
 def call_key(request: Mapping[str, Any]) -> str:

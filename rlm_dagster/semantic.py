@@ -464,7 +464,7 @@ class Semantic:
         channel = profile.verdict_channel
         assert channel is not None
         cache_keys = [verdict_key(predicate, model, v) for v in values]
-        hits = self.cache.get_verdicts(cache_keys) if self.cache else {}
+        hits = self.cache.get_verdicts(cache_keys) if self.cache and self.budget.replay else {}
         cached = {
             i: Verdict(hit[0], hit[1], decided_by="cache")
             for i, key in enumerate(cache_keys)

@@ -476,3 +476,39 @@ def test_run_summary_labels_replays_and_the_demo() -> None:
     assert "all 2 model calls replayed from the cache: nothing was paid" in text
     assert "[the offline DEMO model: scripted, not an LLM]" in text
     assert "ledger at /p/cache.sqlite3" in text
+
+
+def test_the_cache_lives_with_the_project_by_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rlm_dagster.cache import default_cache_path
+
+    monkeypatch.delenv("RLM_CACHE_PATH", raising=False)
+    for project in ("one", "two"):
+        (tmp_path / project).mkdir()
+        monkeypatch.chdir(tmp_path / project)
+        assert default_cache_path() == str(tmp_path / project / ".rlm_dagster" / "cache.sqlite3")
+
+
+def test_a_fresh_answer_is_asked_for_with_a_run_tag_or_rlm_fresh(
+    warehouse_file: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asset = rlm_asset(name="plans", question="How many customers per plan?", tables=["customers"])
+    script = lambda r: "```repl\nFINAL(sql('SELECT plan, count(*) AS n FROM customers GROUP BY 1'))\n```"  # noqa: E731
+    with FakeAnthropic(root=script) as fake:
+        rlm = RLMResource(
+            api_key="k",
+            base_url=fake.base_url,
+            root_model="fake-root",
+            cache_path=str(tmp_path / "cache.sqlite3"),
+        )
+        resources = {"rlm": rlm, "duckdb": DuckDBResource(database=warehouse_file)}
+        paid = []
+        for tags, env in (({}, ""), ({}, ""), ({"rlm/fresh": "true"}, ""), ({}, "1")):
+            monkeypatch.setenv("RLM_FRESH", env)
+            fake.reset()
+            result = dg.materialize([asset], resources=resources, tags=tags)
+            assert result.success
+            paid.append(fake.count("root"))
+    # first run pays, the second replays, a fresh one (tag, then RLM_FRESH=1) pays again
+    assert paid == [1, 0, 1, 1]

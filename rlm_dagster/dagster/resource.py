@@ -13,6 +13,7 @@ is never chosen implicitly when a key is configured.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -309,6 +310,7 @@ class RLMResource(dg.ConfigurableResource):
                 worker_limits=self.worker_limits(),
                 context=wire_context(context_value),
                 tags=run_tags(context),
+                replay=replay(context),
             ).run()
             result.inputs = warehouse.fingerprints()
         for model in unknown_price_models(result.accounting):
@@ -353,7 +355,9 @@ class RLMResource(dg.ConfigurableResource):
             _bound(tables, duckdb, None) as warehouse,
         ):
             cache = lm.cache if isinstance(lm.cache, Cache) else None
-            budget = Budget(limits or Limits(), ledger=cache, tags=run_tags(context))
+            budget = Budget(
+                limits or Limits(), ledger=cache, tags=run_tags(context), replay=replay(context)
+            )
             semantic = Semantic(
                 lm,
                 warehouse,
@@ -493,6 +497,23 @@ def run_tags(context: dg.AssetExecutionContext | dg.OpExecutionContext) -> dict[
         "asset": keys[0].to_user_string() if len(keys) == 1 else None,
         "partition": context.partition_key if context.has_partition_key else None,
     }
+
+
+FRESH_TAG = "rlm/fresh"
+"""A run tag: ``true`` asks for a fresh answer (nothing replayed from the cache)."""
+
+
+def replay(context: dg.AssetExecutionContext | dg.OpExecutionContext) -> bool:
+    """Whether this run replays cached calls and verdicts: yes, unless a fresh answer was asked
+    for with the run tag ``rlm/fresh: true`` (the launchpad) or ``RLM_FRESH=1`` (the CLI)."""
+    wanted = context.run.tags.get(FRESH_TAG) or os.environ.get("RLM_FRESH", "")
+    fresh = wanted.strip().lower() in ("1", "true", "yes")
+    if fresh:
+        context.log.info(
+            "A fresh answer was asked for (rlm/fresh / RLM_FRESH): cached calls and verdicts are "
+            "not replayed; what this run pays for is cached."
+        )
+    return not fresh
 
 
 def log_event(context: dg.AssetExecutionContext | dg.OpExecutionContext, event: Event) -> None:

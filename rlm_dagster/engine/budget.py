@@ -90,11 +90,15 @@ class Budget:
         *,
         ledger: Cache | None = None,
         tags: Mapping[str, Any] | None = None,
+        replay: bool = True,
     ) -> None:
         self.limits = limits
         self.accounting = Accounting() if accounting is None else accounting
         self.ledger = ledger
         self.tags = dict(tags or {})
+        # False: a fresh answer was asked for; cached calls and verdicts are not replayed
+        # (what this run pays for is still cached).
+        self.replay = replay
         self.started = time.monotonic()
         self._lock = threading.RLock()
         self._sub_calls_started = 0
@@ -253,6 +257,7 @@ class Budget:
 class _HoldingMeter:
     def __init__(self, budget: Budget) -> None:
         self.budget = budget
+        self.replay = budget.replay
 
     def reserve(
         self, *, role: str, depth: int, model: str, tokens: int, usd: float | None

@@ -290,6 +290,7 @@ class RLMRun:
         repl: REPLFactory | None = None,
         tags: Mapping[str, Any] | None = None,
         cache: Cache | None = None,
+        replay: bool = True,
     ) -> None:
         self.question = question
         # Shared with child runs, like the budget: the metadata counts the whole call tree.
@@ -315,7 +316,7 @@ class RLMRun:
         if budget is None:
             tags = dict(tags or {})
             tags.setdefault("run_id", uuid.uuid4().hex)
-            budget = Budget(self.limits, ledger=self.cache, tags=tags)
+            budget = Budget(self.limits, ledger=self.cache, tags=tags, replay=replay)
         self.budget = budget
         self.semantic = Semantic(
             lm,
@@ -821,6 +822,7 @@ def run_rlm(
     where_config: WhereConfig | None = None,
     repl: REPLFactory | None = None,
     tags: Mapping[str, Any] | None = None,
+    replay: bool = True,
 ) -> RLMResult:
     """Run one RLM over ``warehouse``: :func:`run` with ``tables=warehouse``."""
     return run(
@@ -834,6 +836,7 @@ def run_rlm(
         where_config=where_config,
         repl=repl,
         tags=tags,
+        replay=replay,
     )
 
 
@@ -850,6 +853,7 @@ def run(
     where_config: WhereConfig | None = None,
     repl: REPLFactory | None = None,
     tags: Mapping[str, Any] | None = None,
+    replay: bool = True,
 ) -> RLMResult:
     """Run an RLM without Dagster, over a long ``context`` and/or ``tables``.
 
@@ -860,6 +864,8 @@ def run(
     DataFrames / Arrow tables, each bound as a table. ``repl`` replaces the sandboxed worker
     (tests only: an in-process double never confines model code). ``tags`` label the run's
     ledger rows (``run_id``, ``asset``, ``partition``; a fresh ``run_id`` by default).
+    ``replay=False`` asks for a fresh answer: calls and verdicts in the cache are not
+    replayed (what the run pays for is still cached).
 
     Runs may share one ``lm`` (one client, in threads at once): each run has its own budget,
     accounting and ledger tags.
@@ -878,6 +884,7 @@ def run(
         context=wire_context(context),
         repl=repl,
         tags=tags,
+        replay=replay,
     ).run()
 
 

@@ -90,6 +90,9 @@ class Meter(Protocol):
 
     def record(self, record: CallRecord) -> None: ...
 
+    replay: bool
+    """Whether calls found in the call store are replayed (False: a fresh answer)."""
+
 
 @dataclass(frozen=True)
 class Usage:
@@ -558,7 +561,12 @@ class LM:
         cached: bool,
     ) -> Completion:
         assert self._aclient is not None, "call acomplete through LM.run_async"
-        key, hit = self._cached(role, kwargs, depth, meter) if cached else (None, None)
+        if not cached:
+            key, hit = None, None
+        elif meter.replay:
+            key, hit = self._cached(role, kwargs, depth, meter)
+        else:  # a fresh answer: pay again, and keep what is paid for
+            key, hit = call_key(kwargs), None
         if hit is not None:
             return hit
         attempt = 0
@@ -793,6 +801,8 @@ class _NoReservation:
 class _Unmetered:
     """The meter of calls made outside any run: no limits; accounted on the client and
     written to the ledger at once, untagged."""
+
+    replay = True
 
     def __init__(self, accounting: Accounting, cache: CallStore | None) -> None:
         self.accounting, self.cache = accounting, cache
