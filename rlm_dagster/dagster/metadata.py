@@ -58,12 +58,25 @@ def run_summary(
     who = f"{result.provider} {result.root_model} (root) + {result.sub_model} (sub)"
     if result.provider == "demo":
         who += " [the offline DEMO model: scripted, not an LLM]"
-    preview = " ".join(result.answer.text.split())
+    table = result.answer.table
+    if table is not None and table.num_columns:
+        first = (
+            " | ".join(str(v) for v in table.slice(0, 1).to_pylist()[0].values())
+            if (table.num_rows)
+            else "(no rows)"
+        )
+        preview = (
+            f"a table of {table.num_rows:,} rows ({', '.join(table.column_names)}); "
+            f"first row: {first}"
+        )
+    else:
+        preview = " ".join(result.answer.text.split())
     lines = [
         f"RLM answer ({result.answer.form}): {preview[:300]}{'…' if len(preview) > 300 else ''}",
         f"  written to: {written[0]} ({written[1]:,} rows)" if written else "",
         f"  cost: {cost}; {calls_line}",
-        f"  answered by: {who}; {result.iterations} root turns, sandbox {result.sandbox}",
+        f"  answered by: {who}; {result.iterations} root turns, sandbox "
+        + (result.sandbox.split(" ", 1)[0] or "unknown"),
         "  see more: the asset's page in the Dagster UI (rlm/trajectory, rlm/call_tree, checks)"
         + (f"; every call is in the ledger at {cache_path}" if cache_path else ""),
     ]
