@@ -161,16 +161,30 @@ def step_failure(result: dg.ExecuteInProcessResult) -> tuple[str, dict[str, Any]
 
 def test_no_final_answer_fails_with_trajectory_in_metadata(warehouse_file: str) -> None:
     asset = rlm_asset(name="stuck", question="q?", tables=["tickets"], max_iterations=2)
-    with FakeAnthropic(root=lambda r: "```repl\nprint('thinking')\n```") as fake:
-        result = run_asset(
-            asset,
-            RLMResource(api_key="k", base_url=fake.base_url, root_model="fake-root"),
-            warehouse_file,
+    with (
+        FakeAnthropic(root=lambda r: "```repl\nprint('thinking')\n```") as fake,
+        dg.DagsterInstance.ephemeral() as instance,
+    ):
+        result = dg.materialize(
+            [asset],
+            instance=instance,
+            resources={
+                "rlm": RLMResource(api_key="k", base_url=fake.base_url, root_model="fake-root"),
+                "duckdb": DuckDBResource(database=warehouse_file),
+            },
+            raise_on_error=False,
         )
+        observations = instance.fetch_observations(dg.AssetKey("stuck"), limit=5).records
     message, meta = step_failure(result)
     assert "No final answer after 2 iterations" in message
     assert meta["rlm/iterations"] == 3 and "thinking" in meta["rlm/trajectory"]
     assert meta["anthropic.fake-root.calls"] == 3
+    # the failed run's story is on the asset's page too, not only in the run log
+    (record,) = observations
+    observation = record.asset_observation
+    assert observation is not None and "failed run: NoFinalAnswer" in str(observation.description)
+    observed = {k: v.value for k, v in observation.metadata.items()}
+    assert observed["rlm/error"] == "NoFinalAnswer" and "thinking" in observed["rlm/trajectory"]
 
 
 def test_unknown_table_lists_the_tables_that_exist(warehouse_file: str) -> None:
@@ -494,8 +508,8 @@ def test_a_fresh_answer_is_asked_for_with_a_run_tag_or_rlm_fresh(
     warehouse_file: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     asset = rlm_asset(name="plans", question="How many customers per plan?", tables=["customers"])
-    script = lambda r: "```repl\nFINAL(sql('SELECT plan, count(*) AS n FROM customers GROUP BY 1'))\n```"  # noqa: E731
-    with FakeAnthropic(root=script) as fake:
+    final = "```repl\nFINAL(sql('SELECT plan, count(*) AS n FROM customers GROUP BY 1'))\n```"
+    with FakeAnthropic(root=lambda r: final) as fake:
         rlm = RLMResource(
             api_key="k",
             base_url=fake.base_url,

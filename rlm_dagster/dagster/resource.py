@@ -382,11 +382,27 @@ class RLMResource(dg.ConfigurableResource):
     def _failures(
         self, context: dg.AssetExecutionContext | dg.OpExecutionContext
     ) -> Iterator[None]:
-        """Turn an :class:`RLMError` into the ``dg.Failure`` Dagster acts on."""
+        """Turn an :class:`RLMError` into the ``dg.Failure`` Dagster acts on. A run that had
+        started also leaves its trajectory on the asset's page (an observation), not only in
+        the run log."""
         try:
             yield
         except RLMError as err:
-            raise failure(err) from err
+            failed = failure(err)
+            keys = (
+                list(context.selected_asset_keys)
+                if isinstance(context, dg.AssetExecutionContext)
+                else []
+            )
+            if len(keys) == 1 and "rlm/trajectory" in failed.metadata:
+                context.log_event(
+                    dg.AssetObservation(
+                        asset_key=keys[0],
+                        description=f"failed run: {failed.description}"[:1000],
+                        metadata=failed.metadata,
+                    )
+                )
+            raise failed from err
 
     def _demo_lm(self, cache_path: str) -> tuple[LM, list[Callable[[], None]]]:
         from rlm_dagster.demo import DEMO_PROFILES, DEMO_ROOT_MODEL, DEMO_SUB_MODEL, demo_server
