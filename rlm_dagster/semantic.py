@@ -41,7 +41,7 @@ from sqlglot import exp
 
 from rlm_dagster.cache import Cache, verdict_key
 from rlm_dagster.engine.budget import Budget
-from rlm_dagster.engine.events import Event, WhereProgress
+from rlm_dagster.engine.events import Event, WherePlanned, WhereProgress
 from rlm_dagster.errors import BudgetExceeded, QueryError
 from rlm_dagster.models.client import LM, Usage, cached_system
 from rlm_dagster.models.profiles import VerdictChannel
@@ -357,6 +357,8 @@ class Semantic:
         try:
             plan = job.plan
             self.budget.check_plan("llm_where", plan.requests, plan.est_cost_usd)
+            if plan.requests:
+                self.on_event(WherePlanned(plan.describe()))
             stats = WhereStats(
                 rows_in=plan.rows_in,
                 rows_after_where=plan.rows_after_where,

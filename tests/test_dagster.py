@@ -92,6 +92,9 @@ def test_cli_materialize_end_to_end(
     assert proc.returncode == 0, proc.stderr[-4000:]
     log = proc.stdout + proc.stderr
     assert "iteration 1/6: ran 1 cell(s)" in log and "llm_where:" in log
+    # what the step waits for is said before the wait
+    assert "iteration 1/6: waiting for the root model (fake-root)" in log
+    assert "llm_where: starting: " in log and " to judge in " in log
     assert "'fake-root' is unknown, so its cost is reported as unknown" in log
     # the end of the run says what it answered, where it went, what it cost, who answered
     assert "RLM answer (FINAL): " in log and "written to: main.churn (" in log

@@ -18,6 +18,26 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class TurnStarted:
+    """A root turn was sent: the run is waiting for the root model (said before the reply
+    arrives, so the log shows what the step waits for from its first second)."""
+
+    run_id: str
+    depth: int
+    iteration: int
+    max_iterations: int
+    model: str
+    level: ClassVar[str] = "info"
+
+    def describe(self) -> str:
+        who = f"child RLM {self.run_id} (depth {self.depth}) " if self.depth else ""
+        return (
+            f"{who}iteration {self.iteration}/{self.max_iterations}: waiting for the root model "
+            f"({self.model}) to write its next step"
+        )
+
+
+@dataclass(frozen=True)
 class IterationDone:
     """One root turn of a run (or of a child run) finished."""
 
@@ -56,6 +76,17 @@ class WhereDone:
 
     def describe(self) -> str:
         return self.stats.describe()
+
+
+@dataclass(frozen=True)
+class WherePlanned:
+    """An ``llm_where`` call is about to send its requests (its plan, in one line)."""
+
+    plan: str
+    level: ClassVar[str] = "info"
+
+    def describe(self) -> str:
+        return f"llm_where: starting: {self.plan}"
 
 
 @dataclass(frozen=True)
@@ -110,5 +141,13 @@ class RunWarning:
         return self.message
 
 
-Event = IterationDone | WhereDone | WhereProgress | ChildStarted | RunWarning
+Event = (
+    TurnStarted
+    | IterationDone
+    | WherePlanned
+    | WhereDone
+    | WhereProgress
+    | ChildStarted
+    | RunWarning
+)
 """Every event a run emits."""

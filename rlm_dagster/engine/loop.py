@@ -30,7 +30,14 @@ import pyarrow as pa
 
 from rlm_dagster.cache import Cache
 from rlm_dagster.engine.budget import Budget, Limits
-from rlm_dagster.engine.events import ChildStarted, Event, IterationDone, RunWarning, WhereDone
+from rlm_dagster.engine.events import (
+    ChildStarted,
+    Event,
+    IterationDone,
+    RunWarning,
+    TurnStarted,
+    WhereDone,
+)
 from rlm_dagster.errors import (
     AnswerRejected,
     CacheError,
@@ -587,6 +594,15 @@ class RLMRun:
         t0 = time.monotonic()
         self.budget.check()
         compact(messages, int(0.75 * self._context_budget()))
+        self.on_event(
+            TurnStarted(
+                run_id=self.run_id,
+                depth=self.depth,
+                iteration=iteration,
+                max_iterations=self.limits.max_iterations,
+                model=self.lm.root_model,
+            )
+        )
         reply = self.lm.complete(
             role="root",
             model=self.lm.root_model,
