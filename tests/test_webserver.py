@@ -151,6 +151,7 @@ query Asset($path: [String!]!) {
           ... on TextMetadataEntry { text }
           ... on FloatMetadataEntry { floatValue }
           ... on IntMetadataEntry { intValue intRepr }
+          ... on TableMetadataEntry { table { records } }
         }
       }
     }
@@ -276,6 +277,8 @@ def metadata_by_label(entries: list[dict[str, Any]]) -> dict[str, Any]:
             values[entry["label"]] = entry["floatValue"]
         elif kind == "IntMetadataEntry":
             values[entry["label"]] = int(entry["intRepr"])
+        elif kind == "TableMetadataEntry":
+            values[entry["label"]] = [json.loads(r) for r in entry["table"]["records"]]
         else:
             values[entry["label"]] = kind
     return values
@@ -337,14 +340,16 @@ def test_materialize_from_the_webserver_and_read_metadata_over_graphql(
     # The answer: 600 tickets, the sub-model's words, ended by FINAL.
     assert "600 tickets" in meta["rlm/answer"], meta["rlm/answer"]
     assert "themes: pricing and outages" in meta["rlm/answer"]
-    # Tokens per model, as the UI's metadata table lists them.
-    assert meta["anthropic.fake-root.input_tokens"] > 0
-    assert meta[f"anthropic.{SUB_MODEL}.input_tokens"] > 0
-    assert meta["rlm/total_tokens"] > 0
+    # Usage: a few numeric keys, and one table with a row per role and model.
+    usage = {(r["role"], r["model"]): r for r in meta["rlm/usage"]}
+    assert usage[("root", "fake-root")]["input_tokens"] > 0
+    assert usage[("sub", SUB_MODEL)]["input_tokens"] > 0
+    assert meta["rlm/total_tokens"] > 0 and meta["rlm/input_tokens"] > 0
     # Cost: known for the sub model, reported as unknown (no made-up number) for fake-root.
     assert meta["rlm/cost_usd"] > 0
-    assert meta[f"anthropic.{SUB_MODEL}.cost_usd"] > 0
-    assert "anthropic.fake-root.cost_usd" not in meta
+    assert usage[("sub", SUB_MODEL)]["paid_usd"] > 0
+    assert usage[("root", "fake-root")].get("paid_usd") is None
+    assert not [k for k in meta if k.startswith("anthropic.")]
     assert meta["rlm/cost_unknown_models"] == "fake-root"
     # The trajectory shows the model's code, turn by turn.
     trajectory = meta["rlm/trajectory"]

@@ -1,12 +1,10 @@
 """How an RLM run becomes Dagster metadata.
 
-    >>> usage_metadata(accounting)  # doctest: +SKIP
-    {'anthropic.claude-haiku-4-5.input_tokens': 1234, ...}
-
-Usage is keyed with the model name (``anthropic.{model}.{field}``), as dagster-openai does,
-so Dagster+ Insights can aggregate tokens and cost per model. Those keys count what this run
-paid; calls replayed from the cache appear as ``cache_hits`` only. ``rlm/cost_usd`` is what
-the answer cost, replayed calls included; ``rlm/paid_usd`` what this run paid.
+Usage is a few numeric keys that Insights can chart (``rlm/paid_usd``, ``rlm/cost_usd``,
+``rlm/total_tokens``, ``rlm/input_tokens``, ``rlm/output_tokens``, ``rlm/root_calls``,
+``rlm/sub_calls``, ``rlm/cache_hits``, ``rlm/duration_s``) plus one table, ``rlm/usage``: a
+row per role and model with calls, replays, tokens and USD paid. ``rlm/cost_usd`` is what the
+answer cost, replayed calls included; ``rlm/paid_usd`` what this run paid.
 """
 
 from __future__ import annotations
@@ -22,20 +20,67 @@ from rlm_dagster.redact import redact
 
 
 def usage_metadata(accounting: Accounting) -> dict[str, Any]:
-    """Per-model calls, tokens and USD; a model with an unknown price has no cost key."""
-    out: dict[str, Any] = {}
-    for model, t in sorted(accounting.by_model().items()):
-        prefix = f"anthropic.{model}"
-        out[f"{prefix}.calls"] = t.calls
-        out[f"{prefix}.cache_hits"] = t.cache_hits
-        out[f"{prefix}.input_tokens"] = t.usage.input_tokens
-        out[f"{prefix}.output_tokens"] = t.usage.output_tokens
-        out[f"{prefix}.cache_creation_input_tokens"] = t.usage.cache_creation_input_tokens
-        out[f"{prefix}.cache_read_input_tokens"] = t.usage.cache_read_input_tokens
-        out[f"{prefix}.total_tokens"] = t.usage.total_tokens
-        if t.cost_known:
-            out[f"{prefix}.cost_usd"] = round(t.cost_usd, 6)
-    return out
+    """Usage as a few numeric keys (what Insights charts) plus one breakdown table.
+
+    The numbers count what this run paid (calls replayed from the cache are in
+    ``rlm/cache_hits`` and in the table's ``replayed`` column); ``rlm/cost_usd`` (written by
+    :func:`run_metadata`) is what the answer cost, replays included."""
+    paid = [r for r in accounting.records if not r.cache_hit]
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in accounting.records:
+        row = rows.setdefault(
+            (r.role, r.model),
+            {
+                "role": r.role,
+                "model": r.model,
+                "calls": 0,
+                "replayed": 0,
+                "input_tokens": 0,
+                "output_tokens": 0,
+                "cache_read_tokens": 0,
+                "cache_write_tokens": 0,
+                "paid_usd": 0.0,
+            },
+        )
+        row["calls"] += 1
+        if r.cache_hit:
+            row["replayed"] += 1
+            continue
+        row["input_tokens"] += r.usage.input_tokens
+        row["output_tokens"] += r.usage.output_tokens
+        row["cache_read_tokens"] += r.usage.cache_read_input_tokens
+        row["cache_write_tokens"] += r.usage.cache_creation_input_tokens
+        if r.cost_usd is None or row["paid_usd"] is None:
+            row["paid_usd"] = None  # an unknown price: no made-up number
+        else:
+            row["paid_usd"] += r.cost_usd
+    for row in rows.values():
+        if row["paid_usd"] is not None:
+            row["paid_usd"] = round(row["paid_usd"], 6)
+    columns = [
+        dg.TableColumn("role", "string"),
+        dg.TableColumn("model", "string"),
+        *(
+            dg.TableColumn(name, "int")
+            for name in (
+                "calls",
+                "replayed",
+                "input_tokens",
+                "output_tokens",
+                "cache_read_tokens",
+                "cache_write_tokens",
+            )
+        ),
+        dg.TableColumn("paid_usd", "float"),
+    ]
+    return {
+        "rlm/input_tokens": sum(r.usage.input_tokens for r in paid),
+        "rlm/output_tokens": sum(r.usage.output_tokens for r in paid),
+        "rlm/usage": dg.MetadataValue.table(
+            records=[dg.TableRecord(row) for _, row in sorted(rows.items())],
+            schema=dg.TableSchema(columns=columns),
+        ),
+    }
 
 
 def run_summary(
