@@ -129,6 +129,13 @@ def test_cli_materialize_end_to_end(
     assert meta["rlm/sub_calls"] == counts["sub"] + counts["where"] == 1 + counts["where"]
     assert meta["dagster/row_count"] == len(rows)
     assert meta["dagster/table_name"] == "main.churn"
+    # the declared types, as DuckDB stored them; the answer as a table; each call
+    types = {c.name: c.type for c in meta["dagster/column_schema"].columns}
+    assert types == {"customer_id": "BIGINT", "ticket_id": "BIGINT", "reason": "VARCHAR"}
+    answer_rows = meta["rlm/answer_table"].records
+    assert len(answer_rows) == len(rows) and set(answer_rows[0].data) == set(types)
+    calls = [r.data for r in meta["rlm/calls"].records]
+    assert len(calls) == sum(counts.values()) and {c["role"] for c in calls} >= {"root", "where"}
     usage = usage_rows(meta)
     assert (
         usage[("sub", "claude-haiku-4-5")]["calls"] + usage[("where", "claude-haiku-4-5")]["calls"]

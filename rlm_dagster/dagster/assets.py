@@ -26,7 +26,7 @@ from dagster_duckdb import DuckDBResource
 from sqlglot import exp
 
 from rlm_dagster.dagster.definition import DEFAULT_RETRY_POLICY, RLMAssetArgs, digest
-from rlm_dagster.dagster.metadata import column_schema, run_summary
+from rlm_dagster.dagster.metadata import answer_table, column_schema, run_summary
 from rlm_dagster.dagster.resource import RLMResource, failure
 from rlm_dagster.dagster.translator import RLMTranslator
 from rlm_dagster.engine.budget import Limits
@@ -180,8 +180,10 @@ def build_rlm_asset(
             "rlm/final_form": answer.form,
             "dagster/row_count": table.num_rows,
             "dagster/table_name": written.table,
-            "dagster/column_schema": column_schema(table),
+            "dagster/column_schema": column_schema(table, written.columns),
         }
+        if answer.table is not None:
+            metadata["rlm/answer_table"] = answer_table(table, written.columns)
         data_version = digest(
             {
                 "inputs": result.inputs,

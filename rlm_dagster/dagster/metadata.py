@@ -167,6 +167,7 @@ def run_metadata(result: RLMResult) -> dict[str, Any]:
         )
         meta = {"rlm/note": note, **meta}
     meta.update(usage_metadata(acc))
+    meta["rlm/calls"] = calls_table(acc)
     return {k: _redacted(v) for k, v in meta.items()}
 
 
@@ -191,7 +192,58 @@ def _redacted_json(data: Any) -> Any:
     return data
 
 
-def column_schema(table: pa.Table) -> dg.TableSchema:
+def column_schema(table: pa.Table, types: dict[str, str] | None = None) -> dg.TableSchema:
+    """The answer table's columns, with the types as stored (``types``: DuckDB's names, e.g.
+    BIGINT where the asset declared BIGINT), else Arrow's."""
     return dg.TableSchema(
-        columns=[dg.TableColumn(name=f.name, type=str(f.type)) for f in table.schema]
+        columns=[
+            dg.TableColumn(name=f.name, type=(types or {}).get(f.name) or str(f.type))
+            for f in table.schema
+        ]
     )
+
+
+def answer_table(table: pa.Table, types: dict[str, str] | None = None, rows: int = 50) -> Any:
+    """The first ``rows`` rows of a table answer, as a table on the asset's page."""
+    records = [
+        dg.TableRecord({k: _cell(v) for k, v in row.items()})
+        for row in table.slice(0, rows).to_pylist()
+    ]
+    return dg.MetadataValue.table(records=records, schema=column_schema(table, types))
+
+
+def _cell(value: Any) -> Any:
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return redact(str(value))[:500]
+
+
+def calls_table(accounting: Accounting, rows: int = 200) -> Any:
+    """Each model call of the run (the first ``rows``): role, depth, model, tokens, USD,
+    latency, replayed; the ledger holds them all."""
+    records = [
+        dg.TableRecord(
+            {
+                "role": r.role,
+                "depth": r.depth,
+                "model": r.model,
+                "input_tokens": r.usage.input_tokens,
+                "output_tokens": r.usage.output_tokens,
+                "usd": None if r.cost_usd is None else round(r.cost_usd, 6),
+                "latency_s": round(r.latency_s, 3),
+                "replayed": r.cache_hit,
+            }
+        )
+        for r in accounting.records[:rows]
+    ]
+    columns = [
+        dg.TableColumn("role", "string"),
+        dg.TableColumn("depth", "int"),
+        dg.TableColumn("model", "string"),
+        dg.TableColumn("input_tokens", "int"),
+        dg.TableColumn("output_tokens", "int"),
+        dg.TableColumn("usd", "float"),
+        dg.TableColumn("latency_s", "float"),
+        dg.TableColumn("replayed", "bool"),
+    ]
+    return dg.MetadataValue.table(records=records, schema=dg.TableSchema(columns=columns))
