@@ -160,6 +160,7 @@ class WhereStats:
     """What one ``llm_where`` call did (counts are of distinct values unless named rows)."""
 
     name: str = ""
+    predicate: str = ""
     rows_in: int = 0
     rows_after_where: int = 0
     distinct: int = 0
@@ -360,6 +361,7 @@ class Semantic:
             if plan.requests:
                 self.on_event(WherePlanned(plan.describe()))
             stats = WhereStats(
+                predicate=predicate,
                 rows_in=plan.rows_in,
                 rows_after_where=plan.rows_after_where,
                 distinct=plan.distinct,
@@ -376,6 +378,41 @@ class Semantic:
         stats.name = info.name
         prov = self.warehouse.create_scratch("where", provenance, name=f"{info.name}_provenance")
         return info, prov, stats
+
+    def verdicts(self, stats: Sequence[WhereStats]) -> pa.Table | None:
+        """Every row the ``llm_where`` calls of ``stats`` judged, in one shape whatever the
+        tables were: the call's result name, its predicate, the row as JSON, and the verdict,
+        reason, how it was decided, the model, the cost share, the error and whether the
+        value was clipped. ``None`` when there were none."""
+        parts = []
+        verdict_columns = [
+            "_verdict",
+            VERDICT_REASON,
+            "_decided_by",
+            "_model",
+            "_cost_usd",
+            "_error",
+            "_clipped",
+        ]
+        for s in stats:
+            name = f"{s.name}_provenance"
+            if name not in self.warehouse.tables:
+                continue
+            columns = [c for c in self.warehouse.info(name).columns if c not in verdict_columns]
+            row = exp.Struct(
+                expressions=[
+                    exp.PropertyEQ(this=exp.to_identifier(c), expression=exp.column(c, quoted=True))
+                    for c in columns
+                ]
+            )
+            query = exp.select(
+                exp.alias_(exp.Literal.string(s.name), "llm_where"),
+                exp.alias_(exp.Literal.string(s.predicate), "predicate"),
+                exp.alias_(exp.cast(exp.func("to_json", row), "VARCHAR"), "row"),
+                *(exp.column(c, quoted=True) for c in verdict_columns),
+            ).from_(exp.to_identifier(name, quoted=True))
+            parts.append(self.warehouse.trusted_arrow(query.sql(self.warehouse.dialect)))
+        return pa.concat_tables(parts) if parts else None
 
     def _lease_name(self, job: _Job) -> str | None:
         """The lease on the values this call must judge, shared by every run that would judge

@@ -134,6 +134,21 @@ def test_cli_materialize_end_to_end(
     assert types == {"customer_id": "BIGINT", "ticket_id": "BIGINT", "reason": "VARCHAR"}
     answer_rows = meta["rlm/answer_table"].records
     assert len(answer_rows) == len(rows) and set(answer_rows[0].data) == set(types)
+    # every row llm_where judged is a table beside the answer, with verdict and cost share
+    con = duckdb.connect(warehouse_file, read_only=True)
+    verdicts = con.sql(
+        "SELECT predicate, row, _verdict, _verdict_reason, _decided_by, _cost_usd "
+        "FROM main.churn_llm_where_verdicts"
+    ).fetchall()
+    window = con.sql(
+        "SELECT count(*) FROM tickets JOIN customers USING (customer_id) WHERE plan = 'enterprise'"
+    ).fetchall()[0][0]
+    con.close()
+    assert meta["rlm/verdicts_table"].startswith("main.churn_llm_where_verdicts (")
+    assert len(verdicts) == window  # one row per ticket the filter judged
+    assert {v[0] for v in verdicts} == {"The customer threatens to cancel"}
+    assert sum(v[2] is True for v in verdicts) >= len(rows)
+    assert all(v[4] == "model" and v[5] is not None and '"body"' in v[1] for v in verdicts)
     calls = [r.data for r in meta["rlm/calls"].records]
     assert len(calls) == sum(counts.values()) and {c["role"] for c in calls} >= {"root", "where"}
     usage = usage_rows(meta)

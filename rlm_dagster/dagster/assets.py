@@ -162,8 +162,14 @@ def build_rlm_asset(
         table = answer.table
         if table is None:
             table = pa.table({"question": [args.question], "answer": [answer.text]})
+        sink = translator.get_answer_sink(args, duckdb)
+        verdicts = None
         try:
-            written = translator.get_answer_sink(args, duckdb).write(key.path, table, partition)
+            written = sink.write(key.path, table, partition)
+            if result.verdicts is not None and result.verdicts.num_rows:
+                # every judged row, queryable beside the answer
+                verdicts_path = [*key.path[:-1], f"{key.path[-1]}_llm_where_verdicts"]
+                verdicts = sink.write(verdicts_path, result.verdicts, partition)
         except RLMError as err:
             raise failure(err) from err
         context.log.info(
@@ -184,6 +190,11 @@ def build_rlm_asset(
         }
         if answer.table is not None:
             metadata["rlm/answer_table"] = answer_table(table, written.columns)
+        if verdicts is not None and result.verdicts is not None:
+            metadata["rlm/verdicts_table"] = (
+                f"{verdicts.table} ({result.verdicts.num_rows:,} rows: every row llm_where "
+                "judged, with its verdict, reason, how it was decided and its cost share)"
+            )
         data_version = digest(
             {
                 "inputs": result.inputs,

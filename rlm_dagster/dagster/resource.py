@@ -298,7 +298,7 @@ class RLMResource(dg.ConfigurableResource):
                 if (why := unscripted(question, columns)) is not None:
                     raise DemoCannotAnswer(why)
                 context.log.warning(_DEMO_NOTE)
-            result = RLMRun(
+            rlm_run = RLMRun(
                 question,
                 warehouse=warehouse,
                 lm=lm,
@@ -311,8 +311,10 @@ class RLMResource(dg.ConfigurableResource):
                 context=wire_context(context_value),
                 tags=run_tags(context),
                 replay=replay(context),
-            ).run()
+            )
+            result = rlm_run.run()
             result.inputs = warehouse.fingerprints()
+            result.verdicts = rlm_run.semantic.verdicts(result.where_stats)
         for model in unknown_price_models(result.accounting):
             context.log.warning(
                 f"The price of model {model!r} is unknown, so its cost is reported as unknown "

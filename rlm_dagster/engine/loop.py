@@ -169,6 +169,8 @@ class RLMResult:
     sandbox: str = ""
     # Content fingerprints of the bound tables (what a data version is computed from).
     inputs: dict[str, str] = field(default_factory=dict)
+    # Every row the run's llm_where calls judged, with its verdict (Semantic.verdicts).
+    verdicts: pa.Table | None = None
 
     @property
     def answer_text(self) -> str:
