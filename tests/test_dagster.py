@@ -149,6 +149,14 @@ def test_cli_materialize_end_to_end(
     assert {v[0] for v in verdicts} == {"The customer threatens to cancel"}
     assert sum(v[2] is True for v in verdicts) >= len(rows)
     assert all(v[4] == "model" and v[5] is not None and '"body"' in v[1] for v in verdicts)
+    # the whole trajectory, unclipped, beside the answer
+    con = duckdb.connect(warehouse_file, read_only=True)
+    steps = con.sql("SELECT turn, cell, kind, text FROM main.churn_trajectory").fetchall()
+    con.close()
+    assert meta["rlm/trajectory_table"].startswith("main.churn_trajectory (")
+    assert {s[2] for s in steps} >= {"reply", "code", "output", "answer"}
+    code = [s[3] for s in steps if s[2] == "code"]
+    assert any("llm_where(window" in c for c in code)
     calls = [r.data for r in meta["rlm/calls"].records]
     assert len(calls) == sum(counts.values()) and {c["role"] for c in calls} >= {"root", "where"}
     usage = usage_rows(meta)

@@ -170,6 +170,11 @@ def build_rlm_asset(
                 # every judged row, queryable beside the answer
                 verdicts_path = [*key.path[:-1], f"{key.path[-1]}_llm_where_verdicts"]
                 verdicts = sink.write(verdicts_path, result.verdicts, partition)
+            # the whole trajectory, unclipped (the Markdown on the page clips long pieces)
+            steps = result.trajectory_table()
+            trajectory = sink.write(
+                [*key.path[:-1], f"{key.path[-1]}_trajectory"], steps, partition
+            )
         except RLMError as err:
             raise failure(err) from err
         context.log.info(
@@ -190,6 +195,10 @@ def build_rlm_asset(
         }
         if answer.table is not None:
             metadata["rlm/answer_table"] = answer_table(table, written.columns)
+        metadata["rlm/trajectory_table"] = (
+            f"{trajectory.table} ({steps.num_rows:,} rows: every reply, cell, output and error "
+            "in full; the Markdown trajectory clips long pieces)"
+        )
         if verdicts is not None and result.verdicts is not None:
             metadata["rlm/verdicts_table"] = (
                 f"{verdicts.table} ({result.verdicts.num_rows:,} rows: every row llm_where "

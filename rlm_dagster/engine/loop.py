@@ -211,6 +211,61 @@ class RLMResult:
     def trajectory_markdown(self, max_chars: int = 1_500) -> str:
         return render_trajectory(self.turns, max_chars)
 
+    def trajectory_table(self) -> pa.Table:
+        """The whole trajectory, nothing clipped, one row per piece: the run (and child run)
+        id and depth, the turn, the cell, what it is (``reply``, ``thinking``, ``code``,
+        ``output``, ``error``, ``note``, ``answer``) and its text, key-shaped strings
+        redacted. What the Markdown trajectory clips is here in full."""
+        rows: list[dict[str, Any]] = []
+
+        def walk(result: RLMResult) -> None:
+            for t in result.turns:
+                pieces: list[tuple[int | None, str, str]] = [
+                    (None, "reply", t.reply),
+                    (None, "thinking", t.thinking),
+                ]
+                for i, cell in enumerate(t.cells, 1):
+                    pieces += [(i, "code", cell.code), (i, "output", cell.output)]
+                    pieces.append((i, "error", cell.error or ""))
+                pieces.append((None, "note", t.note))
+                for cell_no, kind, text in pieces:
+                    if text:
+                        rows.append(
+                            {
+                                "run_id": result.run_id,
+                                "depth": result.depth,
+                                "turn": t.iteration,
+                                "cell": cell_no,
+                                "kind": kind,
+                                "text": redact(text),
+                            }
+                        )
+                for child in t.children:
+                    walk(child)
+            rows.append(
+                {
+                    "run_id": result.run_id,
+                    "depth": result.depth,
+                    "turn": None,
+                    "cell": None,
+                    "kind": "answer",
+                    "text": redact(result.answer.text),
+                }
+            )
+
+        walk(self)
+        schema = pa.schema(
+            [
+                ("run_id", pa.string()),
+                ("depth", pa.int64()),
+                ("turn", pa.int64()),
+                ("cell", pa.int64()),
+                ("kind", pa.string()),
+                ("text", pa.string()),
+            ]
+        )
+        return pa.Table.from_pylist(rows, schema=schema)
+
 
 def render_trajectory(turns: list[Turn], max_chars: int = 1_500) -> str:
     """The trajectory as Markdown: each turn's reply, code and (clipped) output, with
@@ -270,7 +325,8 @@ def fenced(text: str, lang: str = "text") -> str:
 
 
 def _clip(text: str, n: int) -> str:
-    return text if len(text) <= n else text[:n] + f" …[{len(text) - n:,} more chars]"
+    more = len(text) - n
+    return text if more <= 0 else text[:n] + f" …[{more:,} more chars: see the trajectory table]"
 
 
 # -- the run ------------------------------------------------------------------------------------

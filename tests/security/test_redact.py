@@ -133,3 +133,28 @@ def test_run_metadata_and_logs_are_redacted() -> None:
     log_event(Context(), iteration)  # type: ignore[arg-type]
     log_event(Context(), RunWarning(f"where {key}"))  # type: ignore[arg-type]
     assert len(logged) == 2 and all(key not in m for m in logged)
+
+
+def test_the_trajectory_table_keeps_everything_the_markdown_clips_and_redacts_keys() -> None:
+    from rlm_dagster.engine.budget import Limits
+    from rlm_dagster.engine.loop import Answer, RLMResult
+    from rlm_dagster.models.client import Accounting
+
+    key = "sk-ant-api03-abcdefghijklmnopqrstuvwxyz0123456789"
+    long_output = "x" * 10_000 + f" {key} the end"
+    cell = CellResult(code="print(big)", output=long_output, error=None, seconds=0.1)
+    result = RLMResult(
+        question="q",
+        answer=Answer(text="done"),
+        turns=[Turn(iteration=1, reply="Let me look.", cells=[cell])],
+        accounting=Accounting(),
+        duration_s=1.0,
+        limits=Limits(),
+    )
+    assert "more chars: see the trajectory table" in result.trajectory_markdown()
+    rows = result.trajectory_table().to_pylist()
+    kinds = [(r["turn"], r["cell"], r["kind"]) for r in rows]
+    assert kinds == [(1, None, "reply"), (1, 1, "code"), (1, 1, "output"), (None, None, "answer")]
+    output = rows[2]["text"]
+    assert output.endswith(f"{REDACTED} the end") and len(output) > 10_000
+    assert key not in str(rows)
