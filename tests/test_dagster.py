@@ -568,3 +568,55 @@ def test_a_fresh_answer_is_asked_for_with_a_run_tag_or_rlm_fresh(
             paid.append(fake.count("root"))
     # first run pays, the second replays, a fresh one (tag, then RLM_FRESH=1) pays again
     assert paid == [1, 0, 1, 1]
+
+
+def test_checks_run_from_the_stored_answer_without_calling_a_model(
+    warehouse_file: str, tmp_path: Path
+) -> None:
+    asset = rlm_asset(
+        name="plans",
+        question="How many customers per plan?",
+        tables=["customers"],
+        output={"plan": "VARCHAR", "n": "BIGINT"},
+    )
+    final = "```repl\nFINAL(sql('SELECT plan, count(*) AS n FROM customers GROUP BY 1'))\n```"
+    with FakeAnthropic(root=lambda r: final) as fake, dg.DagsterInstance.ephemeral() as instance:
+        resources = {
+            "rlm": RLMResource(
+                api_key="k",
+                base_url=fake.base_url,
+                root_model="fake-root",
+                cache_path=str(tmp_path / "cache.sqlite3"),
+            ),
+            "duckdb": DuckDBResource(database=warehouse_file),
+        }
+        assert dg.materialize([asset], instance=instance, resources=resources).success
+        paid = fake.count()
+        fake.reset()
+        checks_only = dg.AssetSelection.checks_for_assets(asset)
+        first = dg.materialize(
+            [asset], instance=instance, resources=resources, selection=checks_only
+        )
+        # break the stored answer: the schema check fails, still without a model call
+        con = duckdb.connect(warehouse_file)
+        con.execute("ALTER TABLE plans DROP COLUMN n")
+        con.close()
+        second = dg.materialize(
+            [asset],
+            instance=instance,
+            resources=resources,
+            selection=checks_only,
+            raise_on_error=False,
+        )
+        calls = fake.count(include_faulted=True)
+    assert paid > 0 and calls == 0
+    assert not first.get_asset_materialization_events()
+    passed = {e.check_name: e.passed for e in first.get_asset_check_evaluations()}
+    assert passed == {
+        "answer_not_empty": True,
+        "spend_within_budget": True,
+        "llm_where_rows_decided": True,
+        "output_schema": True,
+    }
+    again = {e.check_name: e.passed for e in second.get_asset_check_evaluations()}
+    assert again["output_schema"] is False and again["answer_not_empty"] is True

@@ -16,7 +16,7 @@ transaction, and returns a ``MaterializeResult`` with the answer, trajectory and
 """
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import dagster as dg
@@ -30,10 +30,11 @@ from rlm_dagster.dagster.metadata import answer_table, column_schema, run_summar
 from rlm_dagster.dagster.resource import RLMResource, failure
 from rlm_dagster.dagster.translator import RLMTranslator
 from rlm_dagster.engine.budget import Limits
-from rlm_dagster.engine.loop import RLMResult, fenced
+from rlm_dagster.engine.loop import fenced
 from rlm_dagster.errors import ConfigError, RLMError
 from rlm_dagster.redact import redact
 from rlm_dagster.sql.output import OutputSchema
+from rlm_dagster.sql.warehouse import quote_ident
 
 __all__ = ["DEFAULT_RETRY_POLICY", "build_rlm_asset", "rlm_asset"]
 
@@ -132,6 +133,8 @@ def build_rlm_asset(
     partition_columns = args.partition_columns()
     context_key = args.context_key()
     ins = {} if context_key is None else {"rlm_context": dg.AssetIn(key=context_key)}
+    if context_key is not None:  # a multi-asset's inputs are also its spec's deps
+        spec = spec.replace_attributes(deps=[*spec.deps, dg.AssetDep(context_key)])
 
     def materialize(context: dg.AssetExecutionContext, context_value: Any) -> dg.MaterializeResult:
         rlm: RLMResource = getattr(context.resources, args.rlm_resource_key)
@@ -211,48 +214,101 @@ def build_rlm_asset(
                 "answer": _table_digest(table),
             }
         )
+        checks = _check_results(
+            schema,
+            written.columns,
+            answer.text,
+            table,
+            result.accounting.cost_usd,
+            result.where_undecided_rows,
+            result.where_clipped_rows,
+            len(result.where_stats),
+            limits,
+            args.fail_on_undecided_rows,
+        )
+        selected = {c.name for c in context.selected_asset_check_keys}
         return dg.MaterializeResult(
+            asset_key=key,
             metadata=metadata,
             data_version=dg.DataVersion(data_version),
-            check_results=_check_results(
-                schema,
-                written.columns,
-                answer.text,
-                table,
-                result,
-                limits,
-                args.fail_on_undecided_rows,
-            ),
+            check_results=[c for c in checks if c.check_name in selected],
         )
 
-    decorate = dg.asset(
-        key=key,
-        deps=spec.deps,
+    def stored_checks(context: dg.AssetExecutionContext) -> list[dg.AssetCheckResult]:
+        """The checks, from the stored answer and its last materialization: no model call."""
+        duckdb: DuckDBResource = getattr(context.resources, args.duckdb_resource_key)
+        partition = context.partition_key if context.has_partition_key else None
+        *schema_parts, name = key.path
+        table_schema = schema_parts[-1] if schema_parts else "main"
+        with duckdb.get_connection() as con:
+            written = dict(
+                con.execute(
+                    "SELECT column_name, data_type FROM information_schema.columns "
+                    "WHERE table_schema = ? AND table_name = ?",
+                    [table_schema, name],
+                ).fetchall()
+            )
+            table = pa.table({})
+            if written:
+                stored = con.sql(f"SELECT * FROM {quote_ident(table_schema)}.{quote_ident(name)}")
+                if partition is not None:
+                    mine = exp.EQ(
+                        this=exp.column("_partition"), expression=exp.Literal.string(partition)
+                    )
+                    stored = stored.filter(mine.sql(dialect="duckdb"))
+                table = stored.to_arrow_table()
+        event = context.instance.get_latest_materialization_event(key)
+        meta = (
+            {k: v.value for k, v in event.asset_materialization.metadata.items()}
+            if event is not None and event.asset_materialization is not None
+            else {}
+        )
+        text = " ".join(str(v) for row in table.to_pylist() for v in row.values())
+        checks = _check_results(
+            schema,
+            written,
+            text,
+            table,
+            float(meta.get("rlm/cost_usd") or 0.0),
+            int(meta.get("rlm/where_undecided_rows") or 0),
+            int(meta.get("rlm/where_clipped_rows") or 0),
+            int(meta.get("rlm/where_calls") or 0),
+            limits,
+            args.fail_on_undecided_rows,
+        )
+        selected = {c.name for c in context.selected_asset_check_keys}
+        return [c for c in checks if c.check_name in selected]
+
+    def body(context: dg.AssetExecutionContext, context_value: Any) -> Iterator[Any]:
+        if key in context.selected_asset_keys:
+            yield materialize(context, context_value)
+        else:  # only checks were selected: they read what is stored, no model is called
+            yield from stored_checks(context)
+
+    # A multi-asset that can be subset: its checks alone run from what is stored (the UI's
+    # "Execute checks", a selection of checks) without calling a model.
+    decorate = dg.multi_asset(
+        name=key.to_python_identifier(),
+        specs=[spec],
         ins=ins,
-        kinds=spec.kinds,
         required_resource_keys={args.rlm_resource_key, args.duckdb_resource_key},
-        description=spec.description,
-        group_name=spec.group_name,
-        metadata=spec.metadata,
-        tags=spec.tags,
-        owners=spec.owners,
         partitions_def=args.partitions_def,
         retry_policy=args.retry_policy,
         pool=args.pool,
-        code_version=spec.code_version,
         check_specs=translator.get_check_specs(args, key),
+        can_subset=True,
     )
     if context_key is None:
 
-        def _rlm_asset(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-            return materialize(context, None)
+        def _rlm_asset(context: dg.AssetExecutionContext) -> Iterator[Any]:
+            yield from body(context, None)
 
         return decorate(_rlm_asset)
 
     def _rlm_asset_with_context(
         context: dg.AssetExecutionContext, rlm_context: Any
-    ) -> dg.MaterializeResult:
-        return materialize(context, rlm_context)
+    ) -> Iterator[Any]:
+        yield from body(context, rlm_context)
 
     return decorate(_rlm_asset_with_context)
 
@@ -288,11 +344,13 @@ def _check_results(
     written: dict[str, str],
     text: str,
     table: pa.Table,
-    result: RLMResult,
+    spent: float,
+    undecided: int,
+    clipped: int,
+    where_calls: int,
     limits: Limits,
     fail_on_undecided_rows: bool,
 ) -> list[dg.AssetCheckResult]:
-    undecided = result.where_undecided_rows
     checks = [
         dg.AssetCheckResult(
             check_name="llm_where_rows_decided",
@@ -304,8 +362,8 @@ def _check_results(
             ),
             metadata={
                 "undecided_rows": undecided,
-                "clipped_rows": result.where_clipped_rows,
-                "llm_where_calls": len(result.where_stats),
+                "clipped_rows": clipped,
+                "llm_where_calls": where_calls,
             },
         ),
         dg.AssetCheckResult(
@@ -314,7 +372,7 @@ def _check_results(
             metadata={"rows": table.num_rows, "answer_chars": len(text)},
         ),
     ]
-    spent, budget = result.accounting.cost_usd, limits.max_cost_usd
+    budget = limits.max_cost_usd
     checks.append(
         dg.AssetCheckResult(
             check_name="spend_within_budget",
