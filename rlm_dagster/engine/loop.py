@@ -884,34 +884,10 @@ def table_preview(table: pa.Table, rows: int = 20) -> str:
     return text + (f"\n… {more:,} more rows" if more > 0 else "")
 
 
-def run_rlm(
-    question: str,
-    *,
-    warehouse: Warehouse,
-    lm: LM,
-    limits: Limits | None = None,
-    output: OutputSchema | dict[str, str] | None = None,
-    on_event: Callable[[Event], None] | None = None,
-    sandbox: str = "auto",
-    where_config: WhereConfig | None = None,
-    repl: REPLFactory | None = None,
-    tags: Mapping[str, Any] | None = None,
-    replay: bool = True,
-) -> RLMResult:
-    """Run one RLM over ``warehouse``: :func:`run` with ``tables=warehouse``."""
-    return run(
-        question,
-        lm=lm,
-        tables=warehouse,
-        limits=limits,
-        output=output,
-        on_event=on_event,
-        sandbox=sandbox,
-        where_config=where_config,
-        repl=repl,
-        tags=tags,
-        replay=replay,
-    )
+def run_rlm(question: str, *, warehouse: Warehouse, **options: Any) -> RLMResult:
+    """:func:`run` with ``tables=warehouse``, under its first name; ``run`` is the one API and
+    takes the same ``options``."""
+    return run(question, tables=warehouse, **options)
 
 
 def run(

@@ -463,40 +463,11 @@ class LM:
 
     # -- calls ----------------------------------------------------------------------------
 
-    def complete(
-        self,
-        *,
-        role: str,
-        model: str,
-        system: str | list[dict[str, Any]],
-        messages: Iterable[dict[str, Any]],
-        max_tokens: int | None = None,
-        tools: list[dict[str, Any]] | None = None,
-        tool_choice: dict[str, Any] | None = None,
-        output_format: dict[str, Any] | None = None,
-        depth: int = 0,
-        deadline: float | None = None,
-        meter: Meter | None = None,
-        cached: bool = True,
-    ) -> Completion:
+    def complete(self, **request: Any) -> Completion:
         """One blocking call (the root loop's turns and single sub-calls): :meth:`acomplete`
-        run on the LM's event loop, with the same retries and deadlines."""
-        return self.run_async(
-            lambda: self.acomplete(
-                role=role,
-                model=model,
-                system=system,
-                messages=messages,
-                max_tokens=max_tokens,
-                tools=tools,
-                tool_choice=tool_choice,
-                output_format=output_format,
-                depth=depth,
-                deadline=deadline,
-                meter=meter,
-                cached=cached,
-            )
-        )
+        with the same keywords, run on the LM's event loop, with the same retries and
+        deadlines."""
+        return self.run_async(lambda: self.acomplete(**request))
 
     async def acomplete(
         self,
