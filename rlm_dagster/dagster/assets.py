@@ -26,7 +26,12 @@ from dagster_duckdb import DuckDBResource
 from sqlglot import exp
 
 from rlm_dagster.dagster.definition import DEFAULT_RETRY_POLICY, RLMAssetArgs, digest
-from rlm_dagster.dagster.metadata import answer_table, column_schema, run_summary
+from rlm_dagster.dagster.metadata import (
+    answer_preview,
+    answer_table,
+    column_schema,
+    run_summary,
+)
 from rlm_dagster.dagster.resource import RLMResource, failure
 from rlm_dagster.dagster.translator import RLMTranslator
 from rlm_dagster.engine.budget import Limits
@@ -188,7 +193,7 @@ def build_rlm_asset(
         # The UI lists metadata in order and folds Markdown over 1,000 characters behind a
         # click: a short plain preview goes first.
         metadata = {
-            "rlm/answer_preview": redact(_one_line(answer.text, 900)),
+            "rlm/answer_preview": redact(_one_line(answer_preview(answer), 900)),
             **translator.get_run_metadata(result),
             "rlm/answer": dg.MetadataValue.md(redact(_answer_markdown(answer.text, answer.form))),
             "rlm/final_form": answer.form,

@@ -14,7 +14,7 @@ from typing import Any
 import dagster as dg
 import pyarrow as pa
 
-from rlm_dagster.engine.loop import RLMResult
+from rlm_dagster.engine.loop import Answer, RLMResult
 from rlm_dagster.models.client import Accounting
 from rlm_dagster.redact import redact
 
@@ -83,6 +83,21 @@ def usage_metadata(accounting: Accounting) -> dict[str, Any]:
     }
 
 
+def answer_preview(answer: Answer) -> str:
+    """One line: a text answer flattened, a table answer as its size, columns and first row."""
+    table = answer.table
+    if table is None or not table.num_columns:
+        return " ".join(answer.text.split())
+    first = (
+        " | ".join(str(v) for v in table.slice(0, 1).to_pylist()[0].values())
+        if table.num_rows
+        else "(no rows)"
+    )
+    return (
+        f"a table of {table.num_rows:,} rows ({', '.join(table.column_names)}); first row: {first}"
+    )
+
+
 def run_summary(
     result: RLMResult, *, written: tuple[str, int] | None = None, cache_path: str | None = None
 ) -> str:
@@ -103,19 +118,7 @@ def run_summary(
     who = f"{result.provider} {result.root_model} (root) + {result.sub_model} (sub)"
     if result.provider == "demo":
         who += " [the offline DEMO model: scripted, not an LLM]"
-    table = result.answer.table
-    if table is not None and table.num_columns:
-        first = (
-            " | ".join(str(v) for v in table.slice(0, 1).to_pylist()[0].values())
-            if (table.num_rows)
-            else "(no rows)"
-        )
-        preview = (
-            f"a table of {table.num_rows:,} rows ({', '.join(table.column_names)}); "
-            f"first row: {first}"
-        )
-    else:
-        preview = " ".join(result.answer.text.split())
+    preview = answer_preview(result.answer)
     lines = [
         f"RLM answer ({result.answer.form}): {preview[:300]}{'…' if len(preview) > 300 else ''}",
         f"  written to: {written[0]} ({written[1]:,} rows)" if written else "",
