@@ -23,7 +23,10 @@ and your ~/.dagster are left alone):
    ``[Show Markdown]`` link), so it drives the same headless Chromium over the DevTools
    protocol (``--remote-debugging-pipe``: a pipe, no port) to click each link, and saves each
    dialog next to the PNG as ``<out>_answer.png`` and ``<out>_trajectory.png``;
-6. stops the webserver and prints the PNGs' paths.
+6. materializes an asset that fails after it started (the demo's churn program given one
+   turn), serves it, and saves its Events tab as ``<out>_failed_run.png``: the failed run's
+   error and trajectory are on the asset's page (an observation);
+7. stops the webserver and prints the PNGs' paths.
 
 The temporary ``dagster.yaml`` switches off telemetry and the UI's first-visit
 "Join the Dagster community" dialog, which would otherwise cover the page.
@@ -113,6 +116,44 @@ def materialize(env: dict[str, str]) -> None:
         sys.exit(f"materialization failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
 
 
+FAILING_DEFS = """
+import os
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+from rlm_dagster import RLMResource, rlm_asset
+
+# The demo's churn program needs three turns; with one, the run ends without an answer.
+churn_reasons_failed = rlm_asset(
+    name="churn_reasons_failed",
+    question="Which enterprise customers threatened to cancel, in which ticket, and why?",
+    tables=["tickets", "customers"],
+    output={"customer_id": "BIGINT", "customer_name": "VARCHAR", "ticket_id": "BIGINT",
+            "reason": "VARCHAR"},
+    max_iterations=1,
+    retry_policy=None,
+)
+defs = dg.Definitions(
+    assets=[churn_reasons_failed],
+    resources={"duckdb": DuckDBResource(database=os.environ["RLM_WAREHOUSE"]),
+               "rlm": RLMResource(provider="demo")},
+)
+"""
+
+
+def materialize_failing(env: dict[str, str], work: Path) -> Path:
+    """A run that fails after it started (no final answer within one turn), so its page
+    shows what a failed run leaves on the asset; returns its definitions file."""
+    defs = work / "failing.py"
+    defs.write_text(FAILING_DEFS)
+    command = [sys.executable, "-m", "dagster", "asset", "materialize", "-f", str(defs)]
+    command += ["--select", "churn_reasons_failed"]
+    log("materializing an asset that fails: " + " ".join(command[2:]))
+    proc = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True)
+    if proc.returncode == 0:
+        sys.exit("the failing asset succeeded; the failed-run screenshot needs a failure")
+    return defs
+
+
 def graphql(base: str, query: str) -> dict[str, object]:
     request = urllib.request.Request(
         f"{base}/graphql",
@@ -143,7 +184,7 @@ def wait_until_ready(base: str, proc: subprocess.Popen[bytes], timeout_s: float 
 
 
 @contextlib.contextmanager
-def webserver(env: dict[str, str], logfile: Path) -> Iterator[str]:
+def webserver(env: dict[str, str], logfile: Path, definitions: Path = DEFINITIONS) -> Iterator[str]:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     command = [
@@ -155,7 +196,7 @@ def webserver(env: dict[str, str], logfile: Path) -> Iterator[str]:
         "-p",
         str(port),
         "-f",
-        str(DEFINITIONS),
+        str(definitions),
     ]
     log(f"starting the webserver on {base} (log: {logfile})")
     with logfile.open("wb") as out:
@@ -223,16 +264,23 @@ def chromium(browser: str, profile: Path, size: str, budget_ms: int, *args: str)
     return proc.stdout
 
 
-def screenshot(browser: str, url: str, out: Path, work: Path, size: str) -> None:
+def screenshot(
+    browser: str,
+    url: str,
+    out: Path,
+    work: Path,
+    size: str,
+    expected: tuple[str, ...] = EXPECTED_TEXT,
+) -> None:
     """Wait (in virtual time) until the page shows the metadata, then take the picture."""
     for attempt, budget_ms in enumerate((15_000, 30_000, 60_000), start=1):
         dom = chromium(browser, work / f"profile-dom-{attempt}", size, budget_ms, "--dump-dom", url)
-        missing = [text for text in EXPECTED_TEXT if text not in dom]
+        missing = [text for text in expected if text not in dom]
         if not missing:
             break
         log(f"after {budget_ms} ms of virtual time the page lacks {missing}; retrying")
     else:
-        sys.exit(f"the page at {url} never showed {list(EXPECTED_TEXT)}")
+        sys.exit(f"the page at {url} never showed {list(expected)}")
     log(f"the page has rendered; screenshotting {url}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.unlink(missing_ok=True)
@@ -428,6 +476,14 @@ def main() -> None:
         with webserver(env, work / "webserver.log") as base:
             screenshot(browser, base + args.path, out, work, args.window_size)
             extra = markdown_dialogs(browser, base + args.path, out, work, args.window_size)
+        # a failed run's page: its error and trajectory are on the asset (an observation)
+        failing = materialize_failing(env, work)
+        failed_out = out.with_name(out.stem + "_failed_run.png")
+        with webserver(env, work / "webserver-failed.log", failing) as base:
+            path = "/assets/churn_reasons_failed?view=events"
+            expected = ("failed run: NoFinalAnswer", "rlm/trajectory", "rlm/error")
+            screenshot(browser, base + path, failed_out, work, args.window_size, expected)
+        extra.append(failed_out)
     for path in (out, *extra):
         print(path)
 
