@@ -287,7 +287,10 @@ def test_asset_spec_deps_kinds_and_key_prefix(warehouse_file: str) -> None:
     spec = next(iter(asset.specs))
     assert spec.key == dg.AssetKey(["insights", "themes"])
     assert {d.asset_key for d in spec.deps} == {dg.AssetKey("tickets"), dg.AssetKey("customers")}
-    assert spec.kinds == {"rlm", "anthropic", "duckdb"}
+    # no provider kind: the resource (Claude, a local server or the demo) is not known yet
+    assert spec.kinds == {"rlm", "duckdb"}
+    named = rlm_asset(name="x", question="q?", tables=["t"], root_model="claude-sonnet-5-5")
+    assert next(iter(named.specs)).kinds == {"rlm", "anthropic", "duckdb"}
     script = [
         "```repl\nFINAL(sql('SELECT subject AS theme, count(*) AS n FROM tickets GROUP BY 1 ORDER BY 2 DESC LIMIT 3'))\n```"
     ]

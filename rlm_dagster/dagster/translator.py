@@ -49,7 +49,13 @@ class RLMTranslator:
         return list(args.owners or [])
 
     def get_kinds(self, args: RLMAssetArgs) -> set[str]:
-        return {"rlm", "anthropic", "duckdb"}
+        """``rlm`` and ``duckdb``, plus ``anthropic`` when the asset names a Claude model.
+        Kinds are fixed when the definitions load, before the resource (and so the provider:
+        Claude, a local server, the demo) is known, so no provider kind is claimed that a run
+        may not use; each run's provider is in its metadata (``rlm/provider``)."""
+        models = (args.root_model or "", args.sub_model or "")
+        claude = any(m.startswith("claude") for m in models)
+        return {"rlm", "duckdb", *(["anthropic"] if claude else [])}
 
     def get_metadata(self, args: RLMAssetArgs) -> dict[str, Any]:
         """Definition metadata: the question, the tables, the limits, the declared schema."""
