@@ -456,7 +456,7 @@ def main() -> None:
         help="the UI path to capture (default: the asset's Events tab, which shows the "
         "latest materialization's metadata)",
     )
-    parser.add_argument("--window-size", default="1600,2000")
+    parser.add_argument("--window-size", default="1600,3400")
     args = parser.parse_args()
     out: Path = args.out.resolve()
 

@@ -398,7 +398,8 @@ class Semantic:
             name = f"{s.name}_provenance"
             if name not in self.warehouse.tables:
                 continue
-            columns = [c for c in self.warehouse.info(name).columns if c not in verdict_columns]
+            added = {*verdict_columns, "_batch"}  # what _results appended to the input rows
+            columns = [c for c in self.warehouse.info(name).columns if c not in added]
             row = exp.Struct(
                 expressions=[
                     exp.PropertyEQ(this=exp.to_identifier(c), expression=exp.column(c, quoted=True))

@@ -145,10 +145,13 @@ def test_cli_materialize_end_to_end(
     ).fetchall()[0][0]
     con.close()
     assert meta["rlm/verdicts_table"].startswith("main.churn_llm_where_verdicts (")
+    shown = [r.data for r in meta["rlm/verdicts"].records]  # the first rows, on the page
+    assert shown and {"_verdict", "_verdict_reason", "_decided_by", "_cost_usd"} <= set(shown[0])
     assert len(verdicts) == window  # one row per ticket the filter judged
     assert {v[0] for v in verdicts} == {"The customer threatens to cancel"}
     assert sum(v[2] is True for v in verdicts) >= len(rows)
     assert all(v[4] == "model" and v[5] is not None and '"body"' in v[1] for v in verdicts)
+    assert not any('"_batch"' in v[1] or '"_verdict' in v[1] for v in verdicts)  # input only
     # the whole trajectory, unclipped, beside the answer
     con = duckdb.connect(warehouse_file, read_only=True)
     steps = con.sql("SELECT turn, cell, kind, text FROM main.churn_trajectory").fetchall()

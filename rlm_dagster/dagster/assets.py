@@ -31,6 +31,7 @@ from rlm_dagster.dagster.metadata import (
     answer_table,
     column_schema,
     run_summary,
+    verdicts_preview,
 )
 from rlm_dagster.dagster.resource import RLMResource, failure
 from rlm_dagster.dagster.translator import RLMTranslator
@@ -190,28 +191,36 @@ def build_rlm_asset(
                 result, written=(written.table, table.num_rows), cache_path=rlm.cache_location()
             )
         )
-        # The UI lists metadata in order and folds Markdown over 1,000 characters behind a
-        # click: a short plain preview goes first.
-        metadata = {
-            "rlm/answer_preview": redact(_one_line(answer_preview(answer), 900)),
-            **translator.get_run_metadata(result),
-            "rlm/answer": dg.MetadataValue.md(redact(_answer_markdown(answer.text, answer.form))),
-            "rlm/final_form": answer.form,
-            "dagster/row_count": table.num_rows,
-            "dagster/table_name": written.table,
-            "dagster/column_schema": column_schema(table, written.columns),
+        # The page lists metadata in order and folds Markdown over 1,000 characters behind a
+        # click: the answer first (preview, table, the whole), then what it rests on, then
+        # how it was produced and what it cost.
+        metadata: dict[str, Any] = {
+            "rlm/answer_preview": redact(_one_line(answer_preview(answer), 900))
         }
         if answer.table is not None:
             metadata["rlm/answer_table"] = answer_table(table, written.columns)
-        metadata["rlm/trajectory_table"] = (
-            f"{trajectory.table} ({steps.num_rows:,} rows: every reply, cell, output and error "
-            "in full; the Markdown trajectory clips long pieces)"
+        metadata["rlm/answer"] = dg.MetadataValue.md(
+            redact(_answer_markdown(answer.text, answer.form))
         )
         if verdicts is not None and result.verdicts is not None:
+            metadata["rlm/verdicts"] = verdicts_preview(result.verdicts)
             metadata["rlm/verdicts_table"] = (
                 f"{verdicts.table} ({result.verdicts.num_rows:,} rows: every row llm_where "
                 "judged, with its verdict, reason, how it was decided and its cost share)"
             )
+        metadata.update(translator.get_run_metadata(result))
+        metadata["rlm/trajectory_table"] = (
+            f"{trajectory.table} ({steps.num_rows:,} rows: every reply, cell, output and error "
+            "in full; the Markdown trajectory clips long pieces)"
+        )
+        metadata.update(
+            {
+                "rlm/final_form": answer.form,
+                "dagster/row_count": table.num_rows,
+                "dagster/table_name": written.table,
+                "dagster/column_schema": column_schema(table, written.columns),
+            }
+        )
         data_version = digest(
             {
                 "inputs": result.inputs,

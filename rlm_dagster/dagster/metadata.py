@@ -221,6 +221,25 @@ def _cell(value: Any) -> Any:
     return redact(str(value))[:500]
 
 
+def verdicts_preview(verdicts: pa.Table, rows: int = 50) -> Any:
+    """The first ``rows`` judged rows of the run's ``llm_where`` calls, as a table on the
+    asset's page (the whole set is the ``<asset>_llm_where_verdicts`` table)."""
+    shown = ("llm_where", "_verdict", "_verdict_reason", "_decided_by", "_cost_usd", "row")
+    records = [
+        dg.TableRecord({k: _cell(row[k]) for k in shown})
+        for row in verdicts.slice(0, rows).to_pylist()
+    ]
+    columns = [
+        dg.TableColumn("llm_where", "string"),
+        dg.TableColumn("_verdict", "bool"),
+        dg.TableColumn("_verdict_reason", "string"),
+        dg.TableColumn("_decided_by", "string"),
+        dg.TableColumn("_cost_usd", "float"),
+        dg.TableColumn("row", "string"),
+    ]
+    return dg.MetadataValue.table(records=records, schema=dg.TableSchema(columns=columns))
+
+
 def calls_table(accounting: Accounting, rows: int = 200) -> Any:
     """Each model call of the run (the first ``rows``): role, depth, model, tokens, USD,
     latency, replayed; the ledger holds them all."""
