@@ -383,8 +383,12 @@ def test_an_unknown_model_runs_conservatively_and_says_so_once(make_lm: MakeLM) 
             on_event=events.append,
         )
     warnings = [e.describe() for e in events if isinstance(e, RunWarning)]
-    assert len(warnings) == 2  # one per unknown model, once per run
-    assert all("conservative profile" in w for w in warnings)
+    profiles = [w for w in warnings if "conservative profile" in w]
+    assert len(profiles) == 2  # one per unknown model, once per run
+    # and, said up front: a USD limit cannot hold for models without a price
+    (usd,) = [w for w in warnings if "cannot be enforced" in w]
+    assert "'llama-local', 'llama-local-sub'" in usd and "max_tokens" in usd
+    assert len(warnings) == 3
     for req in f.requests:
         assert "output_config" not in req.body and "thinking" not in req.body
 

@@ -48,7 +48,7 @@ from rlm_dagster.errors import (
     QueryError,
     RLMError,
 )
-from rlm_dagster.models.client import LM, Accounting, cached_system
+from rlm_dagster.models.client import LM, Accounting, Usage, cached_system
 from rlm_dagster.prompts import render, snippet
 from rlm_dagster.redact import redact
 from rlm_dagster.repl import CellResult, Worker
@@ -624,6 +624,23 @@ class RLMRun:
                 )
                 if self.lm.sub_model == self.lm.root_model:
                     break
+        if self.limits.max_cost_usd is not None:
+            unpriced = sorted(
+                {m for m in (self.lm.root_model, self.lm.sub_model) if not self._priced(m)}
+            )
+            if unpriced:
+                self.on_event(
+                    RunWarning(
+                        f"max_cost_usd=${self.limits.max_cost_usd:g} cannot be enforced for "
+                        f"{', '.join(map(repr, unpriced))}: its price is unknown, so its calls "
+                        "count as $0 (max_tokens, max_sub_calls and max_wall_time_s still "
+                        "apply). Declare its price with RLMResource(model_profiles={model: "
+                        "{'input_usd_per_mtok': ..., 'output_usd_per_mtok': ...}})."
+                    )
+                )
+
+    def _priced(self, model: str) -> bool:
+        return self.lm.catalog.cost_usd(model, Usage(input_tokens=1)) is not None
 
     def _partial(self, started: float) -> RLMResult:
         return RLMResult(
