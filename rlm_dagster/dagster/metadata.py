@@ -57,28 +57,20 @@ def usage_metadata(accounting: Accounting) -> dict[str, Any]:
     for row in rows.values():
         if row["paid_usd"] is not None:
             row["paid_usd"] = round(row["paid_usd"], 6)
-    columns = [
-        dg.TableColumn("role", "string"),
-        dg.TableColumn("model", "string"),
-        *(
-            dg.TableColumn(name, "int")
-            for name in (
-                "calls",
-                "replayed",
-                "input_tokens",
-                "output_tokens",
-                "cache_read_tokens",
-                "cache_write_tokens",
-            )
-        ),
-        dg.TableColumn("paid_usd", "float"),
-    ]
     return {
         "rlm/input_tokens": sum(r.usage.input_tokens for r in paid),
         "rlm/output_tokens": sum(r.usage.output_tokens for r in paid),
-        "rlm/usage": dg.MetadataValue.table(
-            records=[dg.TableRecord(row) for _, row in sorted(rows.items())],
-            schema=dg.TableSchema(columns=columns),
+        "rlm/usage": _table(
+            [row for _, row in sorted(rows.items())],
+            role="string",
+            model="string",
+            calls="int",
+            replayed="int",
+            input_tokens="int",
+            output_tokens="int",
+            cache_read_tokens="int",
+            cache_write_tokens="int",
+            paid_usd="float",
         ),
     }
 
@@ -224,48 +216,52 @@ def _cell(value: Any) -> Any:
 def verdicts_preview(verdicts: pa.Table, rows: int = 50) -> Any:
     """The first ``rows`` judged rows of the run's ``llm_where`` calls, as a table on the
     asset's page (the whole set is the ``<asset>_llm_where_verdicts`` table)."""
-    shown = ("llm_where", "_verdict", "_verdict_reason", "_decided_by", "_cost_usd", "row")
-    records = [
-        dg.TableRecord({k: _cell(row[k]) for k in shown})
-        for row in verdicts.slice(0, rows).to_pylist()
+    columns = {
+        "llm_where": "string",
+        "_verdict": "bool",
+        "_verdict_reason": "string",
+        "_decided_by": "string",
+        "_cost_usd": "float",
+        "row": "string",
+    }
+    rows_shown = [
+        {k: _cell(row[k]) for k in columns} for row in verdicts.slice(0, rows).to_pylist()
     ]
-    columns = [
-        dg.TableColumn("llm_where", "string"),
-        dg.TableColumn("_verdict", "bool"),
-        dg.TableColumn("_verdict_reason", "string"),
-        dg.TableColumn("_decided_by", "string"),
-        dg.TableColumn("_cost_usd", "float"),
-        dg.TableColumn("row", "string"),
-    ]
-    return dg.MetadataValue.table(records=records, schema=dg.TableSchema(columns=columns))
+    return _table(rows_shown, **columns)
 
 
 def calls_table(accounting: Accounting, rows: int = 200) -> Any:
     """Each model call of the run (the first ``rows``): role, depth, model, tokens, USD,
     latency, replayed; the ledger holds them all."""
-    records = [
-        dg.TableRecord(
-            {
-                "role": r.role,
-                "depth": r.depth,
-                "model": r.model,
-                "input_tokens": r.usage.input_tokens,
-                "output_tokens": r.usage.output_tokens,
-                "usd": None if r.cost_usd is None else round(r.cost_usd, 6),
-                "latency_s": round(r.latency_s, 3),
-                "replayed": r.cache_hit,
-            }
-        )
+    calls = [
+        {
+            "role": r.role,
+            "depth": r.depth,
+            "model": r.model,
+            "input_tokens": r.usage.input_tokens,
+            "output_tokens": r.usage.output_tokens,
+            "usd": None if r.cost_usd is None else round(r.cost_usd, 6),
+            "latency_s": round(r.latency_s, 3),
+            "replayed": r.cache_hit,
+        }
         for r in accounting.records[:rows]
     ]
-    columns = [
-        dg.TableColumn("role", "string"),
-        dg.TableColumn("depth", "int"),
-        dg.TableColumn("model", "string"),
-        dg.TableColumn("input_tokens", "int"),
-        dg.TableColumn("output_tokens", "int"),
-        dg.TableColumn("usd", "float"),
-        dg.TableColumn("latency_s", "float"),
-        dg.TableColumn("replayed", "bool"),
-    ]
-    return dg.MetadataValue.table(records=records, schema=dg.TableSchema(columns=columns))
+    return _table(
+        calls,
+        role="string",
+        depth="int",
+        model="string",
+        input_tokens="int",
+        output_tokens="int",
+        usd="float",
+        latency_s="float",
+        replayed="bool",
+    )
+
+
+def _table(rows: list[dict[str, Any]], **columns: str) -> Any:
+    """A table metadata value: ``rows`` under ``columns`` (name -> type), in that order."""
+    return dg.MetadataValue.table(
+        records=[dg.TableRecord(row) for row in rows],
+        schema=dg.TableSchema(columns=[dg.TableColumn(n, t) for n, t in columns.items()]),
+    )

@@ -168,10 +168,6 @@ class RLMResource(dg.ConfigurableResource):
         """Where the call cache and ledger live."""
         return str(self.cache_path or default_cache_path())
 
-    def open_cache(self) -> Cache:
-        """The persistent cache at ``cache_path`` (or the default location)."""
-        return Cache(self.cache_path or default_cache_path())
-
     def worker_limits(self) -> WorkerLimits:
         return WorkerLimits(
             memory_bytes=self.worker_memory_mb * 1024**2, cpu_seconds=self.worker_cpu_s
