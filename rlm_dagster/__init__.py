@@ -25,6 +25,7 @@ Layers, one folder each (see the README's Layout), bottom up:
 ``sql/``     the data seams (``tables``), the read-only DuckDB snapshot (``warehouse``), the
              sqlglot policy (``policy``) and the answer schema (``output``)
 ``semantic`` llm_where and llm_query_batched; ``cache`` the call cache, verdicts and ledger
+             (a SQLite file, or PostgreSQL shared by every host: ``cache_postgres``)
 ``repl/``    the worker process, its sandbox, its RPC, and the in-process test double
 ``engine/``  the root loop (``loop``), the run's limits and metering (``budget``), ``events``
 ``dagster/`` the adapter: resource, asset factory, argument model, translator, component

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import pytest
+from postgres_server import INSTALL, PostgresServer, find_bin_dir
 
 from rlm_dagster.models.client import LM
 from rlm_dagster.repl.inprocess import InProcessREPL
@@ -100,3 +102,35 @@ def inprocess_repl() -> Iterator[REPLFactory]:
     yield make
     for repl in made:
         repl.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL server on 127.0.0.1 for the whole session (:mod:`postgres_server`).
+    Skipped, saying how to install it, when PostgreSQL or psycopg is missing; a failure
+    instead under CI (``$CI`` set), which must run these tests."""
+    bin_dir = find_bin_dir()
+    missing = None
+    if bin_dir is None:
+        missing = f"PostgreSQL's server binaries (initdb, pg_ctl) are not installed: {INSTALL}"
+    else:
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            missing = "psycopg is not installed: pip install -e '.[test]'"
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the PostgreSQL cache tests: {missing}")
+        pytest.skip(missing)
+    assert bin_dir is not None
+    server = PostgresServer(bin_dir)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """The URL (password included) of a new empty database on the session's server."""
+    return postgres_server.database()

@@ -617,8 +617,8 @@ def test_a_tool_call_of_another_name_is_not_read_as_verdicts(
 def _open_and_use(path: Path) -> None:
     cache = Cache(path)
     try:
-        cache.get_verdicts(["k"])
-        cache.put_verdicts([("k", True, "reason", SUB)])
+        cache.get_verdicts([b"k"])
+        cache.put_verdicts([(b"k", True, "reason", SUB)])
         cache.record([{"depth": 0, "role": "sub", "model": SUB, "latency_s": 0.0}])
     finally:
         cache.close()
@@ -893,7 +893,7 @@ def test_answered_where_requests_are_in_the_ledger_when_the_run_fails(
 def _open_and_write(path: str, queue: Any) -> None:
     try:
         with Cache(path) as cache:
-            cache.commit(verdicts=[("k", True, "r", "m")])
+            cache.commit(verdicts=[(b"k", True, "r", "m")])
         queue.put("ok")
     except Exception as exc:  # reported to the parent
         queue.put(repr(exc))

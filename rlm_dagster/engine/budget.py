@@ -22,7 +22,7 @@ from rlm_dagster.errors import BudgetExceeded, ConfigError
 from rlm_dagster.models.client import Accounting, CallRecord, Meter, ledger_row
 
 if TYPE_CHECKING:
-    from rlm_dagster.cache import Cache
+    from rlm_dagster.cache import CacheStore
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class Budget:
         limits: Limits,
         accounting: Accounting | None = None,
         *,
-        ledger: Cache | None = None,
+        ledger: CacheStore | None = None,
         tags: Mapping[str, Any] | None = None,
         replay: bool = True,
     ) -> None:

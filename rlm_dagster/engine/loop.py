@@ -28,7 +28,7 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from rlm_dagster.cache import Cache
+from rlm_dagster.cache import CacheStore
 from rlm_dagster.engine.budget import Budget, Limits
 from rlm_dagster.engine.events import (
     ChildStarted,
@@ -354,7 +354,7 @@ class RLMRun:
         where_stats: list[WhereStats] | None = None,
         repl: REPLFactory | None = None,
         tags: Mapping[str, Any] | None = None,
-        cache: Cache | None = None,
+        cache: CacheStore | None = None,
         replay: bool = True,
     ) -> None:
         self.question = question
@@ -372,8 +372,8 @@ class RLMRun:
         self.depth = depth
         self.run_id = run_id
         # The run's store of verdicts, leases and ledger rows: given, or the client's call
-        # store when that is one (run(lm=LM(cache=Cache(...))) keeps working).
-        if cache is None and isinstance(lm.cache, Cache):
+        # store when that is one (run(lm=LM(cache=open_cache(...))) keeps working).
+        if cache is None and isinstance(lm.cache, CacheStore):
             cache = lm.cache
         self.cache = cache
         # A child run shares its parent's budget: its spend counts as it happens.

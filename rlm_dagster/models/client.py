@@ -67,8 +67,8 @@ class Reservation(Protocol):
 
 class CallStore(Protocol):
     """Where completed calls are kept, so that a retried run replays them instead of paying
-    again: all the client knows of caching. :class:`~rlm_dagster.cache.Cache` (SQLite) is
-    today's store; another (a database shared by hosts) implements these three methods."""
+    again: all the client knows of caching. The stores of :mod:`rlm_dagster.cache` (a SQLite
+    file, or PostgreSQL shared by hosts) implement these three methods and more."""
 
     def get_call(self, key: str) -> dict[str, Any] | None: ...
 
