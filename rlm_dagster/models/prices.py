@@ -101,3 +101,9 @@ def price_cost(price: Price, usage: Usage) -> float:
         + usage.cache_creation_input_tokens * input_rate * 1.25
         + usage.cache_read_input_tokens * input_rate * price.cache_read
     ) / 1_000_000
+
+
+#: What a request sent in a message batch costs, as a share of its standard price. Per
+#: Anthropic's batch-processing page, "all usage is charged at 50% of the standard API prices"
+#: (input, output, prompt-cache writes and reads alike: the discounts stack).
+BATCH_PRICE_FACTOR = 0.5

@@ -121,6 +121,31 @@ scripts one with a category (its ``text``, if any, is the partial output before 
 scripted reply that does not parse is answered HTTP 400 naming the problem (a bug in the test's
 script, not API behaviour). Where-requests get their verdicts as JSON text (above).
 
+**Message batches.** ``POST /v1/messages/batches`` (create), ``GET .../batches/{id}``
+(retrieve), ``GET .../batches/{id}/results`` (JSONL), ``POST .../batches/{id}/cancel``,
+``GET /v1/messages/batches`` (list, newest first) and ``DELETE .../batches/{id}`` behave like
+the real Message Batches API, so ``client.messages.batches.*`` works unchanged. A create is
+answered 400 ``invalid_request_error`` for a malformed envelope: no requests or more than
+``max_batch_requests`` (100,000), a ``custom_id`` not matching ``^[a-zA-Z0-9_-]{1,64}$`` or
+used twice; a body over ``max_batch_bytes`` (256 MB) is a 413 ``request_too_large``. As with
+the real API, each request's ``params`` are validated asynchronously: a request
+``/v1/messages`` would reject comes back as an ``errored`` result carrying the same
+``invalid_request_error`` message. A batch is ``in_progress`` for ``batch_delay_s`` (read
+when the batch is looked at, so changing it affects batches already submitted; ``latency_s``
+and faults injected with :meth:`FakeAnthropic.inject` do not apply to batch requests), then
+``ended`` with a ``results_url`` on this server; ``request_counts`` stay all ``processing``
+until then. Each succeeded result holds exactly the message ``/v1/messages`` would have
+answered (the same ``where=`` judge, scripts, thinking and prompt-cache accounting), and
+every processed request is logged in :attr:`FakeAnthropic.requests` with its
+:attr:`FakeRequest.batch_id` and :attr:`FakeRequest.custom_id`. ``batch_error_rate`` or a
+``batch_outcome`` callable turn chosen requests into ``errored`` (``api_error``,
+``overloaded_error``, ...) or ``expired`` results. A cancel answers ``canceling`` and the
+batch ends at the next look: requests processed by then (a share of ``batch_delay_s``
+elapsed) keep their results, the rest are ``canceled``. :attr:`FakeAnthropic.batches` and
+:attr:`FakeAnthropic.batch_calls` let tests check what was submitted, and how often;
+:meth:`FakeAnthropic.inject_batch_fault` makes the batch endpoints fail. Batches live in the
+server object, so a client process killed mid-way finds them again.
+
 Only this module's stdlib imports are needed to run the server; it never touches the network
 beyond the loopback interface.
 """
@@ -129,6 +154,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import hashlib
 import json
 import math
@@ -142,14 +168,19 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import MappingProxyType, TracebackType
 from typing import Any, Final, Literal, TypeAlias, cast
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 __all__ = [
     "DEFAULT_THINKING_TOKENS",
     "EFFORT_LEVELS",
+    "MAX_BATCH_BYTES",
+    "MAX_BATCH_REQUESTS",
     "MODEL_RULES",
     "REFUSE",
+    "BatchOutcome",
     "FakeAnthropic",
+    "FakeBatch",
+    "FakeBatchCall",
     "FakeReply",
     "FakeRequest",
     "Fault",
@@ -185,6 +216,16 @@ _ERROR_TYPES: dict[int, str] = {
     500: "api_error",
     529: "overloaded_error",
 }
+_ERROR_STATUS: dict[str, int] = {etype: status for status, etype in _ERROR_TYPES.items()}
+
+#: The Message Batches API's limits: requests per batch, and bytes of the create body.
+MAX_BATCH_REQUESTS: Final = 100_000
+MAX_BATCH_BYTES: Final = 256 * 1024 * 1024
+_CUSTOM_ID_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+_BATCH_PATH_RE = re.compile(
+    r"^/v1/messages/batches(?:/(?P<id>[^/]+)(?:/(?P<op>results|cancel))?)?$"
+)
+_BATCH_EXPIRY_S = 24 * 3600.0
 
 
 # --------------------------------------------------------------------------- per-model rules
@@ -631,6 +672,10 @@ class FakeRequest:
     verdicts were asked for: ``"structured"`` (``output_config.format``), ``"forced_tool"``
     (``record_verdicts`` with a forced ``tool_choice``) or ``"tool"`` (offered, not forced).
     ``rejection`` is the message of the 400 the fake's validation answered, if it did.
+
+    A request processed inside a message batch has ``batch_id`` and ``custom_id`` set (None
+    for ``POST /v1/messages``); its ``status`` is the HTTP status ``/v1/messages`` would have
+    answered (an ``errored`` result's error mapped back, e.g. 500 for ``api_error``).
     """
 
     index: int
@@ -650,6 +695,8 @@ class FakeRequest:
     output_format: dict[str, Any] | None = None
     verdict_channel: VerdictChannel | None = None
     rejection: str | None = None
+    batch_id: str | None = None
+    custom_id: str | None = None
 
     @property
     def prompt(self) -> str:
@@ -668,6 +715,73 @@ Reply: TypeAlias = str | FakeReply | ToolUse | dict[str, Any] | RefuseType
 HandlerResult: TypeAlias = Reply | Fault
 RootEntry: TypeAlias = HandlerResult | Callable[[FakeRequest], HandlerResult]
 WhereJudge: TypeAlias = Callable[[str, dict[str, Any]], bool | tuple[bool, str] | RefuseType]
+
+
+BatchOutcome: TypeAlias = str | None
+"""What a ``batch_outcome`` callable answers for one batch request: None (processed
+normally), ``"expired"``, or an API error type (``"api_error"``, ``"overloaded_error"``,
+``"invalid_request_error"``, ...) for an ``errored`` result."""
+
+
+@dataclass(frozen=True)
+class FakeBatch:
+    """A snapshot of one message batch the fake holds.
+
+    ``custom_ids`` and ``params`` are the submitted requests in order; ``headers`` those of
+    the create call (credentials redacted). ``results`` maps each custom_id to its result
+    object (``{"type": "succeeded", "message": {...}}``, ``{"type": "errored", ...}``,
+    ``{"type": "canceled"}``, ``{"type": "expired"}``) once the batch has ended, else None.
+    """
+
+    id: str
+    custom_ids: tuple[str, ...]
+    params: tuple[dict[str, Any], ...]
+    headers: dict[str, str]
+    processing_status: str
+    request_counts: dict[str, int]
+    cancel_requested: bool
+    results: dict[str, dict[str, Any]] | None
+
+
+@dataclass(frozen=True)
+class FakeBatchCall:
+    """One call to a batch endpoint: ``operation`` is ``"create"``, ``"retrieve"``,
+    ``"results"``, ``"cancel"``, ``"list"`` or ``"delete"``; ``batch_id`` the batch it named
+    or made (None for a list, or a refused create); ``status`` the HTTP status answered."""
+
+    operation: str
+    batch_id: str | None
+    status: int
+
+
+@dataclass
+class _Batch:
+    """A message batch as the server keeps it (guarded by ``FakeAnthropic._batch_lock``)."""
+
+    id: str
+    requests: list[tuple[str, dict[str, Any]]]
+    headers: dict[str, str]
+    created: float  # time.time()
+    created_mono: float
+    cancel_mono: float | None = None
+    cancel_wall: float | None = None
+    cancel_processed: int = 0
+    results: dict[str, dict[str, Any]] | None = None
+    ended: float | None = None
+
+
+def _rfc3339(stamp: float | None) -> str | None:
+    if stamp is None:
+        return None
+    moment = datetime.datetime.fromtimestamp(stamp, datetime.UTC)
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def _errored(error_type: str, message: str) -> dict[str, Any]:
+    return {
+        "type": "errored",
+        "error": {"type": "error", "error": {"type": error_type, "message": message}},
+    }
 
 
 def _default_sub(request: FakeRequest) -> str:
@@ -700,6 +814,14 @@ def _error_out(status: int, message: str, error_type: str | None = None) -> _Out
     return _Out(
         status, _json_bytes({"type": "error", "error": {"type": etype, "message": message}})
     )
+
+
+def _redacted(raw_headers: Mapping[str, str]) -> dict[str, str]:
+    """Headers with lower-case names and credentials replaced by ``"[redacted]"``."""
+    return {
+        k.lower(): ("[redacted]" if k.lower() in _REDACTED_HEADERS else v)
+        for k, v in raw_headers.items()
+    }
 
 
 def _fmt_seconds(value: float) -> str:
@@ -1216,6 +1338,15 @@ class FakeAnthropic:
             request's ``output_config.effort``, else the model's default effort, else
             ``"high"``); defaults to :data:`DEFAULT_THINKING_TOKENS`. Missing levels use the
             defaults.
+        batch_delay_s: how long a message batch stays ``in_progress`` before it ends (read
+            whenever a batch is looked at: set it to 0 to end the batches already submitted).
+        batch_error_rate: each batch request (valid params) comes back ``errored`` with this
+            probability, as ``api_error`` or ``overloaded_error`` (deterministic per seed).
+        batch_outcome: ``(FakeRequest) -> BatchOutcome`` choosing, per batch request (its
+            ``custom_id`` set), an ``errored`` result of that error type, ``"expired"``, or
+            None for a normal answer; overrides ``batch_error_rate``.
+        max_batch_requests, max_batch_bytes: a create with more requests (400) or a larger
+            body (413) is refused, as the real API does past 100,000 requests / 256 MB.
         port: TCP port to listen on (0 picks a free one).
 
     Faults queued with :meth:`inject` take precedence over random faults. A faulted request
@@ -1243,6 +1374,11 @@ class FakeAnthropic:
         cache_min_tokens: int | None = None,
         strict: bool = True,
         thinking_tokens: Mapping[str, int] | None = None,
+        batch_delay_s: float = 0.0,
+        batch_error_rate: float = 0.0,
+        batch_outcome: Callable[[FakeRequest], BatchOutcome] | None = None,
+        max_batch_requests: int = MAX_BATCH_REQUESTS,
+        max_batch_bytes: int = MAX_BATCH_BYTES,
         port: int = 0,
     ) -> None:
         if isinstance(root, str | bytes):
@@ -1263,13 +1399,19 @@ class FakeAnthropic:
             )
         if not (callable(sub) or isinstance(sub, str)):
             raise TypeError(f"sub= must be a callable or a string, got {type(sub).__name__}")
-        for name, fn in (("where", where), ("where_reply", where_reply), ("handler", handler)):
+        for name, fn in (
+            ("where", where),
+            ("where_reply", where_reply),
+            ("handler", handler),
+            ("batch_outcome", batch_outcome),
+        ):
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name}= must be a callable, got {type(fn).__name__}")
         for name, value in (
             ("latency_s", latency_s),
             ("latency_per_output_token_s", latency_per_output_token_s),
             ("rate_limit_retry_after_s", rate_limit_retry_after_s),
+            ("batch_delay_s", batch_delay_s),
         ):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
@@ -1277,6 +1419,10 @@ class FakeAnthropic:
             raise ValueError(f"max_concurrency must be >= 1 or None, got {max_concurrency}")
         if not 0.0 <= fault_rate <= 1.0:
             raise ValueError(f"fault_rate must be within [0, 1], got {fault_rate}")
+        if not 0.0 <= batch_error_rate <= 1.0:
+            raise ValueError(f"batch_error_rate must be within [0, 1], got {batch_error_rate}")
+        if max_batch_requests < 1 or max_batch_bytes < 1:
+            raise ValueError("max_batch_requests and max_batch_bytes must be >= 1")
         statuses = tuple(fault_statuses)
         if fault_rate > 0 and not statuses:
             raise ValueError("fault_statuses must not be empty when fault_rate > 0")
@@ -1312,6 +1458,17 @@ class FakeAnthropic:
         self.strict = strict
         self.thinking_tokens: Mapping[str, int] = MappingProxyType(spent)
         self._prefixes: set[str] = set()
+        self.batch_delay_s = batch_delay_s
+        self.batch_error_rate = batch_error_rate
+        self._batch_outcome = batch_outcome
+        self.max_batch_requests = max_batch_requests
+        self.max_batch_bytes = max_batch_bytes
+        self._batch_rng = random.Random(seed)
+        # Batches and their processing; an RLock, as processing calls user callables.
+        self._batch_lock = threading.RLock()
+        self._batches: dict[str, _Batch] = {}
+        self._batch_calls: list[FakeBatchCall] = []
+        self._batch_faults: list[list[Any]] = []  # [fault, remaining, operation]
 
         self._lock = threading.Lock()
         self._requests: list[FakeRequest] = []
@@ -1461,10 +1618,42 @@ class FakeAnthropic:
                 if (kind is None or r.kind == kind) and (include_faulted or not r.faulted)
             )
 
-    def reset(self) -> None:
-        """Forget recorded requests, errors, rejections, queued faults and the in-flight peak.
+    # ------------------------------------------------------------------ message batches (test API)
 
-        The root script keeps its place.
+    @property
+    def batches(self) -> list[FakeBatch]:
+        """Every message batch created so far (deleted ones excluded), oldest first. Looking
+        at them advances their processing, as a client's retrieve would."""
+        with self._batch_lock:
+            return [self._batch_snapshot(batch) for batch in self._batches.values()]
+
+    @property
+    def batch_calls(self) -> list[FakeBatchCall]:
+        """The calls to the batch endpoints so far, in arrival order (a copy)."""
+        with self._batch_lock:
+            return list(self._batch_calls)
+
+    def inject_batch_fault(
+        self, fault: Fault, times: int = 1, operation: str | None = None
+    ) -> None:
+        """Apply ``fault`` to the next ``times`` calls to a batch endpoint (``operation``:
+        ``"create"``, ``"retrieve"``, ``"results"``, ``"cancel"``, ``"list"``, ``"delete"``;
+        None: any). A faulted create makes no batch."""
+        if not isinstance(fault, Fault):
+            raise TypeError(f"inject_batch_fault() takes a Fault, got {type(fault).__name__}")
+        if times < 1:
+            raise ValueError(f"times must be >= 1, got {times}")
+        operations = ("create", "retrieve", "results", "cancel", "list", "delete")
+        if operation is not None and operation not in operations:
+            raise ValueError(f"operation must be one of {operations} or None, got {operation!r}")
+        with self._batch_lock:
+            self._batch_faults.append([fault, times, operation])
+
+    def reset(self) -> None:
+        """Forget recorded requests, errors, rejections, queued faults, batch calls and the
+        in-flight peak.
+
+        The root script keeps its place, and message batches stay (they are server state).
         """
         with self._lock:
             self._peak_inflight = self._inflight
@@ -1472,6 +1661,9 @@ class FakeAnthropic:
             self._faults.clear()
             self._errors.clear()
             self._rejections.clear()
+        with self._batch_lock:
+            self._batch_calls.clear()
+            self._batch_faults.clear()
 
     @staticmethod
     def _check_kind(kind: str | None) -> None:
@@ -1488,6 +1680,8 @@ class FakeAnthropic:
                     405, f"{method} {path} is not allowed; use GET", "invalid_request_error"
                 )
             return _Out(200, b"ok", "text/plain; charset=utf-8")
+        if path.startswith("/v1/messages/batches"):
+            return self._batch_endpoint(method, raw_path, path, headers, body)
         if path in ("/v1/messages", "/v1/messages/count_tokens"):
             if method != "POST":
                 return _error_out(
@@ -1554,18 +1748,12 @@ class FakeAnthropic:
             self._serial += 1
             return self._serial
 
-    def _messages(self, raw_headers: dict[str, str], raw: bytes) -> _Out:
-        try:
-            body = json.loads(raw or b"null")
-        except ValueError as exc:
-            return _error_out(400, f"request body is not valid JSON: {exc}")
-        if not isinstance(body, dict):
-            return _error_out(400, "request body must be a JSON object")
-
-        headers = {
-            k.lower(): ("[redacted]" if k.lower() in _REDACTED_HEADERS else v)
-            for k, v in raw_headers.items()
-        }
+    def _classify(
+        self, body: dict[str, Any], headers: dict[str, str]
+    ) -> tuple[dict[str, Any], str | None]:
+        """The :class:`FakeRequest` fields of a Messages request body (its kind, parsed filter
+        input and options) and the first reason the API would reject it (None: valid). Shared
+        by ``POST /v1/messages`` and the requests of a message batch."""
         model = body["model"] if isinstance(body.get("model"), str) else ""
         rules = rules_for(model)
         system = _content_text(body.get("system", ""))
@@ -1597,7 +1785,33 @@ class FakeAnthropic:
             problem = _generic_problem(body)
             if problem is None and rules is not None:
                 problem = _model_problem(body, rules)
+        fields = {
+            "kind": kind,
+            "model": model,
+            "body": body,
+            "headers": headers,
+            "system": system,
+            "last_user_text": last_user,
+            "predicate": predicate,
+            "rows": rows,
+            "family": rules.family if rules else None,
+            "thinking": _thinking(body),
+            "effort": _effort(body),
+            "output_format": output_format,
+            "verdict_channel": channel,
+        }
+        return fields, problem
 
+    def _messages(self, raw_headers: dict[str, str], raw: bytes) -> _Out:
+        try:
+            body = json.loads(raw or b"null")
+        except ValueError as exc:
+            return _error_out(400, f"request body is not valid JSON: {exc}")
+        if not isinstance(body, dict):
+            return _error_out(400, "request body must be a JSON object")
+
+        fields, problem = self._classify(body, _redacted(raw_headers))
+        kind: Kind = fields["kind"]
         with self._lock:
             fault: Fault | None = None
             rejected = (
@@ -1622,22 +1836,10 @@ class FakeAnthropic:
             status = 400 if problem else (fault.status if fault else None)
             request = FakeRequest(
                 index=len(self._requests),
-                kind=kind,
-                model=model,
-                body=body,
-                headers=headers,
-                system=system,
-                last_user_text=last_user,
-                predicate=predicate,
-                rows=rows,
                 fault=fault,
                 status=status,
-                family=rules.family if rules else None,
-                thinking=_thinking(body),
-                effort=_effort(body),
-                output_format=output_format,
-                verdict_channel=channel,
                 rejection=problem,
+                **fields,
             )
             self._requests.append(request)
             if problem:
@@ -1914,3 +2116,336 @@ class FakeAnthropic:
             "usage": usage,
         }
         return payload, int(usage["output_tokens"])
+
+    # ------------------------------------------------------------------ message batches
+
+    def _batch_endpoint(
+        self, method: str, raw_path: str, path: str, headers: dict[str, str], body: bytes
+    ) -> _Out:
+        found = _BATCH_PATH_RE.match(path)
+        batch_id = found.group("id") if found else None
+        op = found.group("op") if found else None
+        operation = {
+            ("POST", False, None): "create",
+            ("GET", False, None): "list",
+            ("GET", True, None): "retrieve",
+            ("DELETE", True, None): "delete",
+            ("GET", True, "results"): "results",
+            ("POST", True, "cancel"): "cancel",
+        }.get((method, batch_id is not None, op))
+        if found is None:
+            return _error_out(404, f"FakeAnthropic does not serve {method} {path}")
+        if operation is None:
+            return _error_out(405, f"{method} {path} is not allowed", "invalid_request_error")
+        with self._batch_lock:
+            fault = self._pick_batch_fault(operation)
+        if fault is not None and fault.delay_s:
+            time.sleep(fault.delay_s)
+        if fault is not None and fault.status is not None:
+            out = self._fault_out(fault)
+        elif operation == "create":
+            out, batch_id = self._create_batch(headers, body)
+        elif operation == "list":
+            out = self._list_batches(parse_qs(urlsplit(raw_path).query))
+        else:
+            assert batch_id is not None
+            out = self._batch_operation(operation, batch_id)
+        with self._batch_lock:
+            self._batch_calls.append(FakeBatchCall(operation, batch_id, out.status))
+        return out
+
+    def _pick_batch_fault(self, operation: str) -> Fault | None:
+        """Called with the batch lock held: the queued fault for this batch call, if any."""
+        for entry in self._batch_faults:
+            fault, remaining, wanted = entry
+            if wanted is None or wanted == operation:
+                if remaining <= 1:
+                    self._batch_faults.remove(entry)
+                else:
+                    entry[1] = remaining - 1
+                return cast(Fault, fault)
+        return None
+
+    def _create_batch(self, raw_headers: dict[str, str], raw: bytes) -> tuple[_Out, str | None]:
+        if len(raw) > self.max_batch_bytes:
+            return _error_out(
+                413,
+                f"Message batch request body is {len(raw):,} bytes; the limit is "
+                f"{self.max_batch_bytes:,} bytes. Split the requests into smaller batches.",
+            ), None
+        try:
+            body = json.loads(raw or b"null")
+        except ValueError as exc:
+            return _error_out(400, f"request body is not valid JSON: {exc}"), None
+        problem = self._batch_problem(body)
+        if problem is not None:
+            return _error_out(400, problem), None
+        with self._batch_lock:
+            batch_id = f"msgbatch_fake_{self._next_serial():06d}"
+            batch = _Batch(
+                id=batch_id,
+                requests=[(r["custom_id"], r["params"]) for r in body["requests"]],
+                headers=_redacted(raw_headers),
+                created=time.time(),
+                created_mono=time.monotonic(),
+            )
+            self._batches[batch_id] = batch
+            return _Out(200, _json_bytes(self._batch_json(batch))), batch_id
+
+    def _batch_problem(self, body: Any) -> str | None:
+        """Why the API refuses a create outright (the envelope; each request's params are
+        validated later, into an ``errored`` result)."""
+        if not isinstance(body, dict):
+            return "request body must be a JSON object"
+        for name in body:
+            if name != "requests":
+                return f"{name}: Extra inputs are not permitted"
+        requests = body.get("requests")
+        if not isinstance(requests, list):
+            return "requests: Field required (a list of {custom_id, params} objects)"
+        if not requests:
+            return "requests: List should have at least 1 item after validation, not 0"
+        if len(requests) > self.max_batch_requests:
+            return (
+                f"requests: List should have at most {self.max_batch_requests} items after "
+                f"validation, not {len(requests)}"
+            )
+        seen: dict[str, int] = {}
+        for i, item in enumerate(requests):
+            if not isinstance(item, dict):
+                return f"requests.{i}: Input should be an object"
+            for name in item:
+                if name not in ("custom_id", "params"):
+                    return f"requests.{i}.{name}: Extra inputs are not permitted"
+            custom_id = item.get("custom_id")
+            if not isinstance(custom_id, str):
+                return f"requests.{i}.custom_id: Field required (a string)"
+            if not _CUSTOM_ID_RE.match(custom_id):
+                return (
+                    f"requests.{i}.custom_id: String should match pattern '{_CUSTOM_ID_RE.pattern}'"
+                )
+            if custom_id in seen:
+                return (
+                    f"requests.{i}.custom_id: custom_id {custom_id!r} is also used by "
+                    f"requests.{seen[custom_id]}; each request in a batch needs a unique custom_id"
+                )
+            seen[custom_id] = i
+            if not isinstance(item.get("params"), dict):
+                return f"requests.{i}.params: Field required (an object)"
+        return None
+
+    def _batch_operation(self, operation: str, batch_id: str) -> _Out:
+        with self._batch_lock:
+            batch = self._batches.get(batch_id)
+            if batch is None:
+                return _error_out(404, f"message batch {batch_id!r} not found")
+            self._advance(batch)
+            ended = batch.results is not None
+            if operation == "retrieve":
+                return _Out(200, _json_bytes(self._batch_json(batch)))
+            if operation == "cancel":
+                if not ended and batch.cancel_mono is None:
+                    now = time.monotonic()
+                    batch.cancel_mono, batch.cancel_wall = now, time.time()
+                    batch.cancel_processed = self._processed_by(batch, now)
+                return _Out(200, _json_bytes(self._batch_json(batch)))
+            if operation == "delete":
+                if not ended:
+                    return _error_out(
+                        400,
+                        f"Message batch {batch_id} is still processing: it can be deleted once "
+                        "it has ended. Cancel it first.",
+                    )
+                del self._batches[batch_id]
+                return _Out(200, _json_bytes({"id": batch_id, "type": "message_batch_deleted"}))
+            assert operation == "results"
+            if batch.results is None:
+                return _error_out(
+                    400,
+                    f"Message batch {batch_id} has not ended yet (processing_status "
+                    f"{self._status(batch)}); its results are available once it has.",
+                )
+            lines = list(batch.results.items())
+            self._batch_rng.shuffle(lines)  # the real API keeps no order either
+        text = "".join(
+            json.dumps({"custom_id": cid, "result": result}, ensure_ascii=False) + "\n"
+            for cid, result in lines
+        )
+        return _Out(200, text.encode("utf-8"), "application/x-jsonl")
+
+    def _list_batches(self, query: dict[str, list[str]]) -> _Out:
+        try:
+            limit = int(query.get("limit", ["20"])[0])
+        except ValueError:
+            limit = -1
+        if not 1 <= limit <= 1000:
+            return _error_out(400, "limit: Input should be an integer between 1 and 1000")
+        with self._batch_lock:
+            newest_first = list(reversed(self._batches.values()))
+            ids = [b.id for b in newest_first]
+            after, before = query.get("after_id", [None])[0], query.get("before_id", [None])[0]
+            for cursor in (after, before):
+                if cursor is not None and cursor not in ids:
+                    return _error_out(404, f"message batch {cursor!r} not found")
+            if after is not None:
+                page = newest_first[ids.index(after) + 1 :]
+                has_more = len(page) > limit
+                page = page[:limit]
+            elif before is not None:
+                older = newest_first[: ids.index(before)]
+                has_more = len(older) > limit
+                page = older[-limit:]
+            else:
+                has_more = len(newest_first) > limit
+                page = newest_first[:limit]
+            for batch in page:
+                self._advance(batch)
+            data = [self._batch_json(batch) for batch in page]
+        payload = {
+            "data": data,
+            "has_more": has_more,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+        }
+        return _Out(200, _json_bytes(payload))
+
+    def _processed_by(self, batch: _Batch, now: float) -> int:
+        """How many of ``batch``'s requests (in order) are processed at ``now``: they finish
+        evenly over ``batch_delay_s``."""
+        total = len(batch.requests)
+        if self.batch_delay_s <= 0:
+            return total
+        share = (now - batch.created_mono) / self.batch_delay_s
+        return max(0, min(total, math.floor(total * share)))
+
+    def _advance(self, batch: _Batch) -> None:
+        """Called with the batch lock held: end ``batch`` if its time has come (processing
+        every request it processed), so that each request is answered exactly once."""
+        if batch.results is not None:
+            return
+        now = time.monotonic()
+        if batch.cancel_mono is not None:
+            if now > batch.cancel_mono:  # "canceling" lasts until the next look
+                self._end(batch, batch.cancel_processed)
+        elif now >= batch.created_mono + self.batch_delay_s:
+            self._end(batch, len(batch.requests))
+
+    def _end(self, batch: _Batch, processed: int) -> None:
+        batch.results = {
+            custom_id: (
+                self._batch_result(batch, custom_id, params)
+                if i < processed
+                else {"type": "canceled"}
+            )
+            for i, (custom_id, params) in enumerate(batch.requests)
+        }
+        batch.ended = time.time()
+
+    def _batch_result(
+        self, batch: _Batch, custom_id: str, params: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The result of one batch request: what ``/v1/messages`` would have answered, unless
+        ``batch_outcome`` / ``batch_error_rate`` decide otherwise."""
+        fields, problem = self._classify(params, batch.headers)
+        request = FakeRequest(
+            index=-1,
+            status=400 if problem else None,
+            rejection=problem,
+            batch_id=batch.id,
+            custom_id=custom_id,
+            **fields,
+        )
+        outcome: Any = None
+        if problem is None:
+            try:
+                outcome = self._pick_batch_outcome(request)
+            except _UserCodeError as exc:
+                problem = str(exc)
+                request = dataclasses.replace(request, status=400)
+        if outcome == "expired":  # never reached the model: not logged as a request
+            return {"type": "expired"}
+        with self._lock:
+            request = dataclasses.replace(request, index=len(self._requests))
+            self._requests.append(request)
+            if problem and request.rejection:
+                self._rejections.append(problem)
+        if problem:
+            return _errored("invalid_request_error", problem)
+        if outcome is not None:
+            fault = Fault(status=_ERROR_STATUS[outcome], message=f"fake batch {outcome}")
+            self._finish(request, _ERROR_STATUS[outcome], fault)
+            return _errored(outcome, f"fake {outcome} (batch_outcome / batch_error_rate)")
+        try:
+            result = self._answer(request)
+            if isinstance(result, Fault):
+                if result.status is None:
+                    raise _UserCodeError(
+                        "a Fault returned by a handler or script needs a status in a batch too"
+                    )
+                self._finish(request, result.status, result)
+                message = result.message or f"fake {result.error_type} (HTTP {result.status})"
+                return _errored(result.error_type, message)
+            payload, _ = self._render(request, result)
+        except _UserCodeError as exc:
+            self._finish(request, 400)
+            return _errored("invalid_request_error", str(exc))
+        self._finish(request, 200)
+        return {"type": "succeeded", "message": payload}
+
+    def _pick_batch_outcome(self, request: FakeRequest) -> BatchOutcome:
+        if self._batch_outcome is not None:
+            outcome = self._call("batch_outcome", self._batch_outcome, request)
+            if outcome is not None and outcome != "expired" and outcome not in _ERROR_STATUS:
+                raise _UserCodeError(
+                    "fake batch_outcome must return None, 'expired' or an API error type "
+                    f"({', '.join(sorted(_ERROR_STATUS))}), got {outcome!r}"
+                )
+            return cast(BatchOutcome, outcome)
+        # Called with the batch lock held, which guards the batch rng.
+        if self.batch_error_rate > 0 and self._batch_rng.random() < self.batch_error_rate:
+            return self._batch_rng.choice(("api_error", "overloaded_error"))
+        return None
+
+    def _status(self, batch: _Batch) -> str:
+        if batch.results is not None:
+            return "ended"
+        return "canceling" if batch.cancel_mono is not None else "in_progress"
+
+    def _counts(self, batch: _Batch) -> dict[str, int]:
+        counts = dict.fromkeys(("processing", "succeeded", "errored", "canceled", "expired"), 0)
+        if batch.results is None:  # the real API counts outcomes only once the batch ends
+            counts["processing"] = len(batch.requests)
+        else:
+            for result in batch.results.values():
+                counts[result["type"]] += 1
+        return counts
+
+    def _batch_json(self, batch: _Batch) -> dict[str, Any]:
+        ended = batch.results is not None
+        return {
+            "id": batch.id,
+            "type": "message_batch",
+            "processing_status": self._status(batch),
+            "request_counts": self._counts(batch),
+            "ended_at": _rfc3339(batch.ended),
+            "created_at": _rfc3339(batch.created),
+            "expires_at": _rfc3339(batch.created + _BATCH_EXPIRY_S),
+            "archived_at": None,
+            "cancel_initiated_at": _rfc3339(batch.cancel_wall),
+            "results_url": (
+                f"{self.base_url}/v1/messages/batches/{batch.id}/results" if ended else None
+            ),
+        }
+
+    def _batch_snapshot(self, batch: _Batch) -> FakeBatch:
+        self._advance(batch)
+        return FakeBatch(
+            id=batch.id,
+            custom_ids=tuple(cid for cid, _ in batch.requests),
+            params=tuple(params for _, params in batch.requests),
+            headers=dict(batch.headers),
+            processing_status=self._status(batch),
+            request_counts=self._counts(batch),
+            cancel_requested=batch.cancel_mono is not None,
+            results=None if batch.results is None else dict(batch.results),
+        )
