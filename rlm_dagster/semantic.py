@@ -28,23 +28,20 @@ import os
 import socket
 import time
 import uuid
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from functools import cached_property
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import sqlglot
 from sqlglot import exp
 
-from rlm_dagster.cache import Cache, verdict_key
+from rlm_dagster.cache import CacheStore, verdict_scope
 from rlm_dagster.engine.budget import Budget
 from rlm_dagster.engine.events import Event, WherePlanned, WhereProgress
 from rlm_dagster.errors import BudgetExceeded, QueryError
 from rlm_dagster.models.client import LM, Usage, cached_system
-from rlm_dagster.models.profiles import VerdictChannel
+from rlm_dagster.models.profiles import ModelProfile, VerdictChannel
 from rlm_dagster.prompts import render
 from rlm_dagster.sql.policy import check_sql
 from rlm_dagster.sql.tables import TableSource
@@ -78,6 +75,7 @@ RECORD_VERDICTS_TOOL: dict[str, Any] = {
 REFUSED = "refused by the model (stop_reason: refusal)"
 
 _KEY = "__rlm_value"
+_WORK_ROWS = 10_000  # values streamed, looked up in the cache or stored per step
 VERDICT_REASON = "_verdict_reason"
 # Token estimates (4 characters a token) for planning; replies are billed as reported.
 _TOOL_OVERHEAD_TOKENS = 400  # tool definition + the API's tool-use preamble
@@ -224,7 +222,7 @@ class Semantic:
         warehouse: TableSource,
         budget: Budget,
         *,
-        cache: Cache | None = None,
+        cache: CacheStore | None = None,
         config: WhereConfig | None = None,
         on_event: Callable[[Event], None] | None = None,
         depth: int = 0,
@@ -350,33 +348,33 @@ class Semantic:
                 "e.g. limit=5, or leave it out."
             )
         started = time.monotonic()
-        job = self._prepare(table, predicate, columns, where)
-        lease = self._lease_name(job)
-        if lease is not None and self._wait_for_lease(lease):
-            # Another run judged these values meanwhile: what it finished is cached now.
-            job = self._prepare(table, predicate, columns, where)
+        job = self._prepare(table, predicate, columns, where, limit)
         try:
-            plan = job.plan
-            self.budget.check_plan("llm_where", plan.requests, plan.est_cost_usd)
-            if plan.requests:
-                self.on_event(WherePlanned(plan.describe()))
-            stats = WhereStats(
-                predicate=predicate,
-                rows_in=plan.rows_in,
-                rows_after_where=plan.rows_after_where,
-                distinct=plan.distinct,
-                cached=plan.cached,
-            )
-            verdicts: dict[int, Verdict] = dict(job.cached)
-            self._judge(job, verdicts, stats, limit, lease)
+            lease = self._lease_name(job)
+            if lease is not None and self._wait_for_lease(lease):
+                # Another run judged these values meanwhile: what it finished is cached now.
+                job.drop()
+                job = self._prepare(table, predicate, columns, where, limit)
+            try:
+                plan = job.plan
+                self.budget.check_plan("llm_where", plan.requests, plan.est_cost_usd)
+                if plan.requests:
+                    self.on_event(WherePlanned(plan.describe()))
+                stats = WhereStats(
+                    predicate=predicate,
+                    rows_in=plan.rows_in,
+                    rows_after_where=plan.rows_after_where,
+                    distinct=plan.distinct,
+                    cached=plan.cached,
+                )
+                self._judge(job, stats, limit, lease)
+            finally:
+                if lease is not None and self.cache is not None:
+                    self.cache.release_lease(lease, self._owner)
+            info, prov = self._results(job, stats, limit)
         finally:
-            if lease is not None and self.cache is not None:
-                self.cache.release_lease(lease, self._owner)
-        matches, provenance = self._results(job, verdicts, stats, limit)
+            job.drop()
         stats.seconds = time.monotonic() - started
-        info = self.warehouse.create_scratch("where", matches)
-        stats.name = info.name
-        prov = self.warehouse.create_scratch("where", provenance, name=f"{info.name}_provenance")
         return info, prov, stats
 
     def verdicts(self, stats: Sequence[WhereStats]) -> pa.Table | None:
@@ -420,9 +418,12 @@ class Semantic:
         the same values with the same predicate, model and prompt (their cache keys)."""
         if self.cache is None or not job.batches:
             return None
-        digest = hashlib.sha256()
-        for i in sorted(i for batch in job.batches for i in batch):
-            digest.update(job.cache_keys[i].encode())
+        # An order-independent digest of the values to judge, computed in the engine.
+        (summary,) = self._scalars(
+            f"SELECT count(*)::VARCHAR || ':' || coalesce(sum(hash(h))::HUGEINT, 0)::VARCHAR "
+            f"FROM {job.todo}"
+        )
+        digest = hashlib.sha256(job.scope + str(summary).encode())
         return f"llm_where:{digest.hexdigest()}"
 
     def _wait_for_lease(self, name: str) -> bool:
@@ -443,9 +444,22 @@ class Semantic:
             time.sleep(_LEASE_POLL_S)
         return waited
 
+    def _scalars(self, sql: str) -> list[Any]:
+        """The first row of a host-built query, as Python values."""
+        row = self.warehouse.trusted_arrow(sql).to_pylist()[0]
+        return list(row.values())
+
     def _prepare(
-        self, table: str, predicate: str, columns: Sequence[str] | None, where: str | None
+        self,
+        table: str,
+        predicate: str,
+        columns: Sequence[str] | None,
+        where: str | None,
+        limit: int | None = None,
     ) -> _Job:
+        """Plan the call inside the engine: the input rows, their distinct values, the cached
+        verdicts and what is left to judge become working tables; Python keeps only counts
+        and the request boundaries, so memory does not grow with the data."""
         _check_where_args(predicate, columns, where)
         dialect = self.warehouse.dialect
         base = self.warehouse.input_query(table)
@@ -456,11 +470,8 @@ class Semantic:
         def select(*expressions: str | exp.Expr) -> exp.Select:
             return exp.select(*expressions, dialect=dialect).from_(source.copy())
 
-        user_columns = [
-            c
-            for c in self.warehouse.trusted_arrow(select("*").limit(0).sql(dialect)).column_names
-            if c != VERDICT_REASON
-        ]
+        all_columns = self.warehouse.trusted_arrow(select("*").limit(0).sql(dialect)).column_names
+        user_columns = [c for c in all_columns if c != VERDICT_REASON]
         projected = list(columns) if columns is not None else user_columns
         unknown = [c for c in projected if c not in user_columns]
         if unknown:
@@ -468,11 +479,11 @@ class Semantic:
                 f"llm_where columns {unknown} do not exist; columns are: {', '.join(user_columns)}"
             )
         count = select(exp.alias_(exp.func("count", exp.Star()), "n"))
-        rows_in = self.warehouse.trusted_arrow(count.sql(dialect)).column(0)[0]
+        (rows_in,) = self._scalars(count.sql(dialect))
         # The value the sub-model reads (compact JSON of the projected columns) is built and
-        # deduplicated in the engine and Arrow, not row by row in Python. '<' and '>' are
-        # written as JSON escapes, so no row can contain the wire format's delimiters
-        # (<row id="K">, </row>); the model reads the same text.
+        # deduplicated in the engine, not row by row in Python. '<' and '>' are written as
+        # JSON escapes, so no row can contain the wire format's delimiters (<row id="K">,
+        # </row>); the model reads the same text.
         fields = exp.Struct(
             expressions=[
                 exp.PropertyEQ(this=exp.to_identifier(c), expression=exp.column(c, quoted=True))
@@ -491,30 +502,75 @@ class Semantic:
                 dialect=dialect,
             ).args["where"]
             query = query.where(condition.this)
-        try:
-            data = self.warehouse.trusted_arrow(query.sql(dialect))
-        except Exception as err:
-            raise QueryError(f"llm_where input failed: {err}") from None
-        encoded = pc.dictionary_encode(data.column(_KEY).combine_chunks())
-        values: list[str] = encoded.dictionary.to_pylist()
-        rows = data.drop_columns([c for c in (_KEY, VERDICT_REASON) if c in data.column_names])
         model = self.lm.sub_model
         self.lm.catalog.check_can_judge(model)
         profile = self.lm.catalog.profile(model)
         channel = profile.verdict_channel
         assert channel is not None
-        cache_keys = [verdict_key(predicate, model, v) for v in values]
-        hits = self.cache.get_verdicts(cache_keys) if self.cache and self.budget.replay else {}
-        cached = {
-            i: Verdict(hit[0], hit[1], decided_by="cache")
-            for i, key in enumerate(cache_keys)
-            if (hit := hits.get(key)) is not None
-        }
-        todo = [i for i in range(len(values)) if i not in cached]
+        job = _Job(self.warehouse, verdict_scope(predicate, model), channel)
+        job.reason_in_input = VERDICT_REASON in all_columns
+        try:
+            try:
+                self.warehouse.trusted_execute(f"CREATE TABLE {job.rows} AS {query.sql(dialect)}")
+            except Exception as err:
+                raise QueryError(f"llm_where input failed: {err}") from None
+            self._stage(job, limit)
+            self._plan(job, profile, predicate, rows_in)
+        except BaseException:
+            job.drop()
+            raise
+        return job
+
+    def _stage(self, job: _Job, limit: int | None) -> None:
+        """Distinct values (keyed by a 16-byte hash of the value, the tail of their verdict
+        key), the cache's verdicts for them, and the values left to judge, in the order they
+        will be sent: first-seen order when a ``limit`` may stop early, else key order, so
+        the verdicts reach the cache as ascending key ranges (few B-tree pages per write)."""
+        wh = self.warehouse
+        wh.trusted_execute(
+            f"CREATE TABLE {job.vals} AS SELECT unhex(left(sha256({_KEY}), 32)) AS h, "
+            f"{_KEY} AS v, count(*)::BIGINT AS n, min(rowid) AS first "
+            f"FROM {job.rows} GROUP BY {_KEY}"
+        )
+        wh.trusted_execute(
+            f"CREATE TABLE {job.hits} (h BLOB PRIMARY KEY, match BOOLEAN, reason VARCHAR)"
+        )
+        if self.cache is not None and self.budget.replay:
+            for chunk in wh.trusted_batches(f"SELECT h FROM {job.vals} ORDER BY h", _WORK_ROWS):
+                tails: list[bytes] = chunk.column(0).to_pylist()
+                found = self.cache.get_verdicts([job.scope + h for h in tails])
+                if found:
+                    keys = sorted(found)
+                    wh.insert_arrow(
+                        job.hits,
+                        pa.table(
+                            {
+                                "h": pa.array([k[len(job.scope) :] for k in keys], pa.binary()),
+                                "match": pa.array([found[k][0] for k in keys], pa.bool_()),
+                                "reason": pa.array([found[k][1] for k in keys], pa.string()),
+                            }
+                        ),
+                    )
+        order = "v.first" if limit is not None else "v.h"
+        wh.trusted_execute(
+            f"CREATE TABLE {job.todo} AS SELECT row_number() OVER (ORDER BY {order}) - 1 AS seq, "
+            f"v.h, v.v, v.n FROM {job.vals} AS v WHERE NOT EXISTS "
+            f"(SELECT 1 FROM {job.hits} AS c WHERE c.h = v.h) ORDER BY seq"
+        )
+        wh.trusted_execute(
+            f"CREATE TABLE {job.judged} (h BLOB, match BOOLEAN, reason VARCHAR, "
+            "decided_by VARCHAR, batch VARCHAR, cost DOUBLE, error VARCHAR)"
+        )
+
+    def _plan(self, job: _Job, profile: ModelProfile, predicate: str, rows_in: int) -> None:
+        """Pack the values to judge into requests (streaming their lengths) and price them."""
+        model = self.lm.sub_model
         answer_format = render(
-            "where_answer_json.md" if channel == "structured" else "where_answer_tool.md"
+            "where_answer_json.md" if job.channel == "structured" else "where_answer_tool.md"
         ).strip()
         system_text = render("where_system.md", predicate=predicate, answer_format=answer_format)
+        job.system = cached_system(system_text)
+        job.forced_tool = profile.forced_tool_choice
         prefix_tokens = len(system_text) // 4 + _TOOL_OVERHEAD_TOKENS
         # A request stays under the model's long-prompt price tier (Haiku 5.5 bills a whole
         # request at the long rate once its prompt passes 100K tokens) and its context window.
@@ -524,7 +580,6 @@ class Semantic:
         batch_tokens = max(
             1, min(self.config.batch_tokens, int(ceiling * _TIER_MARGIN) - prefix_tokens)
         )
-        batches = self._pack(todo, values, batch_tokens)
         effort = profile.effort(self.lm.effort["sub"])
         thinks = profile.thinks(profile.thinking_param(self.lm.thinking_mode["sub"], effort))
         thinking_est = (
@@ -532,130 +587,149 @@ class Semantic:
             if thinks
             else 0
         )
-        requests_in = [prefix_tokens + sum(self._row_tokens(values[i]) for i in b) for b in batches]
-        requests_out = [
-            _OUTPUT_TOKENS_PER_REQUEST + _OUTPUT_TOKENS_PER_ROW * len(b) + thinking_est
-            for b in batches
-        ]
-        est_in, est_out = sum(requests_in), sum(requests_out)
-        costs = [
-            self.lm.catalog.cost_usd(model, Usage(input_tokens=i, output_tokens=o))
-            for i, o in zip(requests_in, requests_out, strict=True)
-        ]
-        est_cost = None if any(c is None for c in costs) else sum(c or 0.0 for c in costs)
+        est_in = est_out = 0
+        est_cost: float | None = 0.0
+
+        def close_request(rows: int, tokens: int) -> None:
+            nonlocal est_in, est_out, est_cost
+            request_in = prefix_tokens + tokens
+            request_out = _OUTPUT_TOKENS_PER_REQUEST + _OUTPUT_TOKENS_PER_ROW * rows + thinking_est
+            est_in += request_in
+            est_out += request_out
+            cost = self.lm.catalog.cost_usd(
+                model, Usage(input_tokens=request_in, output_tokens=request_out)
+            )
+            est_cost = None if cost is None or est_cost is None else est_cost + cost
+
+        start = seq = tokens = 0
+        for chunk in self.warehouse.trusted_batches(
+            f"SELECT length(v) FROM {job.todo} ORDER BY seq", _WORK_ROWS
+        ):
+            for length in chunk.column(0).to_pylist():
+                cost = min(length, self.config.max_row_chars) // 4 + _ROW_OVERHEAD_TOKENS
+                rows = seq - start
+                if rows and (rows >= self.config.batch_rows or tokens + cost > batch_tokens):
+                    job.batches.append((start, seq))
+                    close_request(rows, tokens)
+                    start, tokens = seq, 0
+                tokens += cost
+                seq += 1
+        if seq > start:
+            job.batches.append((start, seq))
+            close_request(seq - start, tokens)
+        after_where, distinct, cached = self._scalars(
+            f"SELECT (SELECT count(*) FROM {job.rows}), (SELECT count(*) FROM {job.vals}), "
+            f"(SELECT count(*) FROM {job.hits})"
+        )
         concurrency = max(1, int(self.lm.limiter.limit))
         latencies = [r.latency_s for r in self.budget.accounting.records if r.role == "where"]
         latency = sum(latencies) / len(latencies) if latencies else self.config.default_latency_s
-        plan = WherePlan(
-            rows_in=int(rows_in.as_py()),
-            rows_after_where=rows.num_rows,
-            distinct=len(values),
-            cached=len(cached),
-            to_evaluate=len(todo),
-            requests=len(batches),
+        job.plan = WherePlan(
+            rows_in=int(rows_in),
+            rows_after_where=int(after_where),
+            distinct=int(distinct),
+            cached=int(cached),
+            to_evaluate=seq,
+            requests=len(job.batches),
             est_input_tokens=est_in,
             est_output_tokens=est_out,
             est_cost_usd=est_cost,
-            est_wall_s=-(-len(batches) // concurrency) * latency,
+            est_wall_s=-(-len(job.batches) // concurrency) * latency,
             concurrency=concurrency,
             model=model,
         )
-        return _Job(
-            rows,
-            values,
-            encoded.indices,
-            cache_keys,
-            cached,
-            batches,
-            cached_system(system_text),
-            plan,
-            channel,
-            profile.forced_tool_choice,
-        )
 
-    def _pack(self, todo: list[int], values: list[str], batch_tokens: int) -> list[list[int]]:
-        """Consecutive values into requests of at most ``batch_rows`` rows and ``batch_tokens``."""
-        batches: list[list[int]] = []
-        current: list[int] = []
-        tokens = 0
-        for i in todo:
-            cost = self._row_tokens(values[i])
-            if current and (len(current) >= self.config.batch_rows or tokens + cost > batch_tokens):
-                batches.append(current)
-                current, tokens = [], 0
-            current.append(i)
-            tokens += cost
-        if current:
-            batches.append(current)
-        return batches
+    def _requests(self, job: _Job) -> Iterator[tuple[str, list[_Value]]]:
+        """The packed requests, read from the engine a chunk at a time: (batch id, values)."""
+        boundaries = iter(enumerate(job.batches))
+        number, (start, end) = next(boundaries)
+        current: list[_Value] = []
+        for chunk in self.warehouse.trusted_batches(
+            f"SELECT h, v, n FROM {job.todo} ORDER BY seq", _WORK_ROWS
+        ):
+            for h, v, n in zip(*(chunk.column(i).to_pylist() for i in range(3)), strict=True):
+                current.append(_Value(h, v, n))
+                if len(current) == end - start:
+                    yield f"b{number}", current
+                    current = []
+                    try:
+                        number, (start, end) = next(boundaries)
+                    except StopIteration:
+                        return
 
-    def _row_tokens(self, value: str) -> int:
-        return min(len(value), self.config.max_row_chars) // 4 + _ROW_OVERHEAD_TOKENS
+    def _judge(self, job: _Job, stats: WhereStats, limit: int | None, lease: str | None) -> None:
+        """Send the packed requests; stop (and cancel what is in flight) once ``limit`` rows
+        match.
 
-    def _judge(
-        self,
-        job: _Job,
-        verdicts: dict[int, Verdict],
-        stats: WhereStats,
-        limit: int | None,
-        lease: str | None = None,
-    ) -> None:
-        """Send the packed batches; stop (and cancel what is in flight) once ``limit`` rows match.
-
-        Verdicts reach the cache in groups (every 1,000 or every second, and at the end), so a
-        run killed mid-way loses at most about a second of judged values."""
+        Verdicts reach the cache in groups (every 1,000 or every second, and at the end),
+        sorted by key, so a run killed mid-way loses at most about a second of judged values;
+        they reach the engine's working table in groups too, so memory holds only what is in
+        flight."""
         if not job.batches:
             return
-        counts = job.counts
-        matched_rows = sum(counts[i] for i, verdict in verdicts.items() if verdict.match)
+        (matched_rows,) = self._scalars(
+            f"SELECT coalesce(sum(v.n), 0) FROM {job.vals} AS v JOIN {job.hits} AS c "
+            "ON c.h = v.h WHERE c.match"
+        )
+        matched_rows = int(matched_rows)
         total = len(job.batches)
         progress = {"done": 0, "last": time.monotonic(), "start": time.monotonic()}
         spent_before = self.budget.accounting.cost_usd
-        pending: list[tuple[str, bool, str, str]] = []
+        pending: list[tuple[bytes, bool, str, str]] = []
+        judged: list[tuple[_Value, Verdict]] = []
         flushed = [time.monotonic()]
+        model = self.lm.sub_model
 
         def flush(force: bool = False) -> None:
             # A verdict and the ledger row of the request that paid for it are committed in one
             # transaction: a run killed between flushes loses both or neither.
+            if force or len(judged) >= _WORK_ROWS:
+                self._store_judged(job, judged)
+                stats.judged += len(judged)
+                judged.clear()
             if self.cache is None:
                 return
             if force or len(pending) >= 1_000 or time.monotonic() - flushed[0] >= 1.0:
-                self.cache.commit(verdicts=pending, ledger=self.budget.take_ledger())
+                self.cache.commit(verdicts=sorted(pending), ledger=self.budget.take_ledger())
                 pending.clear()
                 flushed[0] = time.monotonic()
 
+        requests = self._requests(job)
+        stop = False
+
         async def run() -> None:
-            nonlocal matched_rows
-            queue = deque((f"b{n}", batch) for n, batch in enumerate(job.batches))
+            nonlocal matched_rows, stop
 
             async def worker() -> None:
-                nonlocal matched_rows
-                while queue:
-                    batch_id, batch = queue.popleft()
+                nonlocal matched_rows, stop
+                while not stop:
+                    item = next(requests, None)
+                    if item is None:
+                        return
+                    batch_id, batch = item
                     try:
-                        judged = await self._ask(job, batch, stats, batch_id)
+                        verdicts = await self._ask(job, batch, stats, batch_id)
                     except BaseException:
                         # The breaker: once a batch fails at the provider (after the LM's
                         # retries), no new batch starts; requests already in flight finish
                         # and are kept (they are paid for), then the error ends the operator.
-                        queue.clear()
+                        stop = True
                         raise
-                    verdicts.update(judged)
-                    model = self.lm.sub_model
+                    judged.extend(verdicts)
                     pending.extend(
-                        (job.cache_keys[i], bool(v.match), v.reason, model)
-                        for i, v in judged.items()
+                        (job.scope + value.h, bool(v.match), v.reason, model)
+                        for value, v in verdicts
                         if v.match is not None
                     )
                     flush()
-                    matched_rows += sum(counts[i] for i, v in judged.items() if v.match)
+                    matched_rows += sum(value.n for value, v in verdicts if v.match)
                     progress["done"] += 1
                     self._progress(progress, total, matched_rows, spent_before)
                     if limit is not None and matched_rows >= limit:
                         # Enough rows: start nothing new; what is in flight is awaited and
                         # cached, never thrown away after being paid for.
                         stats.stopped_early = progress["done"] < total
-                        queue.clear()
+                        stop = True
                         return
 
             async def heartbeat() -> None:
@@ -682,7 +756,24 @@ class Semantic:
             self.lm.run_async(run)
         finally:
             flush(force=True)
-        stats.judged = sum(1 for v in verdicts.values() if v.decided_by != "cache")
+
+    def _store_judged(self, job: _Job, judged: Sequence[tuple[_Value, Verdict]]) -> None:
+        if not judged:
+            return
+        self.warehouse.insert_arrow(
+            job.judged,
+            pa.table(
+                {
+                    "h": pa.array([value.h for value, _ in judged], pa.binary()),
+                    "match": pa.array([v.match for _, v in judged], pa.bool_()),
+                    "reason": pa.array([v.reason for _, v in judged], pa.string()),
+                    "decided_by": pa.array([v.decided_by for _, v in judged], pa.string()),
+                    "batch": pa.array([v.batch or None for _, v in judged], pa.string()),
+                    "cost": pa.array([v.cost_usd for _, v in judged], pa.float64()),
+                    "error": pa.array([v.error for _, v in judged], pa.string()),
+                }
+            ),
+        )
 
     def _progress(
         self,
@@ -711,11 +802,11 @@ class Semantic:
         )
 
     async def _ask(
-        self, job: _Job, batch: list[int], stats: WhereStats, batch_id: str
-    ) -> dict[int, Verdict]:
+        self, job: _Job, batch: list[_Value], stats: WhereStats, batch_id: str
+    ) -> list[tuple[_Value, Verdict]]:
         """Judge ``batch``; re-ask what the reply left unjudged in smaller batches, then alone."""
         stats.requests += 1
-        lines = [f'<row id="{k}">{self._clip(job.values[i])}</row>' for k, i in enumerate(batch)]
+        lines = [f'<row id="{k}">{self._clip(value.v)}</row>' for k, value in enumerate(batch)]
         request: dict[str, Any] = {}
         if job.channel == "structured":
             request["output_format"] = {"type": "json_schema", "schema": VERDICTS_SCHEMA}
@@ -756,77 +847,88 @@ class Semantic:
                 reply.tool_input(RECORD_VERDICTS_TOOL["name"]), len(batch)
             )
         share = cost / len(batch)
-        out = {
-            batch[k]: Verdict(v.match, v.reason, decided_by="model", batch=batch_id, cost_usd=share)
+        out = [
+            (
+                batch[k],
+                Verdict(v.match, v.reason, decided_by="model", batch=batch_id, cost_usd=share),
+            )
             for k, v in judged.items()
-        }
+        ]
         missing = [batch[k] for k in range(len(batch)) if k not in judged]
         if not missing:
             return out
         if len(batch) == 1:
             stats.errors.append(problem)
-            out[batch[0]] = Verdict(
+            failed = Verdict(
                 None,
                 error=problem,
                 decided_by="refused" if refused else "failed",
                 batch=batch_id,
                 cost_usd=share,
             )
-            return out
+            return [*out, (batch[0], failed)]
         stats.reasked += len(missing)
         # Nothing usable: halve. Some usable: re-ask just the rest, which is already smaller.
         size = max(1, len(missing) // 2) if len(missing) == len(batch) else len(missing)
         for n, start in enumerate(range(0, len(missing), size)):
             part = missing[start : start + size]
-            for i, verdict in (await self._ask(job, part, stats, f"{batch_id}.{n}")).items():
+            for value, verdict in await self._ask(job, part, stats, f"{batch_id}.{n}"):
                 verdict.cost_usd += share
-                out[i] = verdict
+                out.append((value, verdict))
         return out
 
     def _results(
-        self, job: _Job, verdicts: dict[int, Verdict], stats: WhereStats, limit: int | None
-    ) -> tuple[pa.Table, pa.Table]:
-        """The matching rows and the provenance of every row, built per distinct value and
-        spread to the rows with ``take``."""
-        skipped = Verdict(None, error="not evaluated: limit reached", decided_by="not evaluated")
-        per_value = [verdicts.get(i, skipped) for i in range(len(job.values))]
-        counts = job.counts
-        model = self.lm.sub_model
-        columns: dict[str, pa.Array] = {
-            "_verdict": pa.array([v.match for v in per_value], type=pa.bool_()),
-            VERDICT_REASON: pa.array(
-                [v.reason if v.match is not None else None for v in per_value], type=pa.string()
-            ),
-            "_decided_by": pa.array([v.decided_by for v in per_value], type=pa.string()),
-            "_model": pa.array(
-                [model if v.decided_by != "not evaluated" else None for v in per_value],
-                type=pa.string(),
-            ),
-            "_batch": pa.array([v.batch or None for v in per_value], type=pa.string()),
-            "_cost_usd": pa.array(
-                [v.cost_usd / counts[i] for i, v in enumerate(per_value)], type=pa.float64()
-            ),
-            "_error": pa.array([v.error for v in per_value], type=pa.string()),
-            "_clipped": pa.array(
-                [len(value) > self.config.max_row_chars for value in job.values], type=pa.bool_()
-            ),
-        }
-        provenance = job.rows
-        for name, per_value_column in columns.items():
-            provenance = provenance.append_column(name, per_value_column.take(job.index))
-        is_match = pc.fill_null(provenance.column("_verdict"), False)
-        matches = provenance.filter(is_match).select([*job.rows.column_names, VERDICT_REASON])
-        if limit is not None:
-            matches = matches.slice(0, limit)
-        stats.matches = matches.num_rows
-        stats.failed = sum(
-            counts[i] for i, v in enumerate(per_value) if v.decided_by in ("failed", "refused")
+        self, job: _Job, stats: WhereStats, limit: int | None
+    ) -> tuple[TableInfo, TableInfo]:
+        """The matching rows and the provenance of every row, as scratch tables: one verdict
+        per distinct value (cached, judged, or not evaluated), joined back to the rows in the
+        engine, in the input's order."""
+        model = _sql_string(self.lm.sub_model)
+        wh = self.warehouse
+        wh.trusted_execute(
+            f"CREATE TABLE {job.per_value} AS SELECT v.v, v.n, "
+            "coalesce(c.match, j.match) AS _verdict, "
+            "CASE WHEN coalesce(c.match, j.match) IS NOT NULL THEN coalesce(c.reason, j.reason) "
+            f"END AS {VERDICT_REASON}, "
+            "CASE WHEN c.h IS NOT NULL THEN 'cache' WHEN j.h IS NOT NULL THEN j.decided_by "
+            "ELSE 'not evaluated' END AS _decided_by, "
+            f"CASE WHEN c.h IS NOT NULL OR j.h IS NOT NULL THEN {model} END AS _model, "
+            "j.batch AS _batch, coalesce(j.cost, 0) / v.n AS _cost_usd, "
+            "CASE WHEN c.h IS NULL AND j.h IS NULL THEN 'not evaluated: limit reached' "
+            "ELSE j.error END AS _error, "
+            f"length(v.v) > {int(self.config.max_row_chars)} AS _clipped "
+            f"FROM {job.vals} AS v LEFT JOIN {job.hits} AS c ON c.h = v.h "
+            f"LEFT JOIN {job.judged} AS j ON j.h = v.h"
         )
-        stats.clipped = sum(
-            counts[i]
-            for i, value in enumerate(job.values)
-            if len(value) > self.config.max_row_chars and per_value[i].match is not None
+        excluded = [_KEY, "__rlm_row", *([VERDICT_REASON] if job.reason_in_input else [])]
+        hidden = f"EXCLUDE ({', '.join(excluded)})"
+        verdict_columns = (
+            f"p._verdict, p.{VERDICT_REASON}, p._decided_by, p._model, p._batch, "
+            "p._cost_usd, p._error, p._clipped"
         )
+        joined = (
+            f"FROM (SELECT rowid AS __rlm_row, * FROM {job.rows}) AS i "
+            f"JOIN {job.per_value} AS p ON p.v = i.{_KEY}"
+        )
+        matches = wh.create_scratch_from(
+            "where",
+            f"SELECT i.* {hidden}, p.{VERDICT_REASON} {joined} "
+            f"WHERE p._verdict ORDER BY i.__rlm_row"
+            + (f" LIMIT {int(limit)}" if limit is not None else ""),
+        )
+        provenance = wh.create_scratch_from(
+            "where",
+            f"SELECT i.* {hidden}, {verdict_columns} {joined} ORDER BY i.__rlm_row",
+            name=f"{matches.name}_provenance",
+        )
+        stats.name = matches.name
+        stats.matches = matches.rows
+        failed, clipped = self._scalars(
+            "SELECT coalesce(sum(n) FILTER (WHERE _decided_by IN ('failed', 'refused')), 0), "
+            "coalesce(sum(n) FILTER (WHERE _clipped AND _verdict IS NOT NULL), 0) "
+            f"FROM {job.per_value}"
+        )
+        stats.failed, stats.clipped = int(failed), int(clipped)
         return matches, provenance
 
     def _clip(self, value: str) -> str:
@@ -836,33 +938,62 @@ class Semantic:
 
 
 @dataclass
+class _Value:
+    """One distinct value to judge: its hash (the tail of its verdict key), its text, and
+    how many input rows share it."""
+
+    h: bytes
+    v: str
+    n: int
+
+
+@dataclass
 class _Job:
-    """A prepared ``llm_where``: input rows, their distinct values, cache state and batches."""
+    """A prepared ``llm_where``: its working tables in the engine, the request boundaries and
+    the plan. Working tables are named so model SQL cannot reach them (the policy admits only
+    bound and scratch tables) and dropped when the call ends."""
 
-    rows: pa.Table
-    values: list[str]  # distinct projected values (JSON), in first-seen order
-    index: pa.Array  # row -> position in values
-    cache_keys: list[str]  # per value
-    cached: dict[int, Verdict]  # by value position
-    batches: list[list[int]]  # value positions per request
-    system: list[dict[str, Any]]
-    plan: WherePlan
+    warehouse: TableSource
+    scope: bytes  # the verdict-key prefix of (predicate, model, prompt version)
     channel: VerdictChannel  # structured outputs, forced tool, or offered tool (auto)
-    forced_tool: bool
+    batches: list[tuple[int, int]] = field(default_factory=list)  # [start, end) in todo order
+    system: list[dict[str, Any]] = field(default_factory=list)
+    plan: WherePlan = field(init=False)
+    forced_tool: bool = False
+    reason_in_input: bool = False
+    prefix: str = field(default_factory=lambda: f"__rlm_where_{uuid.uuid4().hex[:12]}")
 
-    @cached_property
-    def counts(self) -> list[int]:
-        """Rows per distinct value."""
-        return _counts(self.index, len(self.values))
+    @property
+    def rows(self) -> str:
+        return f"{self.prefix}_rows"
+
+    @property
+    def vals(self) -> str:
+        return f"{self.prefix}_values"
+
+    @property
+    def hits(self) -> str:
+        return f"{self.prefix}_cached"
+
+    @property
+    def todo(self) -> str:
+        return f"{self.prefix}_todo"
+
+    @property
+    def judged(self) -> str:
+        return f"{self.prefix}_judged"
+
+    @property
+    def per_value(self) -> str:
+        return f"{self.prefix}_verdicts"
+
+    def drop(self) -> None:
+        for name in (self.per_value, self.judged, self.todo, self.hits, self.vals, self.rows):
+            self.warehouse.trusted_execute(f"DROP TABLE IF EXISTS {name}")
 
 
-def _counts(index: pa.Array, n: int) -> list[int]:
-    counts = [0] * n
-    for position, count in zip(
-        *(pc.value_counts(index).field(f).to_pylist() for f in ("values", "counts")), strict=True
-    ):
-        counts[position] = count
-    return counts
+def _sql_string(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
 
 
 _QUERY_SYSTEM = "Answer the request directly and concisely."

@@ -13,13 +13,13 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from rlm_dagster import BudgetExceeded, Limits, Warehouse
+from rlm_dagster import BudgetExceeded, Limits, ProviderServerError, SQLPolicyError, Warehouse
 from rlm_dagster.cache import Cache
 from rlm_dagster.engine.budget import Budget
 from rlm_dagster.engine.events import Event, WhereProgress
 from rlm_dagster.models.client import LM
 from rlm_dagster.semantic import Semantic, WhereConfig
-from rlm_dagster.testing import FakeAnthropic, FakeRequest
+from rlm_dagster.testing import FakeAnthropic, FakeRequest, Fault
 
 MakeLM = Callable[..., LM]
 
@@ -335,3 +335,80 @@ def test_concurrent_runs_do_not_judge_the_same_values_twice(
     assert outcomes == [120, 120]
     judged = sum(len(r.rows or []) for r in fake.requests if r.kind == "where")
     assert judged == 120  # each value judged once, not once per run
+
+
+def _working_tables(wh: Warehouse) -> list[str]:
+    return [
+        r[0]
+        for r in wh.trusted_arrow(
+            "SELECT table_name FROM duckdb_tables() WHERE table_name LIKE '__rlm_where%'"
+        ).to_pylist()
+        for r in [tuple(r.values())]
+    ]
+
+
+def test_working_tables_are_unreachable_and_dropped_after_success_and_failure(
+    make_lm: MakeLM,
+) -> None:
+    """llm_where stages its rows, values, cached verdicts and results in engine tables: model
+    SQL cannot name them while they exist, and none is left behind, even when the provider
+    fails mid-way."""
+    seen: list[str] = []
+    frame = pd.DataFrame({"id": range(200), "body": [f"ticket {i % 50}" for i in range(200)]})
+
+    def judge(predicate: str, row: dict[str, Any]) -> tuple[bool, str]:
+        if not seen:
+            seen.extend(_working_tables(wh))
+            with pytest.raises(SQLPolicyError, match=r"unbound-table"):
+                wh.query(f"SELECT * FROM {seen[0]}")
+        return row["body"].endswith("7"), "ends in 7"
+
+    wh = Warehouse.from_frames({"t": frame})
+    with FakeAnthropic(where=judge) as fake:
+        _, prov, stats = semantic(make_lm(fake), wh, batch_rows=10).where(
+            "t", "ends in 7", columns=["body"]
+        )
+    assert {n.rsplit("_", 1)[-1] for n in seen} >= {"rows", "values", "cached", "todo", "judged"}
+    assert stats.matches == 20 and stats.distinct == 50
+    assert _working_tables(wh) == []
+    assert prov.rows == 200
+
+    # The provider fails after the first requests: the error propagates, tables are dropped.
+    with FakeAnthropic(where=judge) as fake:
+        sem = semantic(make_lm(fake, max_retries=0), wh, batch_rows=5)
+        fake.inject(Fault(status=500), times=100)
+        with pytest.raises(ProviderServerError):
+            sem.where("t", "ends in 7 (second predicate)")
+    assert _working_tables(wh) == []
+    wh.close()
+
+
+def test_values_are_judged_in_key_order_unless_a_limit_asks_for_first_seen(
+    make_lm: MakeLM,
+) -> None:
+    """Without a limit, values go out in verdict-key order (the cache then receives ascending
+    key ranges); with limit=, in first-seen order, so the first matching rows are found
+    first."""
+    from rlm_dagster.cache import value_hash
+
+    bodies = [f"ticket {i:03d}" for i in range(60)]
+    frame = pd.DataFrame({"id": range(60), "body": bodies})
+    sent: list[str] = []
+
+    def judge(predicate: str, row: dict[str, Any]) -> tuple[bool, str]:
+        sent.append(row["body"])
+        return True, "yes"
+
+    with FakeAnthropic(where=judge, max_concurrency=1) as fake:
+        wh = Warehouse.from_frames({"t": frame})
+        semantic(make_lm(fake, max_concurrency=1), wh, batch_rows=10).where(
+            "t", "any", columns=["body"]
+        )
+        value = lambda body: json.dumps({"body": body}, separators=(",", ":"))  # noqa: E731
+        assert sent == sorted(bodies, key=lambda b: value_hash(value(b)))
+        sent.clear()
+        semantic(make_lm(fake, max_concurrency=1), wh, batch_rows=10).where(
+            "t", "any, again", columns=["body"], limit=3
+        )
+        assert sent == bodies[:10]
+        wh.close()

@@ -25,7 +25,7 @@ import pyarrow as pa
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
-from rlm_dagster.cache import Cache, default_cache_path
+from rlm_dagster.cache import CacheStore, default_cache_path, open_cache, redact_location
 from rlm_dagster.dagster.metadata import run_metadata, run_summary, unknown_price_models
 from rlm_dagster.engine.budget import Budget, Limits
 from rlm_dagster.engine.events import Event
@@ -43,7 +43,7 @@ from rlm_dagster.redact import redact
 from rlm_dagster.repl.sandbox import WorkerLimits
 from rlm_dagster.semantic import Semantic, WhereConfig, WhereStats
 from rlm_dagster.sql.output import OutputSchema
-from rlm_dagster.sql.warehouse import Warehouse, quote_ident
+from rlm_dagster.sql.warehouse import DEFAULT_MEMORY_LIMIT_MB, Warehouse, quote_ident
 
 PROVIDERS = ("anthropic", "demo")
 
@@ -109,8 +109,15 @@ class RLMResource(dg.ConfigurableResource):
     )
     cache_path: str | None = Field(
         default=None,
-        description="SQLite cache of model results (safe across processes); default "
-        "$RLM_CACHE_PATH, else ~/.cache/rlm_dagster/cache.sqlite3.",
+        description="Cache of model results and the ledger: a SQLite file (safe across the "
+        "processes of one machine), or a postgresql://user:password@host:port/database URL "
+        "shared by every executor on any host (pip install 'rlm-dagster[postgres]'); default "
+        "$RLM_CACHE_PATH, else .rlm_dagster/cache.sqlite3 in the project.",
+    )
+    duckdb_memory_limit_mb: int = Field(
+        default=DEFAULT_MEMORY_LIMIT_MB,
+        description="Memory the run's DuckDB snapshot of the bound tables may use, in MiB; "
+        "larger tables are paged from a temporary file and intermediates spill to disk.",
     )
     where_batch_rows: int = Field(default=40, description="Most rows in one llm_where request.")
     where_batch_tokens: int = Field(
@@ -165,7 +172,11 @@ class RLMResource(dg.ConfigurableResource):
         )
 
     def cache_location(self) -> str:
-        """Where the call cache and ledger live."""
+        """Where the call cache and ledger live, fit to print: a URL's password redacted."""
+        return redact_location(self._cache_target())
+
+    def _cache_target(self) -> str:
+        """The cache's path or URL as configured, password included: open it, never print it."""
         return str(self.cache_path or default_cache_path())
 
     def worker_limits(self) -> WorkerLimits:
@@ -197,7 +208,7 @@ class RLMResource(dg.ConfigurableResource):
             raise ConfigError(f"RLMResource(provider={self.provider!r}): use one of {PROVIDERS}.")
         if self.max_concurrency < 1:
             raise ConfigError("RLMResource(max_concurrency=...) must be at least 1.")
-        cache_path = self.cache_location()
+        cache_path = self._cache_target()
         if self.provider == "demo":
             key: tuple[Any, ...] = ("demo", cache_path, self.max_concurrency, self.max_retries)
             with _SHARED.use(key, lambda: self._demo_lm(cache_path)) as lm:
@@ -236,7 +247,7 @@ class RLMResource(dg.ConfigurableResource):
         )
 
         def make() -> tuple[LM, list[Callable[[], None]]]:
-            cache = Cache(cache_path)
+            cache = open_cache(cache_path)
             lm = LM(provider="anthropic", cache=cache, catalog=catalog, **settings)
             return lm, [cache.close]
 
@@ -285,7 +296,7 @@ class RLMResource(dg.ConfigurableResource):
                 root_effort=root_effort,
                 sub_effort=sub_effort,
             ) as lm,
-            _bound(tables, duckdb, filters) as warehouse,
+            _bound(tables, duckdb, filters, self.duckdb_memory_limit_mb) as warehouse,
         ):
             if lm.provider == "demo":
                 from rlm_dagster.demo import unscripted
@@ -350,9 +361,9 @@ class RLMResource(dg.ConfigurableResource):
         with (
             self._failures(context),
             self.open_lm(sub_model=sub_model, sub_effort=sub_effort) as lm,
-            _bound(tables, duckdb, None) as warehouse,
+            _bound(tables, duckdb, None, self.duckdb_memory_limit_mb) as warehouse,
         ):
-            cache = lm.cache if isinstance(lm.cache, Cache) else None
+            cache = lm.cache if isinstance(lm.cache, CacheStore) else None
             budget = Budget(
                 limits or Limits(), ledger=cache, tags=run_tags(context), replay=replay(context)
             )
@@ -407,7 +418,7 @@ class RLMResource(dg.ConfigurableResource):
 
         server = demo_server()
         fake = server.__enter__()
-        cache = Cache(cache_path)
+        cache = open_cache(cache_path)
         lm = LM(
             api_key="demo-no-key",
             base_url=fake.base_url,
@@ -480,13 +491,14 @@ def _bound(
     tables: Sequence[str] | Mapping[str, Any],
     duckdb: DuckDBResource | str | None,
     filters: Mapping[str, str] | None,
+    memory_limit_mb: int,
 ) -> Iterator[Warehouse]:
     """The tables a run binds: a read-only snapshot of named tables, or given frames."""
     if isinstance(tables, Mapping):
-        warehouse = Warehouse.from_frames(tables)
+        warehouse = Warehouse.from_frames(tables, memory_limit_mb=memory_limit_mb)
     else:
         if not tables:
-            warehouse = Warehouse.from_frames({})
+            warehouse = Warehouse.from_frames({}, memory_limit_mb=memory_limit_mb)
         else:
             if duckdb is None:
                 raise ConfigError(
@@ -494,7 +506,9 @@ def _bound(
                     "DuckDBResource, or the database file's path)."
                 )
             database = duckdb if isinstance(duckdb, str) else duckdb.database
-            warehouse = Warehouse.snapshot(database, list(tables), filters=filters)
+            warehouse = Warehouse.snapshot(
+                database, list(tables), filters=filters, memory_limit_mb=memory_limit_mb
+            )
     try:
         yield warehouse
     finally:

@@ -2,7 +2,7 @@
 
 * :class:`TableSource` — the tables a run binds and the SQL engine that queries them. Today's
   implementation is :class:`~rlm_dagster.sql.warehouse.Warehouse`, a read-only DuckDB snapshot
-  (an in-memory copy of the bound tables plus the run's scratch results); another engine
+  (a copy of the bound tables in a temporary file plus the run's scratch results); another engine
   (pushdown to a warehouse that keeps the data) implements the same methods and names its
   SQL ``dialect``, which the SQL policy parses with.
 * :class:`AnswerSink` — where an asset's answer table is written, once, at the end of a run.
@@ -15,7 +15,7 @@ The engine and the semantic layer know only :class:`TableSource`; the Dagster la
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -55,12 +55,28 @@ class TableSource(Protocol):
         """SQL the host built itself (no policy)."""
         ...
 
+    def trusted_execute(self, sql: str) -> None:
+        """A statement the host built: creates and drops its working tables."""
+        ...
+
+    def trusted_batches(self, sql: str, rows: int = ...) -> Iterator[pa.RecordBatch]:
+        """A host-built query's result, streamed in record batches of at most ``rows``."""
+        ...
+
+    def insert_arrow(self, table: str, data: pa.Table) -> None:
+        """Append host-made rows to a working table."""
+        ...
+
     def input_query(self, source: str) -> str:
         """A table name or a model-written query as a policy-checked subquery."""
         ...
 
     def create_scratch(self, prefix: str, data: pa.Table, *, name: str | None = None) -> TableInfo:
         """Store host-made ``data`` as a scratch result the REPL can query."""
+        ...
+
+    def create_scratch_from(self, prefix: str, query: str, *, name: str | None = None) -> TableInfo:
+        """Store a host-built query's result as a scratch result, inside the engine."""
         ...
 
     def close(self) -> None: ...

@@ -1,26 +1,36 @@
-"""The tables an RLM run reasons over: a read-only, in-memory DuckDB snapshot.
+"""The tables an RLM run reasons over: a read-only DuckDB snapshot in a temporary file.
 
     >>> import pandas as pd
     >>> wh = Warehouse.from_frames({"tickets": pd.DataFrame({"id": [1, 2], "body": ["a", "b"]})})
     >>> wh.query("SELECT count(*) AS n FROM tickets").to_pydict()
     {'n': [2]}
 
-``Warehouse.snapshot`` attaches the warehouse file READ_ONLY, copies the bound tables into an
-in-memory database, detaches, and then switches off DuckDB's external access for good
+``Warehouse.snapshot`` attaches the warehouse file READ_ONLY, copies the bound tables into a
+database of its own, detaches, and then switches off DuckDB's external access for good
 (``enable_external_access=false`` + ``lock_configuration``). So the file lock is held for
 seconds rather than for the whole run (other assets can write the file meanwhile), the run
 sees one consistent snapshot, and model SQL has no path to any file even if it slipped past
 the sqlglot policy in :mod:`rlm_dagster.sql.policy`.
+
+That database is a file in a private temporary directory (removed on :meth:`Warehouse.close`),
+run under a memory limit (``memory_limit_mb``, 1 GB by default): tables larger than memory
+are bound, queried and judged by ``llm_where`` with DuckDB's buffer manager paging them and
+spilling what does not fit (at most ``spill_limit_mb``) to that directory, never the host's
+RAM. Model SQL cannot name files, so the directory is reachable only through the tables.
 """
 
 from __future__ import annotations
 
 import itertools
 import re
+import shutil
+import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import duckdb
 import pandas as pd
@@ -31,8 +41,10 @@ from rlm_dagster.sql.policy import check_sql
 
 _BARE_NAME = re.compile(r"^[A-Za-z_][\w.]*$")
 _LOCK_MARKERS = ("Could not set lock", "Conflicting lock", "lock on file")
-# What model SQL may use in the host, beyond the bound data itself.
-QUERY_MEMORY_HEADROOM_MB = 2_048
+# What DuckDB may hold in the host's memory (bound data, scratch results, model SQL); beyond
+# it, pages go to the snapshot file and intermediates spill to its directory.
+DEFAULT_MEMORY_LIMIT_MB = 1_024
+DEFAULT_SPILL_LIMIT_MB = 16_384
 QUERY_THREADS = 2
 
 
@@ -58,13 +70,16 @@ class TableInfo:
 
 
 class Warehouse:
-    """An in-memory DuckDB database holding the bound tables and scratch results: the
-    :class:`~rlm_dagster.sql.tables.TableSource` of today."""
+    """A DuckDB database in a temporary file holding the bound tables and scratch results:
+    the :class:`~rlm_dagster.sql.tables.TableSource` of today."""
 
     dialect = "duckdb"
 
-    def __init__(self, con: duckdb.DuckDBPyConnection, source: str) -> None:
+    def __init__(
+        self, con: duckdb.DuckDBPyConnection, source: str, *, workdir: Path | None = None
+    ) -> None:
         self._con = con
+        self._workdir = workdir
         # Child RLMs (rlm_query_batched) run in threads; a DuckDB connection is used by one
         # thread at a time.
         self._lock = threading.RLock()
@@ -82,9 +97,12 @@ class Warehouse:
         *,
         filters: Mapping[str, str] | None = None,
         lock_timeout_s: float = 60.0,
+        memory_limit_mb: int = DEFAULT_MEMORY_LIMIT_MB,
+        spill_limit_mb: int = DEFAULT_SPILL_LIMIT_MB,
     ) -> Warehouse:
         """Copy ``tables`` out of the DuckDB file ``database``; ``filters`` maps a table to a
-        trusted SQL predicate applied while copying (e.g. a partition filter)."""
+        trusted SQL predicate applied while copying (e.g. a partition filter). The copy is
+        made and queried within ``memory_limit_mb`` of memory, whatever the tables' size."""
         names = [t.rpartition(".")[2].lower() for t in tables]
         clashes = sorted({n for n in names if names.count(n) > 1})
         if clashes:
@@ -92,11 +110,11 @@ class Warehouse:
                 f"tables= binds the name(s) {clashes} twice ({', '.join(tables)}); each table is a "
                 "REPL variable named after its table, so bind only one of them."
             )
-        con = duckdb.connect(":memory:")
+        con, workdir = _open_database(memory_limit_mb, spill_limit_mb)
         try:
             _attach_read_only(con, database, lock_timeout_s)
         except BaseException:
-            con.close()
+            _close(con, workdir)
             raise
         try:
             existing = con.sql(
@@ -104,7 +122,7 @@ class Warehouse:
                 "UNION ALL SELECT schema_name, view_name FROM duckdb_views() "
                 "WHERE database_name = '__wh' AND NOT internal"
             ).fetchall()
-            wh = cls(con, source=database)
+            wh = cls(con, source=database, workdir=workdir)
             for requested in tables:
                 schema, table = _resolve(requested, existing, database)
                 predicate = (filters or {}).get(requested) or (filters or {}).get(table)
@@ -121,7 +139,7 @@ class Warehouse:
                     ) from None
                 wh._register(table, scratch=False)
         except BaseException:
-            con.close()
+            _close(con, workdir)
             raise
         else:
             con.execute("DETACH __wh")
@@ -129,10 +147,16 @@ class Warehouse:
         return wh
 
     @classmethod
-    def from_frames(cls, frames: Mapping[str, pd.DataFrame | pa.Table]) -> Warehouse:
+    def from_frames(
+        cls,
+        frames: Mapping[str, pd.DataFrame | pa.Table],
+        *,
+        memory_limit_mb: int = DEFAULT_MEMORY_LIMIT_MB,
+        spill_limit_mb: int = DEFAULT_SPILL_LIMIT_MB,
+    ) -> Warehouse:
         """A warehouse from in-memory frames (the plain-Python API and tests)."""
-        con = duckdb.connect(":memory:")
-        wh = cls(con, source="memory")
+        con, workdir = _open_database(memory_limit_mb, spill_limit_mb)
+        wh = cls(con, source="memory", workdir=workdir)
         for name, frame in frames.items():
             con.register("__frame", frame)
             con.execute(f"CREATE TABLE {quote_ident(name)} AS SELECT * FROM __frame")
@@ -142,14 +166,10 @@ class Warehouse:
         return wh
 
     def _lock_down(self) -> None:
-        # Model SQL runs here: no files or network, a bounded number of threads, and memory
-        # bounded to the data plus headroom (a cross join fails or spills, not the host).
-        used = self._con.sql(
-            "SELECT coalesce(sum(memory_usage_bytes), 0) FROM duckdb_memory()"
-        ).fetchall()[0][0]
-        limit_mb = int(used) // 2**20 + QUERY_MEMORY_HEADROOM_MB
-        self._con.execute(f"SET memory_limit = '{limit_mb}MB'")
-        self._con.execute(f"SET threads = {QUERY_THREADS}")
+        # Model SQL runs here: no files or network, a bounded number of threads, memory and
+        # spill space (a cross join spills, then fails; never the host).
+        self._con.execute("CHECKPOINT")
+        self._con.execute("SET enable_progress_bar = false")  # never drawn on the run's stdout
         self._con.execute("SET enable_external_access = false")
         self._con.execute("SET lock_configuration = true")
 
@@ -259,11 +279,15 @@ class Warehouse:
         with self._lock:
             return self._create_scratch(prefix, data, name)
 
-    def _create_scratch(self, prefix: str, data: pa.Table, name: str | None) -> TableInfo:
+    def _scratch_name(self, prefix: str, name: str | None) -> str:
         if name is None or name in self._tables:
             name = f"{prefix}_{next(self._scratch_ids)}"
             while name in self._tables:
                 name = f"{prefix}_{next(self._scratch_ids)}"
+        return name
+
+    def _create_scratch(self, prefix: str, data: pa.Table, name: str | None) -> TableInfo:
+        name = self._scratch_name(prefix, name)
         self._con.register("__scratch", data)
         try:
             self._con.execute(f"CREATE TABLE {quote_ident(name)} AS SELECT * FROM __scratch")
@@ -271,8 +295,79 @@ class Warehouse:
             self._con.unregister("__scratch")
         return self._register(name, scratch=True)
 
+    def trusted_execute(self, sql: str) -> None:
+        """Run a host-built statement (no policy): the working tables of the semantic layer.
+        On a connection of its own, so it runs beside other threads' queries."""
+        with self._cursor() as cur:
+            cur.execute(sql)
+
+    def trusted_batches(self, sql: str, rows: int = 10_000) -> Iterator[pa.RecordBatch]:
+        """Stream a host-built query's result in record batches of at most ``rows`` rows:
+        memory holds one batch, whatever the result's size."""
+        with self._cursor() as cur:
+            reader = cur.sql(sql).to_arrow_reader(rows)
+            yield from reader
+
+    def insert_arrow(self, table: str, data: pa.Table) -> None:
+        """Append host-made ``data`` to the working table ``table`` (columns by position)."""
+        with self._cursor() as cur:
+            cur.register("__rows", data)
+            try:
+                cur.execute(f"INSERT INTO {quote_ident(table)} SELECT * FROM __rows")
+            finally:
+                cur.unregister("__rows")
+
+    @contextmanager
+    def _cursor(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        cur = self._con.cursor()
+        try:
+            yield cur
+        finally:
+            cur.close()
+
+    def create_scratch_from(self, prefix: str, query: str, *, name: str | None = None) -> TableInfo:
+        """Store the result of the host-built ``query`` as a new scratch table, inside DuckDB
+        (nothing passes through Python, whatever its size)."""
+        with self._lock:
+            name = self._scratch_name(prefix, name)
+            self._con.execute(f"CREATE TABLE {quote_ident(name)} AS {query}")
+            return self._register(name, scratch=True)
+
     def close(self) -> None:
-        self._con.close()
+        _close(self._con, self._workdir)
+
+
+def _open_database(
+    memory_limit_mb: int, spill_limit_mb: int
+) -> tuple[duckdb.DuckDBPyConnection, Path]:
+    """A new DuckDB database file in a private temporary directory, with its memory, threads
+    and spill space bounded from the start (the copy itself runs under them)."""
+    for name, value in (("memory_limit_mb", memory_limit_mb), ("spill_limit_mb", spill_limit_mb)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 64:
+            raise ConfigError(f"{name} must be a whole number of MB, at least 64; got {value!r}.")
+    workdir = Path(tempfile.mkdtemp(prefix="rlm-warehouse-"))
+    try:
+        con = duckdb.connect(
+            str(workdir / "snapshot.duckdb"),
+            config={
+                "memory_limit": f"{memory_limit_mb}MB",
+                "max_temp_directory_size": f"{spill_limit_mb}MB",
+                "temp_directory": str(workdir / "spill"),
+                "threads": QUERY_THREADS,
+            },
+        )
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    return con, workdir
+
+
+def _close(con: duckdb.DuckDBPyConnection, workdir: Path | None) -> None:
+    try:
+        con.close()
+    finally:
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def is_lock_error(err: BaseException) -> bool:
