@@ -55,6 +55,9 @@ _EXPORTS = {
     "ConfigError": "rlm_dagster.errors",
     "DemoCannotAnswer": "rlm_dagster.errors",
     "EndpointUnreachable": "rlm_dagster.errors",
+    "BatchExpired": "rlm_dagster.errors",
+    "BatchCanceled": "rlm_dagster.errors",
+    "BatchPending": "rlm_dagster.errors",
     "MissingAPIKey": "rlm_dagster.errors",
     "ModelBadRequest": "rlm_dagster.errors",
     "ModelError": "rlm_dagster.errors",
@@ -92,6 +95,9 @@ if TYPE_CHECKING:  # what type checkers see: the same names, mirrored (and teste
     from rlm_dagster.engine.loop import RLMResult, run, run_rlm
     from rlm_dagster.errors import (
         AnswerRejected,
+        BatchCanceled,
+        BatchExpired,
+        BatchPending,
         BudgetExceeded,
         CacheError,
         ConfigError,

@@ -133,6 +133,15 @@ class EndpointUnreachable(ProviderUnavailable):
     kept being reset."""
 
 
+class BatchExpired(ProviderTimeout):
+    """A batch request was not processed before its batch's 24-hour expiry (not billed);
+    retryable: ask it again."""
+
+
+class BatchCanceled(ProviderUnavailable):
+    """A batch request was canceled before it was processed (not billed); retryable."""
+
+
 class CacheError(RLMError):
     """The call cache / ledger at ``cache_path`` cannot be opened, read or written."""
 
@@ -154,6 +163,18 @@ class BudgetExceeded(RLMError):
         super().__init__(message)
         self.limit = limit
         self.partial = partial
+
+
+class BatchPending(BudgetExceeded):
+    """``max_wall_time_s`` passed while message batches were still processing. They stay
+    recorded, so a retry of the run resumes them and pays nothing twice: retryable, unlike
+    other :class:`BudgetExceeded` errors."""
+
+    retryable = True
+
+    def __init__(self, message: str, *, batch_ids: tuple[str, ...]) -> None:
+        super().__init__(message, limit="max_wall_time_s")
+        self.batch_ids = batch_ids
 
 
 class NoFinalAnswer(RLMError):

@@ -28,7 +28,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -38,9 +38,11 @@ from sqlglot import exp
 
 from rlm_dagster.cache import CacheStore, verdict_scope
 from rlm_dagster.engine.budget import Budget
-from rlm_dagster.engine.events import Event, WherePlanned, WhereProgress
-from rlm_dagster.errors import BudgetExceeded, QueryError
-from rlm_dagster.models.client import LM, Usage, cached_system
+from rlm_dagster.engine.events import Event, WhereBatchProgress, WherePlanned, WhereProgress
+from rlm_dagster.errors import BudgetExceeded, ConfigError, QueryError
+from rlm_dagster.models.batches import BatchProgress, BatchRequest, BatchResult, BatchRunner
+from rlm_dagster.models.client import LM, Completion, Usage, cached_system
+from rlm_dagster.models.prices import BATCH_PRICE_FACTOR
 from rlm_dagster.models.profiles import ModelProfile, VerdictChannel
 from rlm_dagster.prompts import render
 from rlm_dagster.sql.policy import check_sql
@@ -76,6 +78,10 @@ REFUSED = "refused by the model (stop_reason: refusal)"
 
 _KEY = "__rlm_value"
 _WORK_ROWS = 10_000  # values streamed, looked up in the cache or stored per step
+_HASH_BYTES = 16  # the value hash: a verdict key's tail
+# Verdicts from message batches are committed in large sorted groups (and always before their
+# batch is marked finished): the batch, not the flush interval, is what a killed run resumes.
+_BATCH_FLUSH_VERDICTS = 50_000
 VERDICT_REASON = "_verdict_reason"
 # Token estimates (4 characters a token) for planning; replies are billed as reported.
 _TOOL_OVERHEAD_TOKENS = 400  # tool definition + the API's tool-use preamble
@@ -107,6 +113,10 @@ class WhereConfig:
     max_row_chars: int = 16_000  # longer rows are shown clipped, and marked _clipped
     progress_interval_s: float = 5.0
     default_latency_s: float = 3.0  # per request, until latencies have been observed
+    # Send the requests as message batches (half price, answers within 24 h) unless a call
+    # says otherwise; polled every batch_poll_s, growing to a minute.
+    batches: bool = False
+    batch_poll_s: float = 15.0
 
 
 @dataclass
@@ -135,19 +145,32 @@ class WherePlan:
     est_wall_s: float
     concurrency: int
     model: str
+    est_batch_cost_usd: float | None = None  # the same requests as message batches
+    batches: bool = False  # whether this call sends them as message batches
 
     def describe(self) -> str:
-        cost = (
-            "unknown (model not in the price table)"
-            if self.est_cost_usd is None
-            else f"${self.est_cost_usd:.4f}"
+        if self.est_cost_usd is None:
+            cost = "unknown (model not in the price table)"
+        else:
+            cost = f"${self.est_cost_usd:.4f} online"
+            if self.est_batch_cost_usd is not None:
+                cost += f" / ${self.est_batch_cost_usd:.4f} as message batches"
+        when = (
+            "sent as message batches (results within 24 h, most within an hour)"
+            if self.batches
+            else f"~{self.est_wall_s:.0f} s at concurrency {self.concurrency}"
         )
         return (
             f"{self.rows_in:,} rows -> {self.rows_after_where:,} after where -> {self.distinct:,} distinct "
             f"-> {self.cached:,} cached -> {self.to_evaluate:,} to judge in {self.requests:,} requests to "
             f"{self.model}; est. {self.est_input_tokens:,} input + {self.est_output_tokens:,} output tokens, "
-            f"{cost}, ~{self.est_wall_s:.0f} s at concurrency {self.concurrency}"
+            f"{cost}; {when}"
         )
+
+    @property
+    def chosen_cost_usd(self) -> float | None:
+        """The estimate of the mode this call runs in."""
+        return self.est_batch_cost_usd if self.batches else self.est_cost_usd
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "summary": self.describe()}
@@ -326,9 +349,25 @@ class Semantic:
         *,
         columns: Sequence[str] | None = None,
         where: str | None = None,
+        batches: bool | None = None,
     ) -> WherePlan:
-        """The cost of ``where(...)`` without calling any model."""
-        return self._prepare(table, predicate, columns, where).plan
+        """The cost of ``where(...)`` without calling any model: online and as message
+        batches, and which of the two the call would use."""
+        job = self._prepare(table, predicate, columns, where)
+        try:
+            job.plan.batches = self._batches(batches, None)
+            return job.plan
+        finally:
+            job.drop()
+
+    def _batches(self, batches: bool | None, limit: int | None) -> bool:
+        """Whether a call sends its requests as message batches: as it asks, else as the
+        asset is configured; never with ``limit=`` (a batch cannot stop at the first
+        matches, so those few requests go online)."""
+        if batches is not None and not isinstance(batches, bool):
+            raise QueryError(f"llm_where batches= must be True or False, not {batches!r}.")
+        chosen = self.config.batches if batches is None else batches
+        return chosen and limit is None
 
     def where(
         self,
@@ -338,8 +377,15 @@ class Semantic:
         columns: Sequence[str] | None = None,
         where: str | None = None,
         limit: int | None = None,
+        batches: bool | None = None,
     ) -> tuple[TableInfo, TableInfo, WhereStats]:
-        """Judge the rows; return the matches table, the provenance table and the stats."""
+        """Judge the rows; return the matches table, the provenance table and the stats.
+
+        With ``batches`` (or :attr:`WhereConfig.batches`), the requests go out as message
+        batches at half the price: first any batches an earlier, killed attempt of the same
+        call submitted are resumed (never paid twice), then the rest is submitted; what the
+        batches leave undecided (invalid replies, errored or expired requests) is judged
+        online, as always."""
         if limit is not None and (
             isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
         ):
@@ -357,7 +403,8 @@ class Semantic:
                 job = self._prepare(table, predicate, columns, where, limit)
             try:
                 plan = job.plan
-                self.budget.check_plan("llm_where", plan.requests, plan.est_cost_usd)
+                plan.batches = self._batches(batches, limit)
+                self.budget.check_plan("llm_where", plan.requests, plan.chosen_cost_usd)
                 if plan.requests:
                     self.on_event(WherePlanned(plan.describe()))
                 stats = WhereStats(
@@ -367,6 +414,8 @@ class Semantic:
                     distinct=plan.distinct,
                     cached=plan.cached,
                 )
+                if plan.batches:
+                    self._judge_batches(job, stats, lease)
                 self._judge(job, stats, limit, lease)
             finally:
                 if lease is not None and self.cache is not None:
@@ -587,6 +636,38 @@ class Semantic:
             if thinks
             else 0
         )
+        job.packing = (prefix_tokens, batch_tokens, thinking_est)
+        to_judge, est_in, est_out, est_cost = self._pack(job)
+        after_where, distinct, cached = self._scalars(
+            f"SELECT (SELECT count(*) FROM {job.rows}), (SELECT count(*) FROM {job.vals}), "
+            f"(SELECT count(*) FROM {job.hits})"
+        )
+        concurrency = max(1, int(self.lm.limiter.limit))
+        latencies = [r.latency_s for r in self.budget.accounting.records if r.role == "where"]
+        latency = sum(latencies) / len(latencies) if latencies else self.config.default_latency_s
+        job.plan = WherePlan(
+            rows_in=int(rows_in),
+            rows_after_where=int(after_where),
+            distinct=int(distinct),
+            cached=int(cached),
+            to_evaluate=to_judge,
+            requests=len(job.batches),
+            est_input_tokens=est_in,
+            est_output_tokens=est_out,
+            est_cost_usd=est_cost,
+            est_wall_s=-(-len(job.batches) // concurrency) * latency,
+            concurrency=concurrency,
+            model=model,
+            est_batch_cost_usd=None if est_cost is None else est_cost * BATCH_PRICE_FACTOR,
+        )
+
+    def _pack(self, job: _Job) -> tuple[int, int, int, float | None]:
+        """Pack the values left in the todo table into requests of at most ``batch_rows``
+        rows and the token budget, streaming their lengths; sets ``job.batches`` and returns
+        (values, estimated input tokens, output tokens, USD)."""
+        prefix_tokens, batch_tokens, thinking_est = job.packing
+        model = self.lm.sub_model
+        job.batches = []
         est_in = est_out = 0
         est_cost: float | None = 0.0
 
@@ -617,27 +698,7 @@ class Semantic:
         if seq > start:
             job.batches.append((start, seq))
             close_request(seq - start, tokens)
-        after_where, distinct, cached = self._scalars(
-            f"SELECT (SELECT count(*) FROM {job.rows}), (SELECT count(*) FROM {job.vals}), "
-            f"(SELECT count(*) FROM {job.hits})"
-        )
-        concurrency = max(1, int(self.lm.limiter.limit))
-        latencies = [r.latency_s for r in self.budget.accounting.records if r.role == "where"]
-        latency = sum(latencies) / len(latencies) if latencies else self.config.default_latency_s
-        job.plan = WherePlan(
-            rows_in=int(rows_in),
-            rows_after_where=int(after_where),
-            distinct=int(distinct),
-            cached=int(cached),
-            to_evaluate=seq,
-            requests=len(job.batches),
-            est_input_tokens=est_in,
-            est_output_tokens=est_out,
-            est_cost_usd=est_cost,
-            est_wall_s=-(-len(job.batches) // concurrency) * latency,
-            concurrency=concurrency,
-            model=model,
-        )
+        return seq, est_in, est_out, est_cost
 
     def _requests(self, job: _Job) -> Iterator[tuple[str, list[_Value]]]:
         """The packed requests, read from the engine a chunk at a time: (batch id, values)."""
@@ -757,6 +818,139 @@ class Semantic:
         finally:
             flush(force=True)
 
+    def _judge_batches(self, job: _Job, stats: WhereStats, lease: str | None) -> None:
+        """Judge the values left through message batches: resume the batches an earlier
+        attempt of this call submitted, then submit the rest. Valid verdicts are stored and
+        cached like online ones (committed before their batch is marked finished, so a run
+        killed in between gets them again from the batch); whatever the batches leave
+        undecided stays in the todo table for the online pass."""
+        if self.cache is None:
+            raise ConfigError(
+                "llm_where batches need the cache: it records every submitted batch, so a "
+                "retried run resumes it instead of paying again. Set cache_path (or "
+                "RLM_CACHE_PATH), or leave batches off."
+            )
+        cache = self.cache
+        key = self._batch_key(job)
+        model = self.lm.sub_model
+        pending: list[tuple[bytes, bool, str, str]] = []
+        judged: list[tuple[_Value, Verdict]] = []
+        meter = self.budget.holding_ledger()
+
+        def flush() -> None:
+            self._store_judged(job, judged)
+            stats.judged += len(judged)
+            judged.clear()
+            cache.commit(verdicts=sorted(pending), ledger=self.budget.take_ledger())
+            pending.clear()
+
+        def take(result: BatchResult) -> None:
+            if result.completion is None:
+                return  # errored, expired or canceled: not billed, judged online below
+            reply = result.completion
+            tails = [
+                result.blob[i : i + _HASH_BYTES] for i in range(0, len(result.blob), _HASH_BYTES)
+            ]
+            cost = reply.record.cost_usd or 0.0
+            stats.requests += 1
+            stats.cost_usd += cost
+            verdicts, _, _ = self._read_reply(job, reply, len(tails))
+            share = cost / max(len(tails), 1)
+            for k, v in verdicts.items():
+                where = f"{result.batch_id}/{result.custom_id}"
+                judged.append(
+                    (
+                        _Value(tails[k], "", 0),
+                        Verdict(v.match, v.reason, decided_by="model", batch=where, cost_usd=share),
+                    )
+                )
+                pending.append((job.scope + tails[k], bool(v.match), v.reason, model))
+            if len(pending) >= _BATCH_FLUSH_VERDICTS:
+                flush()
+
+        def progress(p: BatchProgress) -> None:
+            self.on_event(
+                WhereBatchProgress(
+                    batch_id=p.batch_id,
+                    status=p.status,
+                    requests_done=p.requests_done,
+                    requests_total=p.requests_total,
+                    batches_open=p.batches_open,
+                    elapsed_s=p.elapsed_s,
+                )
+            )
+
+        runner = BatchRunner(
+            self.lm, _FlushFirst(cache, flush), poll_interval_s=self.config.batch_poll_s
+        )
+        options: dict[str, Any] = {
+            "role": "where",
+            "depth": self.depth,
+            "meter": meter,
+            "deadline": self.budget.deadline,
+            "on_progress": progress,
+        }
+
+        def requests() -> Iterator[BatchRequest]:
+            for batch_id, values in self._requests(job):
+                r = self._where_request(job, values)
+                params = self.lm._request(
+                    "where",
+                    model,
+                    r["system"],
+                    r["messages"],
+                    r["max_tokens"],
+                    r.get("tools"),
+                    r.get("tool_choice"),
+                    r.get("output_format"),
+                )
+                yield BatchRequest(batch_id, params, b"".join(v.h for v in values))
+
+        async def run() -> None:
+            async def heartbeat() -> None:
+                assert lease is not None
+                while True:
+                    await asyncio.sleep(_LEASE_TTL_S / 4)
+                    await asyncio.to_thread(cache.try_lease, lease, self._owner, _LEASE_TTL_S)
+
+            beat = asyncio.create_task(heartbeat()) if lease is not None else None
+            try:
+                async for result in runner.aresume(key, **options):
+                    take(result)
+                flush()
+                self._restage(job)
+                if job.batches:
+                    async for result in runner.astream(key, requests(), **options):
+                        take(result)
+            finally:
+                if beat is not None:
+                    beat.cancel()
+
+        try:
+            self.lm.run_async(run)
+        finally:
+            flush()
+        self._restage(job)
+
+    def _batch_key(self, job: _Job) -> str:
+        """The key a call's message batches are recorded under: the same for every attempt
+        of the same call (predicate, model, prompt version and all its distinct values,
+        cached or not), so a retry finds what an earlier attempt submitted."""
+        (summary,) = self._scalars(
+            f"SELECT count(*)::VARCHAR || ':' || coalesce(sum(hash(h))::HUGEINT, 0)::VARCHAR "
+            f"FROM {job.vals}"
+        )
+        digest = hashlib.sha256(job.scope + str(summary).encode())
+        digest.update(f"{self.config.batch_rows}:{self.config.batch_tokens}".encode())
+        return f"llm_where:{digest.hexdigest()[:40]}"
+
+    def _restage(self, job: _Job) -> None:
+        """Take the values the batches decided out of the todo table and pack the rest."""
+        self.warehouse.trusted_execute(
+            f"DELETE FROM {job.todo} WHERE h IN (SELECT h FROM {job.judged})"
+        )
+        self._pack(job)
+
     def _store_judged(self, job: _Job, judged: Sequence[tuple[_Value, Verdict]]) -> None:
         if not judged:
             return
@@ -801,13 +995,14 @@ class Semantic:
             )
         )
 
-    async def _ask(
-        self, job: _Job, batch: list[_Value], stats: WhereStats, batch_id: str
-    ) -> list[tuple[_Value, Verdict]]:
-        """Judge ``batch``; re-ask what the reply left unjudged in smaller batches, then alone."""
-        stats.requests += 1
+    def _where_request(self, job: _Job, batch: Sequence[_Value]) -> dict[str, Any]:
+        """The Messages request judging ``batch`` (the same online and in a message batch)."""
         lines = [f'<row id="{k}">{self._clip(value.v)}</row>' for k, value in enumerate(batch)]
-        request: dict[str, Any] = {}
+        request: dict[str, Any] = {
+            "system": job.system,
+            "messages": [{"role": "user", "content": "\n".join(lines)}],
+            "max_tokens": 200 + 60 * len(batch),
+        }
         if job.channel == "structured":
             request["output_format"] = {"type": "json_schema", "schema": VERDICTS_SCHEMA}
         else:
@@ -817,35 +1012,42 @@ class Semantic:
                 if job.channel == "forced_tool"
                 else {"type": "auto"}
             )
+        return request
+
+    def _read_reply(
+        self, job: _Job, reply: Completion, n: int
+    ) -> tuple[dict[int, Verdict], str, bool]:
+        """The valid verdicts of a reply by row id, what was wrong with the rest, and whether
+        it was a refusal. Only the channel the request asked for is read; a refusal covers
+        the whole reply."""
+        if reply.stop_reason == "refusal":
+            return {}, REFUSED, True
+        if job.channel == "structured":
+            judged, problem = parse_verdicts(_json_object(reply.text), n)
+        else:
+            judged, problem = parse_verdicts(reply.tool_input(RECORD_VERDICTS_TOOL["name"]), n)
+        return judged, problem, False
+
+    async def _ask(
+        self, job: _Job, batch: list[_Value], stats: WhereStats, batch_id: str
+    ) -> list[tuple[_Value, Verdict]]:
+        """Judge ``batch``; re-ask what the reply left unjudged in smaller batches, then alone."""
+        stats.requests += 1
         # Provider failures (after the LM's retries) are not a problem of this reply's content:
         # they propagate and end the operator; only content problems are re-asked below.
         reply = await self.lm.acomplete(
             role="where",
             model=self.lm.sub_model,
-            system=job.system,
-            messages=[{"role": "user", "content": "\n".join(lines)}],
-            max_tokens=200 + 60 * len(batch),
             depth=self.depth,
             deadline=self.budget.deadline,
             # verdicts are cached per value, and the batch's ledger row is committed with them
             meter=self.budget.holding_ledger(),
             cached=False,
-            **request,
+            **self._where_request(job, batch),
         )
         cost = reply.record.cost_usd or 0.0
         stats.cost_usd += cost
-        # A refusal covers the whole reply: nothing in it is read, and the batch is split until
-        # only the refused rows are left (each NULL, with the refusal recorded).
-        refused = reply.stop_reason == "refusal"
-        judged: dict[int, Verdict]
-        if refused:
-            judged, problem = {}, REFUSED
-        elif job.channel == "structured":
-            judged, problem = parse_verdicts(_json_object(reply.text), len(batch))
-        else:
-            judged, problem = parse_verdicts(
-                reply.tool_input(RECORD_VERDICTS_TOOL["name"]), len(batch)
-            )
+        judged, problem, refused = self._read_reply(job, reply, len(batch))
         share = cost / len(batch)
         out = [
             (
@@ -961,6 +1163,7 @@ class _Job:
     plan: WherePlan = field(init=False)
     forced_tool: bool = False
     reason_in_input: bool = False
+    packing: tuple[int, int, int] = (0, 1, 0)  # prefix tokens, tokens per request, thinking
     prefix: str = field(default_factory=lambda: f"__rlm_where_{uuid.uuid4().hex[:12]}")
 
     @property
@@ -990,6 +1193,24 @@ class _Job:
     def drop(self) -> None:
         for name in (self.per_value, self.judged, self.todo, self.hits, self.vals, self.rows):
             self.warehouse.trusted_execute(f"DROP TABLE IF EXISTS {name}")
+
+
+class _FlushFirst:
+    """The batch store, committing the verdicts taken so far before a batch is marked
+    finished: a batch is finished only once what it decided is in the cache."""
+
+    def __init__(self, store: CacheStore, before_finish: Callable[[], None]) -> None:
+        self._store, self._before_finish = store, before_finish
+
+    def put_batch(self, job: str, batch_id: str, model: str, requests: Mapping[str, bytes]) -> None:
+        self._store.put_batch(job, batch_id, model, requests)
+
+    def open_batches(self, job: str) -> list[tuple[str, dict[str, bytes]]]:
+        return self._store.open_batches(job)
+
+    def finish_batch(self, batch_id: str) -> None:
+        self._before_finish()
+        self._store.finish_batch(batch_id)
 
 
 def _sql_string(text: str) -> str:

@@ -23,6 +23,9 @@ import rlm_dagster.models.batches as batches_module
 from rlm_dagster.cache import Cache
 from rlm_dagster.engine.budget import Budget, Limits
 from rlm_dagster.errors import (
+    BatchCanceled,
+    BatchExpired,
+    BatchPending,
     BudgetExceeded,
     ConfigError,
     ModelBadRequest,
@@ -32,9 +35,6 @@ from rlm_dagster.errors import (
     ProviderServerError,
 )
 from rlm_dagster.models.batches import (
-    BatchCanceled,
-    BatchExpired,
-    BatchPending,
     BatchProgress,
     BatchRequest,
     BatchResult,

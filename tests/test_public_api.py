@@ -59,9 +59,12 @@ PUBLIC = frozenset(
         "ProviderServerError",
         "ProviderTimeout",
         "EndpointUnreachable",
+        "BatchExpired",
+        "BatchCanceled",
         "CacheError",
         "WarehouseBusy",
         "BudgetExceeded",
+        "BatchPending",
         "NoFinalAnswer",
     }
 )
@@ -112,6 +115,9 @@ def test_every_error_is_an_exported_rlm_error_and_says_if_it_is_retryable() -> N
         "ProviderServerError",
         "ProviderTimeout",
         "EndpointUnreachable",
+        "BatchExpired",
+        "BatchCanceled",
+        "BatchPending",
         "WarehouseBusy",
     }
 

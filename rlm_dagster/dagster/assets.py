@@ -75,6 +75,7 @@ def rlm_asset(
     retry_policy: dg.RetryPolicy | None = DEFAULT_RETRY_POLICY,
     pool: str | None = None,
     fail_on_undecided_rows: bool = False,
+    where_batches: bool = False,
     context: str | Sequence[str] | dg.AssetKey | None = None,
     rlm_resource_key: str = "rlm",
     duckdb_resource_key: str = "duckdb",
@@ -97,7 +98,8 @@ def rlm_asset(
     concurrency pool (see the README on DuckDB writers). ``fail_on_undecided_rows`` makes the
     ``llm_where_rows_decided`` check blocking (ERROR): a run whose ``llm_where`` calls left
     rows NULL (the model's replies stayed malformed, or it refused them) then fails its check
-    and stops downstream assets; by default it warns. ``translator`` (an
+    and stops downstream assets; by default it warns. ``where_batches`` sends the run's
+    ``llm_where`` requests as message batches (half the price; a retry resumes them). ``translator`` (an
     :class:`~rlm_dagster.dagster.translator.RLMTranslator` subclass) changes how the definition
     becomes Dagster objects: key, deps, group, metadata, checks.
     """
@@ -165,6 +167,7 @@ def build_rlm_asset(
             sub_model=args.sub_model,
             root_effort=args.root_effort,
             sub_effort=args.sub_effort,
+            where_batches=args.where_batches,
             log_summary=False,  # said below, with where the answer was written
         )
         answer = result.answer

@@ -154,6 +154,13 @@ class RLMAssetArgs(dg.Resolvable, dg.Model):
     fail_on_undecided_rows: Annotated[
         bool, _doc("Make the llm_where_rows_decided check blocking (ERROR).")
     ] = False
+    where_batches: Annotated[
+        bool,
+        _doc(
+            "Send llm_where requests as message batches: half the price, results within 24 h "
+            "(most within an hour); a retried run resumes the batches it submitted."
+        ),
+    ] = False
     context: Annotated[
         dg.AssetKey | None,
         dg.Resolver(

@@ -114,6 +114,10 @@ class RLMResource(dg.ConfigurableResource):
         "shared by every executor on any host (pip install 'rlm-dagster[postgres]'); default "
         "$RLM_CACHE_PATH, else .rlm_dagster/cache.sqlite3 in the project.",
     )
+    where_batch_poll_s: float = Field(
+        default=15.0,
+        description="Seconds between looks at llm_where's message batches (growing to 60).",
+    )
     duckdb_memory_limit_mb: int = Field(
         default=DEFAULT_MEMORY_LIMIT_MB,
         description="Memory the run's DuckDB snapshot of the bound tables may use, in MiB; "
@@ -184,10 +188,15 @@ class RLMResource(dg.ConfigurableResource):
             memory_bytes=self.worker_memory_mb * 1024**2, cpu_seconds=self.worker_cpu_s
         )
 
-    def where_config(self) -> WhereConfig:
+    def where_config(self, *, batches: bool = False) -> WhereConfig:
         if self.where_batch_rows < 1 or self.where_batch_tokens < 1:
             raise ConfigError("RLMResource where_batch_rows and where_batch_tokens must be >= 1.")
-        return WhereConfig(batch_rows=self.where_batch_rows, batch_tokens=self.where_batch_tokens)
+        return WhereConfig(
+            batch_rows=self.where_batch_rows,
+            batch_tokens=self.where_batch_tokens,
+            batches=batches,
+            batch_poll_s=self.where_batch_poll_s,
+        )
 
     @contextmanager
     def open_lm(
@@ -271,6 +280,7 @@ class RLMResource(dg.ConfigurableResource):
         sub_model: str | None = None,
         root_effort: str | None = None,
         sub_effort: str | None = None,
+        where_batches: bool = False,
         log_summary: bool = True,
     ) -> RLMResult:
         """Run an RLM inside your own asset body; returns its :class:`RLMResult`.
@@ -286,6 +296,7 @@ class RLMResource(dg.ConfigurableResource):
         the Dagster run id, the asset and the partition; events go to ``context.log``. A failure
         is a ``dg.Failure`` carrying the error, the trajectory so far and ``allow_retries``
         set exactly when a retry can help. Nothing is written to the warehouse.
+        ``where_batches`` sends the run's ``llm_where`` requests as message batches.
         """
         schema = OutputSchema.parse(output) if isinstance(output, Mapping) else output
         with (
@@ -313,7 +324,7 @@ class RLMResource(dg.ConfigurableResource):
                 output=schema,
                 on_event=lambda event: log_event(context, event),
                 sandbox=self.sandbox,
-                where_config=self.where_config(),
+                where_config=self.where_config(batches=where_batches),
                 worker_limits=self.worker_limits(),
                 context=wire_context(context_value),
                 tags=run_tags(context),
@@ -345,6 +356,7 @@ class RLMResource(dg.ConfigurableResource):
         limits: Limits | None = None,
         sub_model: str | None = None,
         sub_effort: str | None = None,
+        batches: bool = False,
     ) -> WhereResult:
         """The rows of ``table`` for which ``predicate`` holds, judged by the sub model, inside
         your own asset body: the same operator as the REPL's ``llm_where`` (projection,
@@ -356,6 +368,8 @@ class RLMResource(dg.ConfigurableResource):
 
         ``table`` is a table in ``duckdb``'s file, or the name for ``frame`` (a DataFrame or
         Arrow table). ``limits`` defaults to :class:`Limits` (``max_cost_usd`` $5).
+        ``batches=True`` sends the requests as message batches: half the price, results
+        within 24 h (most within an hour); a retried step resumes the batches it submitted.
         """
         tables: Mapping[str, Any] | Sequence[str] = {table: frame} if frame is not None else [table]
         with (
@@ -377,7 +391,7 @@ class RLMResource(dg.ConfigurableResource):
             )
             name = table.rpartition(".")[2].lower() if frame is None else table
             matches, provenance, stats = semantic.where(
-                name, predicate, columns=columns, where=where, limit=limit
+                name, predicate, columns=columns, where=where, limit=limit, batches=batches
             )
             context.log.info(redact(stats.describe()))
             return WhereResult(

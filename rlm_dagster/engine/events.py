@@ -118,6 +118,28 @@ class WhereProgress:
 
 
 @dataclass(frozen=True)
+class WhereBatchProgress:
+    """An ``llm_where`` call's message batches: how far they are, after each look at one."""
+
+    batch_id: str
+    status: str
+    requests_done: int
+    requests_total: int
+    batches_open: int
+    elapsed_s: float
+    level: ClassVar[str] = "info"
+
+    def describe(self) -> str:
+        done, total = self.requests_done, self.requests_total
+        return (
+            f"llm_where (message batches): {done:,}/{total:,} requests answered "
+            f"({done / max(total, 1):.0%}), {self.batches_open} batch(es) processing, "
+            f"{self.elapsed_s:.0f} s; batch {self.batch_id} is {self.status}. Batches finish "
+            "within 24 h, most within an hour; a retried run resumes them, paying nothing twice"
+        )
+
+
+@dataclass(frozen=True)
 class ChildStarted:
     """``rlm_query`` started a child run."""
 
@@ -147,6 +169,7 @@ Event = (
     | WherePlanned
     | WhereDone
     | WhereProgress
+    | WhereBatchProgress
     | ChildStarted
     | RunWarning
 )

@@ -459,12 +459,14 @@ class RLMRun:
     def _llm_where(self, args: dict[str, Any]) -> dict[str, Any]:
         table, predicate = str(args["table"]), str(args["predicate"])
         columns, where = args.get("columns"), args.get("where")
+        batches = args.get("batches")
         if args.get("dry_run"):
-            return {
-                "plan": self.semantic.plan(table, predicate, columns=columns, where=where).as_dict()
-            }
+            plan = self.semantic.plan(
+                table, predicate, columns=columns, where=where, batches=batches
+            )
+            return {"plan": plan.as_dict()}
         info, provenance, stats = self.semantic.where(
-            table, predicate, columns=columns, where=where, limit=args.get("limit")
+            table, predicate, columns=columns, where=where, limit=args.get("limit"), batches=batches
         )
         self.where_stats.append(stats)
         self.on_event(WhereDone(stats))

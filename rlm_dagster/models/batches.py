@@ -49,6 +49,9 @@ import anthropic
 import httpx2
 
 from rlm_dagster.errors import (
+    BatchCanceled,
+    BatchExpired,
+    BatchPending,
     BudgetExceeded,
     ConfigError,
     ModelBadRequest,
@@ -57,8 +60,6 @@ from rlm_dagster.errors import (
     ProviderAuthError,
     ProviderOverloaded,
     ProviderServerError,
-    ProviderTimeout,
-    ProviderUnavailable,
     RateLimited,
     RLMError,
 )
@@ -179,27 +180,6 @@ class BatchProgress:
     requests_total: int
     batches_open: int
     elapsed_s: float
-
-
-class BatchExpired(ProviderTimeout):
-    """A batch request was not processed before its batch's 24-hour expiry (not billed);
-    retryable: ask it again."""
-
-
-class BatchCanceled(ProviderUnavailable):
-    """A batch request was canceled before it was processed (not billed); retryable."""
-
-
-class BatchPending(BudgetExceeded):
-    """``max_wall_time_s`` passed while message batches were still processing. They stay
-    recorded, so a retry of the run resumes them and pays nothing twice: retryable, unlike
-    other :class:`BudgetExceeded` errors."""
-
-    retryable = True
-
-    def __init__(self, message: str, *, batch_ids: tuple[str, ...]) -> None:
-        super().__init__(message, limit="max_wall_time_s")
-        self.batch_ids = batch_ids
 
 
 def batch_cost_usd(catalog: ModelCatalog, model: str, usage: Usage) -> float | None:

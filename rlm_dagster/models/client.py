@@ -801,6 +801,8 @@ def ledger_row(record: CallRecord, tags: Mapping[str, Any] | None = None) -> dic
         "cost_usd": record.paid_usd if record.cost_usd is not None else None,
         "latency_s": record.latency_s,
         "cache_hit": int(record.cache_hit),
+        # the message batch it was answered in (a BatchCallRecord), else None
+        "batch_id": getattr(record, "batch_id", None) or None,
     }
 
 

@@ -241,10 +241,12 @@ class Repl:
         where: str | None = None,
         limit: int | None = None,
         dry_run: bool = False,
+        batches: bool | None = None,
     ) -> Table | dict[str, Any]:
         """Rows of ``table`` for which the natural-language ``predicate`` holds, as a table
         (``.provenance`` has every input row's verdict); ``dry_run=True`` returns the plan and
-        its estimated cost instead, calling no model."""
+        its estimated cost instead, calling no model. ``batches=True`` sends the requests as
+        message batches (half the price; results within 24 h, most within an hour)."""
         source = table.name if isinstance(table, Table) else str(table)
         info = self.channel.call(
             "llm_where",
@@ -254,6 +256,7 @@ class Repl:
             where=where,
             limit=limit,
             dry_run=bool(dry_run),
+            batches=batches,
         )
         if "plan" in info:
             return dict(info["plan"])
