@@ -154,3 +154,27 @@ def test_a_translator_subclass_changes_key_deps_and_group(
     con = duckdb.connect(warehouse_file, read_only=True)
     assert con.sql("SELECT count(*) FROM team.plans").fetchall()[0][0] > 0
     con.close()
+
+
+def test_llm_where_in_a_user_asset_returns_every_row_of_a_large_frame(tmp_path: Path) -> None:
+    """150,000 rows (more than model SQL may fetch) with 30 distinct values: all of them come
+    back, judged in one request."""
+    import pandas as pd
+
+    frame = pd.DataFrame({"id": range(150_000), "body": [f"note {i % 30}" for i in range(150_000)]})
+    seen: dict[str, Any] = {}
+
+    @dg.asset
+    def notes(context: dg.AssetExecutionContext, rlm: RLMResource) -> None:
+        seen["where"] = rlm.llm_where(
+            context, "notes", "the note number is even", frame=frame, columns=["body"]
+        )
+
+    judge = lambda predicate, row: (int(row["body"].split()[1]) % 2 == 0, "even")  # noqa: E731
+    with FakeAnthropic(where=judge) as fake:
+        result = dg.materialize([notes], resources={"rlm": resource(fake, tmp_path)})
+        assert fake.count("where") == 1
+    assert result.success
+    where: WhereResult = seen["where"]
+    assert where.provenance.num_rows == 150_000
+    assert where.matches.num_rows == 75_000

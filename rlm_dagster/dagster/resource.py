@@ -395,8 +395,11 @@ class RLMResource(dg.ConfigurableResource):
             )
             context.log.info(redact(stats.describe()))
             return WhereResult(
-                matches=warehouse.query(f"SELECT * FROM {quote_ident(matches.name)}"),
-                provenance=warehouse.query(f"SELECT * FROM {quote_ident(provenance.name)}"),
+                # every row, not capped like model SQL (max_sql_rows): the caller asked for them
+                matches=warehouse.trusted_arrow(f"SELECT * FROM {quote_ident(matches.name)}"),
+                provenance=warehouse.trusted_arrow(
+                    f"SELECT * FROM {quote_ident(provenance.name)}"
+                ),
                 stats=stats,
                 accounting=budget.accounting,
             )
