@@ -277,13 +277,15 @@ class Semantic:
         return reply.text
 
     def query_batched(self, prompts: Sequence[str], model: str | None = None) -> list[str]:
-        """Concurrent sub-calls, order kept. The whole fan-out's upper bound is checked against
-        the budget before anything is sent, and each request reserves its own as it goes."""
+        """Concurrent sub-calls, order kept; identical prompts are sent once and their reply
+        given to each. The whole fan-out's upper bound is checked against the budget before
+        anything is sent, and each request reserves its own as it goes."""
         if isinstance(prompts, str) or not isinstance(prompts, list | tuple):
             raise QueryError("llm_query_batched takes a list of prompts (str).")
         texts = [_prompt_text(p) for p in prompts]
+        distinct = list(dict.fromkeys(texts))
         model = self._model(model)
-        self.budget.reserve_sub_calls(len(texts))
+        self.budget.reserve_sub_calls(len(distinct))
         bounds = [
             self.lm.upper_bound(
                 self.lm._request(
@@ -296,11 +298,10 @@ class Semantic:
                     None,
                 )
             )[1]
-            for t in texts
+            for t in distinct
         ]
         known = None if any(b is None for b in bounds) else sum(b or 0.0 for b in bounds)
-        self.budget.check_plan("llm_query_batched", len(texts), known)
-        prompts = texts
+        self.budget.check_plan("llm_query_batched", len(distinct), known)
 
         async def one(prompt: str) -> str:
             reply = await self.lm.acomplete(
@@ -319,13 +320,14 @@ class Semantic:
         async def run() -> list[str]:
             # Every prompt runs to its end (each success is cached), then the first provider
             # failure ends the call: a retried run pays only for what failed.
-            results = await asyncio.gather(*(one(p) for p in prompts), return_exceptions=True)
+            results = await asyncio.gather(*(one(p) for p in distinct), return_exceptions=True)
             for result in results:
                 if isinstance(result, BaseException):
                     raise result
             return [str(r) for r in results]
 
-        return self.lm.run_async(run)
+        replies = dict(zip(distinct, self.lm.run_async(run), strict=True))
+        return [replies[t] for t in texts]
 
     def _model(self, model: str | None) -> str:
         """``model`` if the run was configured with it (root or sub), else an error: model

@@ -447,3 +447,24 @@ def test_budget_wall_time_limit() -> None:
 def test_limits_validate(kwargs: dict[str, int], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         Limits(**kwargs)  # type: ignore[arg-type]
+
+
+def test_identical_prompts_in_one_llm_query_batched_are_sent_once(
+    fake: FakeAnthropic, lm: LM
+) -> None:
+    """1,000 prompts, 10 distinct: 10 requests, each reply given to every copy, order kept,
+    and 10 sub-calls counted."""
+    from rlm_dagster import Limits, Warehouse
+    from rlm_dagster.engine.budget import Budget
+    from rlm_dagster.semantic import Semantic
+
+    budget = Budget(Limits(), lm.accounting)
+    sem = Semantic(lm, Warehouse.from_frames({}), budget)
+    prompts = [f"question {i % 10}" for i in range(1_000)]
+    before = fake.count("sub")
+    replies = sem.query_batched(prompts)
+    assert fake.count("sub") - before == 10
+    assert len(replies) == 1_000
+    assert len(set(replies)) == 10
+    assert all(replies[i] == replies[i % 10] for i in range(1_000))
+    assert budget.sub_calls_started == 10
