@@ -43,6 +43,7 @@ from rlm_dagster.engine.budget import Budget
 from rlm_dagster.models.client import LM, CallRecord, Completion, Usage, cached_system
 from rlm_dagster.prompts import render
 from rlm_dagster.semantic import VERDICTS_SCHEMA, Semantic, parse_verdicts
+from rlm_dagster.testing.fake_server import verdicts_in_schema
 
 FIXED_S = 0.2
 PER_TOKEN_S = 0.00002
@@ -168,7 +169,9 @@ class InstantLM(LM):
         record = CallRecord(kwargs["role"], kwargs["model"], usage, 0.0, 0.0, "end_turn")
         self.accounting.add(record)
         return Completion(
-            text=json.dumps({"verdicts": verdicts}), stop_reason="end_turn", record=record
+            text=json.dumps(verdicts_in_schema(verdicts, kwargs["output_format"]["schema"])),
+            stop_reason="end_turn",
+            record=record,
         )
 
 
@@ -244,7 +247,9 @@ def run_naive(base_url: str, frame: pd.DataFrame) -> Measure:
 
     sample = frame.iloc[:NAIVE_MAX_ROWS]
     lm = lm_for(base_url)
-    answer_format = render("where_answer_json.md").strip()
+    answer_format = render(
+        "where_answer_json.md", shape=render("where_shape_all.md").strip()
+    ).strip()
     system = cached_system(
         render("where_system.md", predicate=PREDICATE, answer_format=answer_format)
     )

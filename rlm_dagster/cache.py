@@ -151,15 +151,18 @@ def call_key(request: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def verdict_scope(predicate: str, model: str) -> bytes:
+def verdict_scope(predicate: str, model: str, variant: str = "") -> bytes:
     """The first 8 bytes of every verdict key of one ``llm_where`` predicate and model (and
-    this prompt version): the keys of one call sort together.
+    this prompt version, and the verdict ``variant``: what the verdicts hold besides the
+    match, e.g. which reasons): the keys of one call sort together.
 
         >>> scope = verdict_scope("is urgent", "claude-haiku-5-5")
         >>> len(scope), scope == verdict_scope("is urgent", "claude-opus-5-5")
         (8, False)
     """
     seed = predicate.encode() + b"\0" + model.encode() + b"\0" + PROMPT_VERSION.encode() + b"\0"
+    if variant:
+        seed += variant.encode() + b"\0"
     return hashlib.sha256(seed).digest()[:8]
 
 

@@ -69,11 +69,63 @@ VERDICTS_SCHEMA: dict[str, Any] = {
     "required": ["verdicts"],
     "additionalProperties": False,
 }
-RECORD_VERDICTS_TOOL: dict[str, Any] = {
-    "name": "record_verdicts",
-    "description": "Record, for every row id you were given, whether the predicate holds.",
-    "input_schema": VERDICTS_SCHEMA,
+_IDS: dict[str, Any] = {"type": "array", "items": {"type": "integer"}}
+MATCH_REASONS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "matches": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "integer"},
+                    "reason": {"type": "string", "description": "at most 15 words"},
+                },
+                "required": ["id", "reason"],
+                "additionalProperties": False,
+            },
+        },
+        "non_matches": _IDS,
+    },
+    "required": ["matches", "non_matches"],
+    "additionalProperties": False,
 }
+IDS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"matches": _IDS, "non_matches": _IDS},
+    "required": ["matches", "non_matches"],
+    "additionalProperties": False,
+}
+REASONS = ("matches", "all", "none")
+"""Which verdicts carry a reason: only matches (the default), every row, or none.
+
+Output tokens are the expensive side (5x the input price) and a per-row reason is most of a
+verdict's output. The reasons people read are the matches' (the result table's
+``_verdict_reason``, the audit of what was selected), and most rows of a filter do not
+match: ``"matches"`` keeps those and sends non-matches as bare ids, several times cheaper
+than ``"all"`` at typical selectivity; ``"none"`` is ids only. All three keep the same
+guarantee: every row id must be in exactly one list, or the row is asked again."""
+_SCHEMAS = {"all": VERDICTS_SCHEMA, "matches": MATCH_REASONS_SCHEMA, "none": IDS_SCHEMA}
+_SHAPES = {
+    "all": "where_shape_all.md",
+    "matches": "where_shape_matches.md",
+    "none": "where_shape_none.md",
+}
+# Estimated output tokens per row (planning), and the reply's token cap per row.
+_OUTPUT_TOKENS_PER_ROW = {"all": 25, "matches": 12, "none": 4}
+_MAX_TOKENS_PER_ROW = {"all": 60, "matches": 60, "none": 12}
+
+
+def record_verdicts_tool(reasons: str = "all") -> dict[str, Any]:
+    """The ``record_verdicts`` tool whose input has the verdict format ``reasons``."""
+    return {
+        "name": "record_verdicts",
+        "description": "Record, for every row id you were given, whether the predicate holds.",
+        "input_schema": _SCHEMAS[reasons],
+    }
+
+
+RECORD_VERDICTS_TOOL: dict[str, Any] = record_verdicts_tool("all")
 REFUSED = "refused by the model (stop_reason: refusal)"
 
 _KEY = "__rlm_value"
@@ -86,7 +138,6 @@ VERDICT_REASON = "_verdict_reason"
 # Token estimates (4 characters a token) for planning; replies are billed as reported.
 _TOOL_OVERHEAD_TOKENS = 400  # tool definition + the API's tool-use preamble
 _ROW_OVERHEAD_TOKENS = 8  # <row id="K"></row>
-_OUTPUT_TOKENS_PER_ROW = 25
 _OUTPUT_TOKENS_PER_REQUEST = 30
 # Thinking a judge that cannot turn it off (Opus 5.5, Fable) spends per request, by effort.
 _THINKING_TOKENS_PER_REQUEST = {
@@ -113,6 +164,7 @@ class WhereConfig:
     max_row_chars: int = 16_000  # longer rows are shown clipped, and marked _clipped
     progress_interval_s: float = 5.0
     default_latency_s: float = 3.0  # per request, until latencies have been observed
+    reasons: str = "matches"  # which verdicts carry a reason: see REASONS
     # Send the requests as message batches (half price, answers within 24 h) unless a call
     # says otherwise; polled every batch_poll_s, growing to a minute.
     batches: bool = False
@@ -558,7 +610,12 @@ class Semantic:
         profile = self.lm.catalog.profile(model)
         channel = profile.verdict_channel
         assert channel is not None
-        job = _Job(self.warehouse, verdict_scope(predicate, model), channel)
+        reasons = self.config.reasons
+        if reasons not in REASONS:
+            raise ConfigError(f"llm_where reasons must be one of {REASONS}, not {reasons!r}.")
+        # Verdicts of another format hold other reasons: they are not replayed for this one.
+        scope = verdict_scope(predicate, model, variant=f"reasons={reasons}")
+        job = _Job(self.warehouse, scope, channel, reasons=reasons)
         job.reason_in_input = VERDICT_REASON in all_columns
         try:
             try:
@@ -617,7 +674,8 @@ class Semantic:
         """Pack the values to judge into requests (streaming their lengths) and price them."""
         model = self.lm.sub_model
         answer_format = render(
-            "where_answer_json.md" if job.channel == "structured" else "where_answer_tool.md"
+            "where_answer_json.md" if job.channel == "structured" else "where_answer_tool.md",
+            shape=render(_SHAPES[job.reasons]).strip(),
         ).strip()
         system_text = render("where_system.md", predicate=predicate, answer_format=answer_format)
         job.system = cached_system(system_text)
@@ -676,7 +734,8 @@ class Semantic:
         def close_request(rows: int, tokens: int) -> None:
             nonlocal est_in, est_out, est_cost
             request_in = prefix_tokens + tokens
-            request_out = _OUTPUT_TOKENS_PER_REQUEST + _OUTPUT_TOKENS_PER_ROW * rows + thinking_est
+            per_row = _OUTPUT_TOKENS_PER_ROW[job.reasons]
+            request_out = _OUTPUT_TOKENS_PER_REQUEST + per_row * rows + thinking_est
             est_in += request_in
             est_out += request_out
             cost = self.lm.catalog.cost_usd(
@@ -1003,12 +1062,12 @@ class Semantic:
         request: dict[str, Any] = {
             "system": job.system,
             "messages": [{"role": "user", "content": "\n".join(lines)}],
-            "max_tokens": 200 + 60 * len(batch),
+            "max_tokens": 200 + _MAX_TOKENS_PER_ROW[job.reasons] * len(batch),
         }
         if job.channel == "structured":
-            request["output_format"] = {"type": "json_schema", "schema": VERDICTS_SCHEMA}
+            request["output_format"] = {"type": "json_schema", "schema": _SCHEMAS[job.reasons]}
         else:
-            request["tools"] = [RECORD_VERDICTS_TOOL]
+            request["tools"] = [record_verdicts_tool(job.reasons)]
             request["tool_choice"] = (
                 {"type": "tool", "name": RECORD_VERDICTS_TOOL["name"]}
                 if job.channel == "forced_tool"
@@ -1025,9 +1084,13 @@ class Semantic:
         if reply.stop_reason == "refusal":
             return {}, REFUSED, True
         if job.channel == "structured":
-            judged, problem = parse_verdicts(_json_object(reply.text), n)
+            answer = _json_object(reply.text)
         else:
-            judged, problem = parse_verdicts(reply.tool_input(RECORD_VERDICTS_TOOL["name"]), n)
+            answer = reply.tool_input(RECORD_VERDICTS_TOOL["name"])
+        if job.reasons == "all":
+            judged, problem = parse_verdicts(answer, n)
+        else:
+            judged, problem = parse_partition(answer, n, reasons=job.reasons == "matches")
         return judged, problem, False
 
     async def _ask(
@@ -1092,8 +1155,8 @@ class Semantic:
         wh.trusted_execute(
             f"CREATE TABLE {job.per_value} AS SELECT v.v, v.n, "
             "coalesce(c.match, j.match) AS _verdict, "
-            "CASE WHEN coalesce(c.match, j.match) IS NOT NULL THEN coalesce(c.reason, j.reason) "
-            f"END AS {VERDICT_REASON}, "
+            "CASE WHEN coalesce(c.match, j.match) IS NOT NULL "
+            f"THEN nullif(coalesce(c.reason, j.reason), '') END AS {VERDICT_REASON}, "
             "CASE WHEN c.h IS NOT NULL THEN 'cache' WHEN j.h IS NOT NULL THEN j.decided_by "
             "ELSE 'not evaluated' END AS _decided_by, "
             f"CASE WHEN c.h IS NOT NULL OR j.h IS NOT NULL THEN {model} END AS _model, "
@@ -1164,6 +1227,7 @@ class _Job:
     system: list[dict[str, Any]] = field(default_factory=list)
     plan: WherePlan = field(init=False)
     forced_tool: bool = False
+    reasons: str = "matches"  # which verdicts carry a reason (REASONS)
     reason_in_input: bool = False
     packing: tuple[int, int, int] = (0, 1, 0)  # prefix tokens, tokens per request, thinking
     prefix: str = field(default_factory=lambda: f"__rlm_where_{uuid.uuid4().hex[:12]}")
@@ -1296,6 +1360,57 @@ def parse_verdicts(tool_input: dict[str, Any] | None, n: int) -> tuple[dict[int,
     for k in duplicated:
         del seen[k]
         problems.append(f"id {k} duplicated")
+    if len(seen) < n and not problems:
+        problems.append("ids missing from the reply")
+    return seen, "; ".join(problems)
+
+
+def parse_partition(
+    answer: dict[str, Any] | None, n: int, *, reasons: bool
+) -> tuple[dict[int, Verdict], str]:
+    """Valid verdicts of a ``{"matches": [...], "non_matches": [...]}`` answer by row id, and
+    what was wrong with the rest. Every id must be in exactly one list (an id in both, twice,
+    unknown, or in neither is not a verdict: it is asked again); with ``reasons`` a match is
+    ``{"id": K, "reason": str}``, else a bare id."""
+    if (
+        not isinstance(answer, dict)
+        or not isinstance(answer.get("matches"), list)
+        or not isinstance(answer.get("non_matches"), list)
+    ):
+        return {}, "reply held no matches and non_matches lists"
+    problems: list[str] = []
+    seen: dict[int, Verdict] = {}
+    counts: dict[int, int] = {}
+
+    def row_id(value: Any) -> int | None:
+        if isinstance(value, str) and value.isdigit():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < n:
+            problems.append(f"unknown id {value!r}")
+            return None
+        counts[value] = counts.get(value, 0) + 1
+        return value
+
+    for item in answer["matches"]:
+        reason = ""
+        if reasons:
+            if not isinstance(item, dict):
+                problems.append("a match is not an object with id and reason")
+                continue
+            given = item.get("reason")
+            reason = given if isinstance(given, str) else ""
+            item = item.get("id")
+        elif isinstance(item, dict):  # a reason given anyway: the id is what counts
+            item = item.get("id")
+        if (k := row_id(item)) is not None:
+            seen[k] = Verdict(True, str(reason))
+    for item in answer["non_matches"]:
+        if (k := row_id(item)) is not None:
+            seen[k] = Verdict(False, "")
+    for k, times in counts.items():
+        if times > 1:
+            del seen[k]
+            problems.append(f"id {k} listed {times} times")
     if len(seen) < n and not problems:
         problems.append("ids missing from the reply")
     return seen, "; ".join(problems)

@@ -15,7 +15,7 @@ from dagster_duckdb import DuckDBResource
 
 from rlm_dagster import RLMResource, rlm_asset
 from rlm_dagster.errors import ConfigError, MissingAPIKey, OutputSchemaError
-from rlm_dagster.testing import FakeAnthropic, FakeRequest
+from rlm_dagster.testing import FakeAnthropic, FakeRequest, shape_verdicts
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -438,7 +438,7 @@ def test_an_outage_mid_filter_is_retried_and_the_retry_pays_only_for_the_rest(
             for k, row in req.rows or []
             for m, why in [judge(req.predicate or "", row)]
         ]
-        return json.dumps({"verdicts": verdicts})
+        return json.dumps(shape_verdicts(req, verdicts))
 
     with FakeAnthropic(root=ROOT_SCRIPT * 2, sub=lambda r: "pricing", where_reply=where_reply) as f:
         rlm = RLMResource(

@@ -14,8 +14,8 @@ from rlm_dagster import BudgetExceeded, Limits, NoFinalAnswer, Warehouse, run_rl
 from rlm_dagster.engine.budget import Budget
 from rlm_dagster.models.client import LM
 from rlm_dagster.repl.seam import REPLFactory
-from rlm_dagster.semantic import VERDICTS_SCHEMA, Semantic, WhereConfig
-from rlm_dagster.testing import FakeAnthropic, FakeRequest
+from rlm_dagster.semantic import MATCH_REASONS_SCHEMA, Semantic, WhereConfig
+from rlm_dagster.testing import FakeAnthropic, FakeRequest, shape_verdicts
 
 MakeLM = Callable[..., LM]
 
@@ -138,9 +138,10 @@ def test_llm_where_speaks_the_wire_protocol(make_lm: MakeLM) -> None:
         body = req.body
         assert body["system"][0]["cache_control"] == {"type": "ephemeral"}
         assert "<predicate>The customer threatens to cancel</predicate>" in req.system
-        # Haiku 4.5 has structured outputs: the verdicts' JSON schema, no tools
+        # Haiku 4.5 has structured outputs: the verdicts' JSON schema (reasons only for
+        # matches, the default), no tools
         assert body["output_config"] == {
-            "format": {"type": "json_schema", "schema": VERDICTS_SCHEMA}
+            "format": {"type": "json_schema", "schema": MATCH_REASONS_SCHEMA}
         }
         assert "tools" not in body and "tool_choice" not in body
         lines = req.last_user_text.splitlines()
@@ -192,7 +193,7 @@ def test_malformed_verdicts_are_reasked_then_null(make_lm: MakeLM) -> None:
             verdicts.append({"id": k, "match": "competitor" in row["body"], "reason": "r"})
         if len(verdicts) > 1:
             verdicts.append(dict(verdicts[0]))  # a duplicate id on the first pass
-        return json.dumps({"verdicts": verdicts})
+        return json.dumps(shape_verdicts(req, verdicts))
 
     with FakeAnthropic(where_reply=reply) as fake:
         lm = make_lm(fake)

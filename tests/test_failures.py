@@ -62,7 +62,14 @@ from rlm_dagster.errors import (
 )
 from rlm_dagster.models.client import LM
 from rlm_dagster.semantic import Semantic, WhereConfig
-from rlm_dagster.testing import FakeAnthropic, FakeReply, FakeRequest, Fault, ToolUse
+from rlm_dagster.testing import (
+    FakeAnthropic,
+    FakeReply,
+    FakeRequest,
+    Fault,
+    ToolUse,
+    shape_verdicts,
+)
 
 ROOT = "fake-root"
 SUB = "claude-haiku-4-5"  # structured-outputs channel for llm_where
@@ -178,7 +185,7 @@ def semantic(
 def verdicts_json(req: FakeRequest, match: bool = True) -> FakeReply:
     """A well-formed structured-outputs reply judging every row of ``req``."""
     items = [{"id": k, "match": match, "reason": "judged"} for k, _ in req.rows or []]
-    return FakeReply(text=json.dumps({"verdicts": items}))
+    return FakeReply(text=json.dumps(shape_verdicts(req, items)))
 
 
 def where_requests(fake: FakeAnthropic) -> list[FakeRequest]:

@@ -19,7 +19,7 @@ from rlm_dagster.engine.budget import Budget
 from rlm_dagster.engine.events import Event, WhereProgress
 from rlm_dagster.models.client import LM
 from rlm_dagster.semantic import Semantic, WhereConfig
-from rlm_dagster.testing import FakeAnthropic, FakeRequest, Fault
+from rlm_dagster.testing import FakeAnthropic, FakeRequest, Fault, shape_verdicts
 
 MakeLM = Callable[..., LM]
 
@@ -136,7 +136,7 @@ def test_failed_rows_are_null_counted_and_never_cached(
             for k, row in req.rows or []
             if bad not in row["body"].lower()
         ]
-        return json.dumps({"verdicts": verdicts})
+        return json.dumps(shape_verdicts(req, verdicts))
 
     wh = ticket_warehouse(warehouse_file)
     cache = Cache(tmp_path / "c.sqlite3")
@@ -412,3 +412,83 @@ def test_values_are_judged_in_key_order_unless_a_limit_asks_for_first_seen(
         )
         assert sent == bodies[:10]
         wh.close()
+
+
+@pytest.mark.parametrize("reasons", ["all", "matches", "none"])
+def test_every_verdict_format_gives_the_same_rows_and_reasons_where_asked(
+    make_lm: MakeLM, reasons: str
+) -> None:
+    """The three verdict formats judge alike; reasons are kept for every row, for matches
+    only, or for none; and the output tokens billed follow."""
+    frame = pd.DataFrame(
+        {
+            "id": range(120),
+            "body": [f"ticket {i}: " + ("refund" if i % 4 == 0 else "slow") for i in range(120)],
+        }
+    )
+
+    def judge(predicate: str, row: dict[str, Any]) -> tuple[bool, str]:
+        hit = "refund" in row["body"]
+        return hit, "asks for money back" if hit else "only a complaint"
+
+    with FakeAnthropic(where=judge) as fake:
+        lm = make_lm(fake)
+        wh = Warehouse.from_frames({"t": frame})
+        sem = Semantic(lm, wh, Budget(Limits(), lm.accounting), config=WhereConfig(reasons=reasons))
+        _, prov, stats = sem.where("t", "asks for a refund", columns=["body"])
+        [schema] = {json.dumps(r.output_format, sort_keys=True) for r in fake.requests}
+    assert stats.matches == 30 and stats.failed == 0
+    reasons_of = wh.query(
+        f"SELECT _verdict, count(_verdict_reason) AS n FROM {prov.name} GROUP BY ALL"
+    ).to_pydict()
+    with_reason = dict(zip(reasons_of["_verdict"], reasons_of["n"], strict=True))
+    expected = {
+        "all": {True: 30, False: 90},
+        "matches": {True: 30, False: 0},
+        "none": {True: 0, False: 0},
+    }
+    assert with_reason == expected[reasons]
+    assert ("verdicts" in schema) == (reasons == "all")
+
+
+def test_verdict_formats_cost_what_they_must(make_lm: MakeLM) -> None:
+    """Same rows: ids only < reasons for matches < reasons for all, in billed output tokens."""
+    frame = pd.DataFrame(
+        {"body": [f"ticket {i}: " + ("refund" if i % 10 == 0 else "slow") for i in range(200)]}
+    )
+    judge = lambda p, row: ("refund" in row["body"], "a reason of several words here")  # noqa: E731
+    spent = {}
+    with FakeAnthropic(where=judge) as fake:
+        for reasons in ("none", "matches", "all"):
+            lm = make_lm(fake)
+            wh = Warehouse.from_frames({"t": frame})
+            Semantic(
+                lm, wh, Budget(Limits(), lm.accounting), config=WhereConfig(reasons=reasons)
+            ).where("t", "asks for a refund")
+            spent[reasons] = sum(r.usage.output_tokens for r in lm.accounting.records)
+    assert spent["none"] < spent["matches"] < spent["all"]
+
+
+def test_a_partition_reply_must_account_for_every_id_once() -> None:
+    from rlm_dagster.semantic import parse_partition
+
+    ok, problem = parse_partition(
+        {"matches": [{"id": 0, "reason": "yes"}], "non_matches": [1, 2]}, 3, reasons=True
+    )
+    assert {k: (v.match, v.reason) for k, v in ok.items()} == {
+        0: (True, "yes"),
+        1: (False, ""),
+        2: (False, ""),
+    }
+    assert problem == ""
+    # An id in both lists, listed twice, unknown, or missing: not a verdict.
+    bad, problem = parse_partition({"matches": [0, 3, 1], "non_matches": [0, 1]}, 4, reasons=False)
+    assert set(bad) == {3} and "id 0 listed 2 times" in problem and "id 1 listed 2 times" in problem
+    bad, problem = parse_partition({"matches": [7], "non_matches": [0]}, 2, reasons=False)
+    assert set(bad) == {0} and "unknown id 7" in problem
+    missing, problem = parse_partition({"matches": [], "non_matches": [0]}, 2, reasons=False)
+    assert set(missing) == {0} and problem == "ids missing from the reply"
+    assert parse_partition({"verdicts": []}, 1, reasons=False) == (
+        {},
+        "reply held no matches and non_matches lists",
+    )

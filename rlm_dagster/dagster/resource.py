@@ -41,7 +41,7 @@ from rlm_dagster.models.client import DEFAULT_ROOT_EFFORT, DEFAULT_SUB_EFFORT, L
 from rlm_dagster.models.profiles import EFFORTS, THINKING_MODES, ModelCatalog
 from rlm_dagster.redact import redact
 from rlm_dagster.repl.sandbox import WorkerLimits
-from rlm_dagster.semantic import Semantic, WhereConfig, WhereStats
+from rlm_dagster.semantic import REASONS, Semantic, WhereConfig, WhereStats
 from rlm_dagster.sql.output import OutputSchema
 from rlm_dagster.sql.warehouse import DEFAULT_MEMORY_LIMIT_MB, Warehouse, quote_ident
 
@@ -113,6 +113,11 @@ class RLMResource(dg.ConfigurableResource):
         "processes of one machine), or a postgresql://user:password@host:port/database URL "
         "shared by every executor on any host (pip install 'rlm-dagster[postgres]'); default "
         "$RLM_CACHE_PATH, else .rlm_dagster/cache.sqlite3 in the project.",
+    )
+    where_reasons: str = Field(
+        default="matches",
+        description="Which llm_where verdicts carry a reason: 'matches' (default: the reasons "
+        "people read, at a fraction of the output tokens), 'all', or 'none' (ids only).",
     )
     where_batch_poll_s: float = Field(
         default=15.0,
@@ -191,11 +196,16 @@ class RLMResource(dg.ConfigurableResource):
     def where_config(self, *, batches: bool = False) -> WhereConfig:
         if self.where_batch_rows < 1 or self.where_batch_tokens < 1:
             raise ConfigError("RLMResource where_batch_rows and where_batch_tokens must be >= 1.")
+        if self.where_reasons not in REASONS:
+            raise ConfigError(
+                f"RLMResource(where_reasons={self.where_reasons!r}): use one of {REASONS}."
+            )
         return WhereConfig(
             batch_rows=self.where_batch_rows,
             batch_tokens=self.where_batch_tokens,
             batches=batches,
             batch_poll_s=self.where_batch_poll_s,
+            reasons=self.where_reasons,
         )
 
     @contextmanager
@@ -397,9 +407,7 @@ class RLMResource(dg.ConfigurableResource):
             return WhereResult(
                 # every row, not capped like model SQL (max_sql_rows): the caller asked for them
                 matches=warehouse.trusted_arrow(f"SELECT * FROM {quote_ident(matches.name)}"),
-                provenance=warehouse.trusted_arrow(
-                    f"SELECT * FROM {quote_ident(provenance.name)}"
-                ),
+                provenance=warehouse.trusted_arrow(f"SELECT * FROM {quote_ident(provenance.name)}"),
                 stats=stats,
                 accounting=budget.accounting,
             )

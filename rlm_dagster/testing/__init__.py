@@ -28,6 +28,7 @@ from rlm_dagster.testing.fake_server import (
     VerdictChannel,
     WhereJudge,
     rules_for,
+    shape_verdicts,
 )
 
 __all__ = [
@@ -49,4 +50,5 @@ __all__ = [
     "VerdictChannel",
     "WhereJudge",
     "rules_for",
+    "shape_verdicts",
 ]

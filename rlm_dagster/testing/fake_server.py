@@ -194,6 +194,8 @@ __all__ = [
     "VerdictChannel",
     "WhereJudge",
     "rules_for",
+    "shape_verdicts",
+    "verdicts_in_schema",
 ]
 
 Kind: TypeAlias = Literal["root", "sub", "where"]
@@ -966,6 +968,43 @@ _MAX_CACHE_BREAKPOINTS = 4
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _verdict_schema(request: FakeRequest) -> Mapping[str, Any]:
+    """The JSON schema a where-request asks its verdicts in: the structured-output schema, or
+    the ``record_verdicts`` tool's input schema."""
+    if request.verdict_channel == "structured":
+        fmt = request.output_format or {}
+        return fmt.get("schema") or {}
+    for tool in request.body.get("tools") or []:
+        if isinstance(tool, dict) and tool.get("name") == WHERE_TOOL_NAME:
+            return tool.get("input_schema") or {}
+    return {}
+
+
+def shape_verdicts(request: FakeRequest, verdicts: list[dict[str, Any]]) -> dict[str, Any]:
+    """``verdicts`` (``{"id", "match", "reason"}`` items, malformed ones included) in the shape
+    the where-request ``request`` asks for: for ``where_reply=`` callables that script a reply
+    (a wrong or incomplete one) whatever verdict format the request uses."""
+    return verdicts_in_schema(verdicts, _verdict_schema(request))
+
+
+def verdicts_in_schema(verdicts: list[dict[str, Any]], schema: Mapping[str, Any]) -> dict[str, Any]:
+    """The judge's verdicts in the shape ``schema`` asks for, as the real API's constrained
+    output would be: ``{"verdicts": [...]}``, or ``{"matches": [...], "non_matches": [...]}``
+    with reasons on matches when the schema's match items are objects, else bare ids."""
+    properties = schema.get("properties") or {}
+    if "verdicts" in properties or "matches" not in properties:
+        return {"verdicts": verdicts}
+    with_reasons = (properties["matches"].get("items") or {}).get("type") == "object"
+    return {
+        "matches": [
+            {"id": v["id"], "reason": v["reason"]} if with_reasons else v["id"]
+            for v in verdicts
+            if v["match"]
+        ],
+        "non_matches": [v["id"] for v in verdicts if not v["match"]],
+    }
 
 
 def _output_format(body: Mapping[str, Any]) -> Any:
@@ -1998,9 +2037,10 @@ class FakeAnthropic:
             verdicts.append({"id": row_id, "match": match, "reason": reason})
         if refused:
             return REFUSE
+        answer = verdicts_in_schema(verdicts, _verdict_schema(request))
         if request.verdict_channel == "structured":
-            return FakeReply(text=json.dumps({"verdicts": verdicts}, ensure_ascii=False))
-        return ToolUse(name=WHERE_TOOL_NAME, input={"verdicts": verdicts})
+            return FakeReply(text=json.dumps(answer, ensure_ascii=False))
+        return ToolUse(name=WHERE_TOOL_NAME, input=answer)
 
     def _thinking_spend(self, request: FakeRequest) -> tuple[int, str] | None:
         """(thinking tokens, thinking text) when the model thinks for ``request``, else None."""
