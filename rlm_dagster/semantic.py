@@ -38,7 +38,13 @@ from sqlglot import exp
 
 from rlm_dagster.cache import CacheStore, verdict_scope
 from rlm_dagster.engine.budget import Budget
-from rlm_dagster.engine.events import Event, WhereBatchProgress, WherePlanned, WhereProgress
+from rlm_dagster.engine.events import (
+    Event,
+    WhereBatchProgress,
+    WhereCalibrated,
+    WherePlanned,
+    WhereProgress,
+)
 from rlm_dagster.errors import BudgetExceeded, ConfigError, QueryError
 from rlm_dagster.models.batches import BatchProgress, BatchRequest, BatchResult, BatchRunner
 from rlm_dagster.models.client import LM, Completion, Usage, cached_system
@@ -165,6 +171,13 @@ class WhereConfig:
     progress_interval_s: float = 5.0
     default_latency_s: float = 3.0  # per request, until latencies have been observed
     reasons: str = "matches"  # which verdicts carry a reason: see REASONS
+    # Choose batch_rows by measurement: judge `calibration_values` values one per request,
+    # then packed at each size in `calibration_sizes`, and keep the largest size whose
+    # verdicts agree with the single-row ones on at least `calibration_agreement` of them.
+    calibrate: bool = False
+    calibration_values: int = 40
+    calibration_sizes: tuple[int, ...] = (10, 20, 40, 80)
+    calibration_agreement: float = 0.975
     # Send the requests as message batches (half price, answers within 24 h) unless a call
     # says otherwise; polled every batch_poll_s, growing to a minute.
     batches: bool = False
@@ -248,6 +261,7 @@ class WhereStats:
     seconds: float = 0.0
     stopped_early: bool = False
     errors: list[str] = field(default_factory=list)
+    calibration: dict[str, Any] | None = None  # what calibrate measured, when it ran
 
     def describe(self, *, deterministic: bool = False) -> str:
         """One line; ``deterministic`` leaves out what depends on the cache and the clock
@@ -468,6 +482,8 @@ class Semantic:
                     distinct=plan.distinct,
                     cached=plan.cached,
                 )
+                if self.config.calibrate:
+                    self._calibrate(job, stats)
                 if plan.batches:
                     self._judge_batches(job, stats, lease)
                 self._judge(job, stats, limit, lease)
@@ -615,7 +631,9 @@ class Semantic:
             raise ConfigError(f"llm_where reasons must be one of {REASONS}, not {reasons!r}.")
         # Verdicts of another format hold other reasons: they are not replayed for this one.
         scope = verdict_scope(predicate, model, variant=f"reasons={reasons}")
-        job = _Job(self.warehouse, scope, channel, reasons=reasons)
+        job = _Job(
+            self.warehouse, scope, channel, reasons=reasons, batch_rows=self.config.batch_rows
+        )
         job.reason_in_input = VERDICT_REASON in all_columns
         try:
             try:
@@ -750,7 +768,7 @@ class Semantic:
             for length in chunk.column(0).to_pylist():
                 cost = min(length, self.config.max_row_chars) // 4 + _ROW_OVERHEAD_TOKENS
                 rows = seq - start
-                if rows and (rows >= self.config.batch_rows or tokens + cost > batch_tokens):
+                if rows and (rows >= job.batch_rows or tokens + cost > batch_tokens):
                     job.batches.append((start, seq))
                     close_request(rows, tokens)
                     start, tokens = seq, 0
@@ -993,6 +1011,79 @@ class Semantic:
             flush()
         self._restage(job)
 
+    def _calibrate(self, job: _Job, stats: WhereStats) -> None:
+        """Measure the batch size: judge a sample of the values to judge one per request
+        (the reference, kept and cached like any verdict), then the same values packed at
+        each candidate size; keep the largest size whose verdicts agree with the reference
+        on at least ``calibration_agreement`` of the sample (the smallest candidate if none
+        does), and pack the rest with it."""
+        config = self.config
+        sample = [
+            _Value(h, v, n)
+            for chunk in self.warehouse.trusted_batches(
+                f"SELECT h, v, n FROM {job.todo} ORDER BY seq LIMIT {int(config.calibration_values)}"
+            )
+            for h, v, n in zip(*(chunk.column(i).to_pylist() for i in range(3)), strict=True)
+        ]
+        sizes = sorted({s for s in config.calibration_sizes if 1 < s <= max(len(sample), 2)})
+        if len(sample) < config.calibration_values or not sizes:
+            return  # too few values to measure anything: the configured size stays
+        model = self.lm.sub_model
+
+        async def judge(size: int) -> dict[bytes, bool | None]:
+            parts = [sample[i : i + size] for i in range(0, len(sample), size)]
+            replies = await asyncio.gather(
+                *(
+                    self._ask(job, part, stats, f"calibrate{size}.{k}")
+                    for k, part in enumerate(parts)
+                )
+            )
+            return {value.h: verdict.match for reply in replies for value, verdict in reply}
+
+        async def run() -> tuple[list[tuple[_Value, Verdict]], dict[int, float]]:
+            parts = await asyncio.gather(
+                *(
+                    self._ask(job, [value], stats, f"calibrate1.{k}")
+                    for k, value in enumerate(sample)
+                )
+            )
+            reference = [pair for part in parts for pair in part]
+            truth = {value.h: verdict.match for value, verdict in reference}
+            agreement = {}
+            for size in sizes:
+                packed = await judge(size)
+                agreement[size] = sum(packed.get(h) == m for h, m in truth.items()) / len(truth)
+            return reference, agreement
+
+        reference, agreement = self.lm.run_async(run)
+        self._store_judged(job, reference)
+        stats.judged += len(reference)
+        if self.cache is not None:
+            self.cache.commit(
+                verdicts=sorted(
+                    (job.scope + value.h, bool(v.match), v.reason, model)
+                    for value, v in reference
+                    if v.match is not None
+                ),
+                ledger=self.budget.take_ledger(),
+            )
+        good = [size for size in sizes if agreement[size] >= config.calibration_agreement]
+        job.batch_rows = max(good) if good else min(sizes)
+        stats.calibration = {
+            "values": len(sample),
+            "agreement": {str(size): round(agreement[size], 4) for size in sizes},
+            "batch_rows": job.batch_rows,
+        }
+        self.on_event(
+            WhereCalibrated(
+                values=len(sample),
+                agreement=dict(agreement),
+                batch_rows=job.batch_rows,
+                target=config.calibration_agreement,
+            )
+        )
+        self._restage(job)
+
     def _batch_key(self, job: _Job) -> str:
         """The key a call's message batches are recorded under: the same for every attempt
         of the same call (predicate, model, prompt version and all its distinct values,
@@ -1228,6 +1319,7 @@ class _Job:
     plan: WherePlan = field(init=False)
     forced_tool: bool = False
     reasons: str = "matches"  # which verdicts carry a reason (REASONS)
+    batch_rows: int = 40  # rows per request: the configured number, or the calibrated one
     reason_in_input: bool = False
     packing: tuple[int, int, int] = (0, 1, 0)  # prefix tokens, tokens per request, thinking
     prefix: str = field(default_factory=lambda: f"__rlm_where_{uuid.uuid4().hex[:12]}")

@@ -16,7 +16,7 @@ import pytest
 from rlm_dagster import BudgetExceeded, Limits, ProviderServerError, SQLPolicyError, Warehouse
 from rlm_dagster.cache import Cache
 from rlm_dagster.engine.budget import Budget
-from rlm_dagster.engine.events import Event, WhereProgress
+from rlm_dagster.engine.events import Event, WhereCalibrated, WhereProgress
 from rlm_dagster.models.client import LM
 from rlm_dagster.semantic import Semantic, WhereConfig
 from rlm_dagster.testing import FakeAnthropic, FakeRequest, Fault, shape_verdicts
@@ -492,3 +492,40 @@ def test_a_partition_reply_must_account_for_every_id_once() -> None:
         {},
         "reply held no matches and non_matches lists",
     )
+
+
+def test_batch_size_is_chosen_by_agreement_with_single_row_verdicts(make_lm: MakeLM) -> None:
+    """A judge that gets careless past the 20th row of a request: calibration measures it on
+    a sample (one row per request, then packed by 10, 20, 40), keeps 20, and packs the
+    rest by 20; every verdict is then right."""
+    frame = pd.DataFrame(
+        {"body": [f"ticket {i}: " + ("refund" if i % 3 == 0 else "slow") for i in range(400)]}
+    )
+
+    def careless(req: FakeRequest) -> str:
+        verdicts = [
+            {"id": k, "match": ("refund" in row["body"]) != (k >= 20), "reason": "r"}
+            for k, row in req.rows or []
+        ]
+        return json.dumps(shape_verdicts(req, verdicts))
+
+    events: list[Event] = []
+    with FakeAnthropic(where_reply=careless) as fake:
+        lm = make_lm(fake)
+        wh = Warehouse.from_frames({"t": frame})
+        config = WhereConfig(calibrate=True, batch_rows=80, batch_tokens=100_000)
+        sem = Semantic(
+            lm, wh, Budget(Limits(), lm.accounting), config=config, on_event=events.append
+        )
+        _, _, stats = sem.where("t", "asks for a refund")
+        sizes = [len(r.rows or []) for r in fake.requests]
+    assert stats.calibration == {
+        "values": 40,
+        # 80 cannot be measured on 40 values: not a candidate
+        "agreement": {"10": 1.0, "20": 1.0, "40": 0.5},
+        "batch_rows": 20,
+    }
+    calibrating = 40 + 4 + 2 + 1
+    assert sizes[:40] == [1] * 40 and max(sizes[calibrating:]) == 20
+    assert stats.matches == 134 and stats.failed == 0
+    assert any(isinstance(e, WhereCalibrated) and e.batch_rows == 20 for e in events)

@@ -119,6 +119,11 @@ class RLMResource(dg.ConfigurableResource):
         description="Which llm_where verdicts carry a reason: 'matches' (default: the reasons "
         "people read, at a fraction of the output tokens), 'all', or 'none' (ids only).",
     )
+    where_calibrate: bool = Field(
+        default=False,
+        description="Choose llm_where's rows per request by measurement: 40 values judged one "
+        "per request and packed at 10/20/40 rows; the largest size that agrees on 97.5% wins.",
+    )
     where_batch_poll_s: float = Field(
         default=15.0,
         description="Seconds between looks at llm_where's message batches (growing to 60).",
@@ -206,6 +211,7 @@ class RLMResource(dg.ConfigurableResource):
             batches=batches,
             batch_poll_s=self.where_batch_poll_s,
             reasons=self.where_reasons,
+            calibrate=self.where_calibrate,
         )
 
     @contextmanager

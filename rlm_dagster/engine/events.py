@@ -10,6 +10,7 @@ caller of :func:`rlm_dagster.run`) renders them. Each event has ``level`` (``"in
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -118,6 +119,25 @@ class WhereProgress:
 
 
 @dataclass(frozen=True)
+class WhereCalibrated:
+    """``llm_where`` measured its batch size: agreement of packed verdicts with one-row
+    verdicts on a sample, per candidate size, and the size chosen."""
+
+    values: int
+    agreement: Mapping[int, float]
+    batch_rows: int
+    target: float
+    level: ClassVar[str] = "info"
+
+    def describe(self) -> str:
+        measured = ", ".join(f"{a:.0%} at {size}" for size, a in sorted(self.agreement.items()))
+        return (
+            f"llm_where: batch size {self.batch_rows} chosen by measurement on {self.values} "
+            f"values judged alone and packed (agreement {measured}; target {self.target:.1%})"
+        )
+
+
+@dataclass(frozen=True)
 class WhereBatchProgress:
     """An ``llm_where`` call's message batches: how far they are, after each look at one."""
 
@@ -170,6 +190,7 @@ Event = (
     | WhereDone
     | WhereProgress
     | WhereBatchProgress
+    | WhereCalibrated
     | ChildStarted
     | RunWarning
 )
