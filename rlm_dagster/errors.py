@@ -177,6 +177,15 @@ class BatchPending(BudgetExceeded):
         self.batch_ids = batch_ids
 
 
+class CascadeTargetMissed(RLMError):
+    """``llm_where(recall=...)``'s sample could not certify its quality target and the user
+    chose ``on_miss="fail"``. Not retryable: the same data and seed draw the same sample."""
+
+    def __init__(self, message: str, *, decision: Any = None) -> None:
+        super().__init__(message)
+        self.decision = decision
+
+
 class NoFinalAnswer(RLMError):
     """The root model never produced a final answer within ``max_iterations``."""
 

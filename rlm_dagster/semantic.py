@@ -32,16 +32,19 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import sqlglot
 from sqlglot import exp
 
 from rlm_dagster.cache import CacheStore, verdict_scope
+from rlm_dagster.cascade import CascadeTargets, EmbeddingProxy, estimate_cascade, plan_cascade
 from rlm_dagster.engine.budget import Budget
 from rlm_dagster.engine.events import (
     Event,
     WhereBatchProgress,
     WhereCalibrated,
+    WhereCascaded,
     WherePlanned,
     WhereProgress,
 )
@@ -175,6 +178,16 @@ class WhereConfig:
     # then packed at each size in `calibration_sizes`, and keep the largest size whose
     # verdicts agree with the single-row ones on at least `calibration_agreement` of them.
     calibrate: bool = False
+    # Sub-linear judging (opt-in): a recall target turns on the cascade — a local embedding
+    # proxy scores every value, the model judges a random sample and the values the proxy is
+    # unsure of, and the rest are decided by the proxy with recall >= `recall` (and
+    # precision >= `precision`, if set) with probability >= 1 - `delta`. When the sample
+    # cannot certify it: judge everything ("fallback") or fail ("fail").
+    recall: float | None = None
+    precision: float | None = None
+    delta: float = 0.05
+    on_miss: str = "fallback"
+    cascade_sample: int = 1_000
     calibration_values: int = 40
     calibration_sizes: tuple[int, ...] = (10, 20, 40, 80)
     calibration_agreement: float = 0.975
@@ -212,6 +225,7 @@ class WherePlan:
     model: str
     est_batch_cost_usd: float | None = None  # the same requests as message batches
     batches: bool = False  # whether this call sends them as message batches
+    cascade: str | None = None  # with a recall target: the cascade's calls against judging all
 
     def describe(self) -> str:
         if self.est_cost_usd is None:
@@ -229,7 +243,7 @@ class WherePlan:
             f"{self.rows_in:,} rows -> {self.rows_after_where:,} after where -> {self.distinct:,} distinct "
             f"-> {self.cached:,} cached -> {self.to_evaluate:,} to judge in {self.requests:,} requests to "
             f"{self.model}; est. {self.est_input_tokens:,} input + {self.est_output_tokens:,} output tokens, "
-            f"{cost}; {when}"
+            f"{cost}; {when}" + (f". With recall=: {self.cascade}" if self.cascade else "")
         )
 
     @property
@@ -262,6 +276,8 @@ class WhereStats:
     stopped_early: bool = False
     errors: list[str] = field(default_factory=list)
     calibration: dict[str, Any] | None = None  # what calibrate measured, when it ran
+    cascade: dict[str, Any] | None = None  # the cascade's decision and guarantee, when it ran
+    proxy_decided: int = 0  # distinct values decided by the proxy, not the model
 
     def describe(self, *, deterministic: bool = False) -> str:
         """One line; ``deterministic`` leaves out what depends on the cache and the clock
@@ -277,6 +293,7 @@ class WhereStats:
                 )
                 + (", stopped at limit" if self.stopped_early else "")
                 + self._clipped_note()
+                + self._cascade_note()
                 + f". Result: {self.name}]"
             )
         return (
@@ -290,7 +307,18 @@ class WhereStats:
             )
             + (", stopped at limit" if self.stopped_early else "")
             + self._clipped_note()
+            + self._cascade_note()
             + f"; ${self.cost_usd:.4f}, {self.seconds:.1f} s. Result: {self.name}]"
+        )
+
+    def _cascade_note(self) -> str:
+        if not self.cascade:
+            return ""
+        if self.cascade.get("action") == "fallback":
+            return "; cascade fell back to judging every value (its target could not be certified)"
+        return (
+            f"; {self.proxy_decided:,} distinct values decided by the proxy "
+            f"({self.cascade.get('guarantee', '')}; see _decided_by)"
         )
 
     def _clipped_note(self) -> str:
@@ -418,12 +446,18 @@ class Semantic:
         columns: Sequence[str] | None = None,
         where: str | None = None,
         batches: bool | None = None,
+        recall: float | None = None,
+        precision: float | None = None,
+        on_miss: str | None = None,
     ) -> WherePlan:
         """The cost of ``where(...)`` without calling any model: online and as message
-        batches, and which of the two the call would use."""
+        batches, and which of the two the call would use; with a recall target, the range of
+        the cascade's model calls against judging everything."""
+        targets = self._targets(recall, precision, on_miss, None)
         job = self._prepare(table, predicate, columns, where)
         try:
             job.plan.batches = self._batches(batches, None)
+            self._plan_cascade(job.plan, targets)
             return job.plan
         finally:
             job.drop()
@@ -446,6 +480,9 @@ class Semantic:
         where: str | None = None,
         limit: int | None = None,
         batches: bool | None = None,
+        recall: float | None = None,
+        precision: float | None = None,
+        on_miss: str | None = None,
     ) -> tuple[TableInfo, TableInfo, WhereStats]:
         """Judge the rows; return the matches table, the provenance table and the stats.
 
@@ -453,7 +490,10 @@ class Semantic:
         batches at half the price: first any batches an earlier, killed attempt of the same
         call submitted are resumed (never paid twice), then the rest is submitted; what the
         batches leave undecided (invalid replies, errored or expired requests) is judged
-        online, as always."""
+        online, as always.
+
+        With ``recall`` (or :attr:`WhereConfig.recall`), most values are decided by a cheap
+        local proxy instead: see :meth:`_cascade`. ``limit=`` calls never cascade."""
         if limit is not None and (
             isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
         ):
@@ -462,6 +502,7 @@ class Semantic:
                 "e.g. limit=5, or leave it out."
             )
         started = time.monotonic()
+        targets = self._targets(recall, precision, on_miss, limit)
         job = self._prepare(table, predicate, columns, where, limit)
         try:
             lease = self._lease_name(job)
@@ -472,6 +513,7 @@ class Semantic:
             try:
                 plan = job.plan
                 plan.batches = self._batches(batches, limit)
+                self._plan_cascade(plan, targets)
                 self.budget.check_plan("llm_where", plan.requests, plan.chosen_cost_usd)
                 if plan.requests:
                     self.on_event(WherePlanned(plan.describe()))
@@ -484,6 +526,8 @@ class Semantic:
                 )
                 if self.config.calibrate:
                     self._calibrate(job, stats)
+                if targets is not None and job.batches:
+                    self._cascade(job, stats, targets, predicate, lease)
                 if plan.batches:
                     self._judge_batches(job, stats, lease)
                 self._judge(job, stats, limit, lease)
@@ -1011,6 +1055,129 @@ class Semantic:
             flush()
         self._restage(job)
 
+    def _plan_cascade(self, plan: WherePlan, targets: CascadeTargets | None) -> None:
+        if targets is None or not plan.to_evaluate:
+            return
+        per_value = None
+        if plan.est_cost_usd is not None:
+            per_value = plan.est_cost_usd / plan.to_evaluate
+        plan.cascade = estimate_cascade(plan.to_evaluate, targets).describe(per_value)
+
+    def _targets(
+        self, recall: float | None, precision: float | None, on_miss: str | None, limit: int | None
+    ) -> CascadeTargets | None:
+        """The cascade's targets of this call (its own, else the configured ones), or None."""
+        recall = self.config.recall if recall is None else recall
+        if recall is None or limit is not None:
+            return None
+        for name, value in (("recall", recall), ("precision", precision)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int | float)
+            ):
+                raise QueryError(f"llm_where {name}= must be a number below 1, not {value!r}.")
+        return CascadeTargets(
+            recall=float(recall),
+            precision=self.config.precision if precision is None else float(precision),
+            delta=self.config.delta,
+            sample_size=self.config.cascade_sample,
+            on_miss=on_miss or self.config.on_miss,  # type: ignore[arg-type]
+        )
+
+    def _cascade(
+        self,
+        job: _Job,
+        stats: WhereStats,
+        targets: CascadeTargets,
+        predicate: str,
+        lease: str | None,
+    ) -> None:
+        """Judge most values with a local embedding proxy, with a guarantee (see
+        :mod:`rlm_dagster.cascade`): score every value left to judge (streamed, in key
+        order, so the seeded sample is reproducible), have the model judge a random sample,
+        then either the values the proxy is unsure of (the rest decided by the proxy, never
+        cached as model verdicts), everything (fallback), or nothing more (fail, before
+        another call is paid)."""
+        proxy = EmbeddingProxy()
+        seqs: list[int] = []
+        scores: list[float] = []
+        weights: list[int] = []
+        for chunk in self.warehouse.trusted_batches(
+            f"SELECT seq, v, n FROM {job.todo} ORDER BY seq", _WORK_ROWS
+        ):
+            seqs.extend(chunk.column(0).to_pylist())
+            weights.extend(chunk.column(2).to_pylist())
+            scores.extend(proxy.score(predicate, chunk.column(1).to_pylist()))
+        plan = plan_cascade(scores, targets, weights=weights)
+        seq_of = np.asarray(seqs, dtype=np.int64)
+        self._judge_subset(job, stats, seq_of[plan.sample], lease)
+        labels = self._labels(job, seq_of[plan.sample])
+        decision = plan.decide(labels)
+        stats.cascade = decision.as_dict()
+        self.on_event(WhereCascaded(decision.describe(), decision.action))
+        decision.raise_if_failed()
+        if decision.action == "fallback":
+            self._restage(job)  # everything left goes to the model
+            return
+        self._judge_subset(job, stats, seq_of[decision.to_oracle], lease)
+        decided: list[tuple[_Value, Verdict]] = []
+        score_of = np.asarray(scores, dtype=np.float64)
+        for found, match in ((decision.rejected, False), (decision.accepted, True)):
+            if not len(found):
+                continue
+            positions = np.sort(found)  # positions follow seq: the hashes come back in order
+            threshold = decision.accept_threshold if match else decision.recall_threshold
+            side = ">=" if match else "<"
+            hashes = (h for chunk in self._hashes_at(job, seq_of[positions]) for h in chunk)
+            for h, score in zip(hashes, score_of[positions], strict=True):
+                reason = f"proxy score {score:.3f} {side} threshold {threshold:.3f}"
+                decided.append((_Value(h, "", 0), Verdict(match, reason, decided_by="proxy")))
+        self._store_judged(job, decided)
+        stats.proxy_decided = len(decided)
+        self._restage(job)
+
+    def _hashes_at(self, job: _Job, seqs: Any) -> Iterator[list[bytes]]:
+        """The value hashes of the todo values at ``seqs`` (ascending), in chunks."""
+        self._select(job, seqs)
+        for chunk in self.warehouse.trusted_batches(
+            f"SELECT t.h FROM {job.todo_all} AS t JOIN {job.selected} USING (seq) ORDER BY seq",
+            _WORK_ROWS,
+        ):
+            yield chunk.column(0).to_pylist()
+
+    def _select(self, job: _Job, seqs: Any) -> None:
+        """Put ``seqs`` (todo positions) into the job's selection table."""
+        self.warehouse.trusted_execute(f"CREATE OR REPLACE TABLE {job.selected} (seq BIGINT)")
+        for start in range(0, len(seqs), _WORK_ROWS * 10):
+            part = pa.table({"seq": pa.array(seqs[start : start + _WORK_ROWS * 10], pa.int64())})
+            self.warehouse.insert_arrow(job.selected, part)
+
+    def _judge_subset(self, job: _Job, stats: WhereStats, seqs: Any, lease: str | None) -> None:
+        """Judge with the model only the todo values at ``seqs``, as the online path does."""
+        if not len(seqs):
+            return
+        self._select(job, seqs)
+        self.warehouse.trusted_execute(
+            f"CREATE OR REPLACE TABLE {job.subset} AS SELECT t.* FROM {job.todo} AS t "
+            f"JOIN {job.selected} USING (seq) ORDER BY seq"
+        )
+        job.todo_override = job.subset
+        try:
+            self._pack(job)
+            self._judge(job, stats, None, lease)
+        finally:
+            job.todo_override = None
+        self._restage(job)
+
+    def _labels(self, job: _Job, seqs: Any) -> list[bool | None]:
+        """The model's verdicts of the values at ``seqs``, the subset just judged (None:
+        failed or refused), in the order of ``seqs``."""
+        found: dict[int, bool | None] = {}
+        for chunk in self.warehouse.trusted_batches(
+            f"SELECT t.seq, j.match FROM {job.subset} AS t LEFT JOIN {job.judged} AS j ON j.h = t.h"
+        ):
+            found.update(zip(chunk.column(0).to_pylist(), chunk.column(1).to_pylist(), strict=True))
+        return [found.get(int(seq)) for seq in seqs]
+
     def _calibrate(self, job: _Job, stats: WhereStats) -> None:
         """Measure the batch size: judge a sample of the values to judge one per request
         (the reference, kept and cached like any verdict), then the same values packed at
@@ -1097,9 +1264,9 @@ class Semantic:
         return f"llm_where:{digest.hexdigest()[:40]}"
 
     def _restage(self, job: _Job) -> None:
-        """Take the values the batches decided out of the todo table and pack the rest."""
+        """Take the values decided so far out of the todo table and pack the rest."""
         self.warehouse.trusted_execute(
-            f"DELETE FROM {job.todo} WHERE h IN (SELECT h FROM {job.judged})"
+            f"DELETE FROM {job.todo_all} WHERE h IN (SELECT h FROM {job.judged})"
         )
         self._pack(job)
 
@@ -1250,7 +1417,8 @@ class Semantic:
             f"THEN nullif(coalesce(c.reason, j.reason), '') END AS {VERDICT_REASON}, "
             "CASE WHEN c.h IS NOT NULL THEN 'cache' WHEN j.h IS NOT NULL THEN j.decided_by "
             "ELSE 'not evaluated' END AS _decided_by, "
-            f"CASE WHEN c.h IS NOT NULL OR j.h IS NOT NULL THEN {model} END AS _model, "
+            "CASE WHEN j.decided_by = 'proxy' THEN 'proxy:wordllama' "
+            f"WHEN c.h IS NOT NULL OR j.h IS NOT NULL THEN {model} END AS _model, "
             "j.batch AS _batch, coalesce(j.cost, 0) / v.n AS _cost_usd, "
             "CASE WHEN c.h IS NULL AND j.h IS NULL THEN 'not evaluated: limit reached' "
             "ELSE j.error END AS _error, "
@@ -1336,9 +1504,23 @@ class _Job:
     def hits(self) -> str:
         return f"{self.prefix}_cached"
 
+    todo_override: str | None = None  # judge a subset: the table the requests are read from
+
     @property
     def todo(self) -> str:
+        return self.todo_override or self.todo_all
+
+    @property
+    def todo_all(self) -> str:
         return f"{self.prefix}_todo"
+
+    @property
+    def subset(self) -> str:
+        return f"{self.prefix}_subset"
+
+    @property
+    def selected(self) -> str:
+        return f"{self.prefix}_selected"
 
     @property
     def judged(self) -> str:
@@ -1349,7 +1531,8 @@ class _Job:
         return f"{self.prefix}_verdicts"
 
     def drop(self) -> None:
-        for name in (self.per_value, self.judged, self.todo, self.hits, self.vals, self.rows):
+        names = (self.per_value, self.judged, self.subset, self.selected, self.todo_all)
+        for name in (*names, self.hits, self.vals, self.rows):
             self.warehouse.trusted_execute(f"DROP TABLE IF EXISTS {name}")
 
 

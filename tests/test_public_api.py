@@ -65,6 +65,7 @@ PUBLIC = frozenset(
         "WarehouseBusy",
         "BudgetExceeded",
         "BatchPending",
+        "CascadeTargetMissed",
         "NoFinalAnswer",
     }
 )

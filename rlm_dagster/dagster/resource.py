@@ -373,6 +373,9 @@ class RLMResource(dg.ConfigurableResource):
         sub_model: str | None = None,
         sub_effort: str | None = None,
         batches: bool = False,
+        recall: float | None = None,
+        precision: float | None = None,
+        on_miss: str | None = None,
     ) -> WhereResult:
         """The rows of ``table`` for which ``predicate`` holds, judged by the sub model, inside
         your own asset body: the same operator as the REPL's ``llm_where`` (projection,
@@ -386,6 +389,9 @@ class RLMResource(dg.ConfigurableResource):
         Arrow table). ``limits`` defaults to :class:`Limits` (``max_cost_usd`` $5).
         ``batches=True`` sends the requests as message batches: half the price, results
         within 24 h (most within an hour); a retried step resumes the batches it submitted.
+        ``recall=0.95`` (``precision=``, ``on_miss="fallback"|"fail"``) judges most rows with
+        a local embedding proxy and the model only a sample and the rows the proxy is unsure
+        of, with the targets certified at 95% confidence (see the README).
         """
         tables: Mapping[str, Any] | Sequence[str] = {table: frame} if frame is not None else [table]
         with (
@@ -407,7 +413,15 @@ class RLMResource(dg.ConfigurableResource):
             )
             name = table.rpartition(".")[2].lower() if frame is None else table
             matches, provenance, stats = semantic.where(
-                name, predicate, columns=columns, where=where, limit=limit, batches=batches
+                name,
+                predicate,
+                columns=columns,
+                where=where,
+                limit=limit,
+                batches=batches,
+                recall=recall,
+                precision=precision,
+                on_miss=on_miss,
             )
             context.log.info(redact(stats.describe()))
             return WhereResult(

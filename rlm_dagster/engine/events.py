@@ -138,6 +138,20 @@ class WhereCalibrated:
 
 
 @dataclass(frozen=True)
+class WhereCascaded:
+    """``llm_where(recall=...)`` decided how to go on after the model judged its sample:
+    cascade (the proxy decides the rest it is sure of), fallback (judge everything) or
+    fail."""
+
+    summary: str
+    action: str
+    level: ClassVar[str] = "info"
+
+    def describe(self) -> str:
+        return f"llm_where (cascade): {self.summary}"
+
+
+@dataclass(frozen=True)
 class WhereBatchProgress:
     """An ``llm_where`` call's message batches: how far they are, after each look at one."""
 
@@ -191,6 +205,7 @@ Event = (
     | WhereProgress
     | WhereBatchProgress
     | WhereCalibrated
+    | WhereCascaded
     | ChildStarted
     | RunWarning
 )

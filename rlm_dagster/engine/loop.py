@@ -462,11 +462,26 @@ class RLMRun:
         batches = args.get("batches")
         if args.get("dry_run"):
             plan = self.semantic.plan(
-                table, predicate, columns=columns, where=where, batches=batches
+                table,
+                predicate,
+                columns=columns,
+                where=where,
+                batches=batches,
+                recall=args.get("recall"),
+                precision=args.get("precision"),
+                on_miss=args.get("on_miss"),
             )
             return {"plan": plan.as_dict()}
         info, provenance, stats = self.semantic.where(
-            table, predicate, columns=columns, where=where, limit=args.get("limit"), batches=batches
+            table,
+            predicate,
+            columns=columns,
+            where=where,
+            limit=args.get("limit"),
+            batches=batches,
+            recall=args.get("recall"),
+            precision=args.get("precision"),
+            on_miss=args.get("on_miss"),
         )
         self.where_stats.append(stats)
         self.on_event(WhereDone(stats))

@@ -242,11 +242,18 @@ class Repl:
         limit: int | None = None,
         dry_run: bool = False,
         batches: bool | None = None,
+        recall: float | None = None,
+        precision: float | None = None,
+        on_miss: str | None = None,
     ) -> Table | dict[str, Any]:
         """Rows of ``table`` for which the natural-language ``predicate`` holds, as a table
         (``.provenance`` has every input row's verdict); ``dry_run=True`` returns the plan and
         its estimated cost instead, calling no model. ``batches=True`` sends the requests as
-        message batches (half the price; results within 24 h, most within an hour)."""
+        message batches (half the price; results within 24 h, most within an hour).
+        ``recall=0.95`` judges most rows with a local proxy and the model only a sample and
+        the uncertain rest, keeping recall >= 0.95 with probability >= 0.95 (``precision=``
+        likewise); when that cannot be certified it judges everything, or fails with
+        ``on_miss="fail"``."""
         source = table.name if isinstance(table, Table) else str(table)
         info = self.channel.call(
             "llm_where",
@@ -257,6 +264,9 @@ class Repl:
             limit=limit,
             dry_run=bool(dry_run),
             batches=batches,
+            recall=recall,
+            precision=precision,
+            on_miss=on_miss,
         )
         if "plan" in info:
             return dict(info["plan"])
