@@ -192,3 +192,5 @@ class NoFinalAnswer(RLMError):
     def __init__(self, message: str, *, trajectory: Any = None) -> None:
         super().__init__(message)
         self.trajectory = trajectory
+        # the run so far, like every run error's partial (``trajectory`` kept for callers)
+        self.partial = trajectory

@@ -318,6 +318,7 @@ def test_no_final_after_max_iterations_keeps_trajectory(
     assert "You have used all 3 iterations" in last
     partial = err.value.trajectory
     assert partial.iterations == 4 and "still exploring" in partial.trajectory_markdown()
+    assert err.value.partial is partial  # like every run error's partial
 
 
 def test_output_schema_is_enforced_on_final(make_lm: MakeLM, inprocess_repl: REPLFactory) -> None:
