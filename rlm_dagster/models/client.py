@@ -10,7 +10,8 @@ Root turns use the sync client, whose retries (honouring ``retry-after``) are th
 Fan-out (``llm_query_batched``, ``llm_where``) uses the async client on one background event
 loop owned by the ``LM``, with retries of its own so that every 429/529 is seen by an
 :class:`AdaptiveLimiter`: the number of requests in flight drops by one per overload answer
-and climbs back by one per ``limit`` successes, up to ``max_concurrency``. Every completed
+and climbs back by one per ``limit`` successes, up to ``max_concurrency``; other transient
+faults (5xx, timeouts, resets) back off alone, leaving the limit as it is. Every completed
 call becomes a :class:`CallRecord` in :attr:`LM.accounting`. This module knows nothing about
 Dagster.
 """
@@ -22,6 +23,7 @@ import json
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -213,12 +215,24 @@ class Accounting:
 class AdaptiveLimiter:
     """Concurrency limit for async calls that adapts to the provider's overload answers.
 
+        >>> limiter = AdaptiveLimiter(16)
+        >>> async def call():
+        ...     await limiter.acquire()
+        ...     try:
+        ...         ...  # send the request
+        ...     finally:
+        ...         limiter.release()
+
     A 429/529 lowers the limit to what is still in flight (what the provider is holding), or
     by one if that is higher, but never by more than half at once. So a burst of 32 of which
     16 are refused lands on 16, and refused requests wait for a free slot instead of being
     refused again. Each success raises the limit by ``1/limit`` (one step per round of
     successes), up to ``max_limit``. A ``retry-after`` of a second or more pauses all new
     requests until then, as a quota reset requires.
+
+    Waiting requests queue first come, first served (a retry re-enters at the head: it has
+    already waited its turn). A freed slot is handed to the first waiter directly, so a release
+    wakes one task, not every task waiting: a fan-out of n prompts costs O(n), not O(n²).
     """
 
     def __init__(self, max_limit: int) -> None:
@@ -228,22 +242,34 @@ class AdaptiveLimiter:
         self.peak_in_flight = 0
         self.overloads = 0
         self._paused_until = 0.0
-        self._changed: asyncio.Event | None = None
+        # Futures of waiting acquirers, in the order they are served. A cancelled waiter's
+        # future stays until it reaches the head and is dropped there: removing it at once
+        # would cost O(n) per cancellation, O(n²) for a cancelled fan-out.
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._resume: asyncio.TimerHandle | None = None
 
-    async def acquire(self) -> None:
-        if self._changed is None:
-            self._changed = asyncio.Event()
-        while True:
-            pause = self._paused_until - time.monotonic()
-            if pause > 0:
-                await asyncio.sleep(pause)
-            elif self.in_flight < max(1, int(self.limit)):
-                self.in_flight += 1
-                self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
-                return
-            else:
-                self._changed.clear()
-                await self._changed.wait()
+    async def acquire(self, *, retry: bool = False) -> None:
+        """Wait for a slot, and take it. ``retry``: the request was sent before and failed,
+        so it goes ahead of those that have not been sent yet."""
+        while self._waiters and self._waiters[0].done():
+            self._waiters.popleft()
+        if not self._waiters and self._free() > 0:
+            self._take()
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        if retry:
+            self._waiters.appendleft(waiter)
+        else:
+            self._waiters.append(waiter)
+        self._wake()  # a pause may need its timer
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                # Handed a slot, then cancelled before running: pass the slot on.
+                self.in_flight -= 1
+                self._wake()
+            raise
 
     def release(self, *, overloaded: bool = False, retry_after: float | None = None) -> bool:
         """Free a slot; on an overload answer, lower the limit. Whether the limit came down
@@ -258,12 +284,41 @@ class AdaptiveLimiter:
             lowered = self.in_flight > 0 and int(self.limit) < int(before)
             if retry_after is not None and retry_after >= 1.0:
                 self._paused_until = max(self._paused_until, time.monotonic() + retry_after)
-        if self._changed is not None:
-            self._changed.set()
+        self._wake()
         return lowered
 
     def on_success(self) -> None:
         self.limit = min(float(self.max_limit), self.limit + 1.0 / self.limit)
+        self._wake()
+
+    def _free(self) -> int:
+        """Slots a new request may take now (none during a retry-after pause)."""
+        if time.monotonic() < self._paused_until:
+            return 0
+        return max(1, int(self.limit)) - self.in_flight
+
+    def _take(self) -> None:
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+
+    def _wake(self) -> None:
+        """Hand each free slot to the next live waiter: one wake-up per slot."""
+        free = self._free()
+        while free > 0 and self._waiters:
+            waiter = self._waiters.popleft()
+            if waiter.done():  # cancelled while waiting
+                continue
+            self._take()
+            waiter.set_result(None)
+            free -= 1
+        pause = self._paused_until - time.monotonic()
+        if pause > 0 and self._waiters and self._resume is None:
+            loop = self._waiters[-1].get_loop()
+            self._resume = loop.call_later(pause, self._resumed)
+
+    def _resumed(self) -> None:
+        self._resume = None
+        self._wake()  # re-arms itself if the pause was extended meanwhile
 
 
 _CONNECT_RETRIES = 2  # a host that refuses or never answers connections is not coming back soon
@@ -495,8 +550,9 @@ class LM:
         cut to what is left before ``deadline`` (a ``time.monotonic()`` value: the run's wall
         limit). 429, 529, 5xx, refused or reset connections and timeouts are retried
         (``retry-after`` honoured, else jittered backoff; connection failures at most twice),
-        never past ``deadline``; then :class:`ProviderUnavailable` (retryable). 400, 401, 403
-        and 404 are raised at once as errors a retry cannot fix."""
+        never past ``deadline``; then :class:`ProviderUnavailable` (retryable). Only 429 and 529
+        lower the limiter's concurrency; a retry waits for a slot ahead of requests not yet
+        sent. 400, 401, 403 and 404 are raised at once as errors a retry cannot fix."""
         assert self._aclient is not None, "call acomplete through LM.run_async"
         kwargs = self._request(
             role, model, system, messages, max_tokens, tools, tool_choice, output_format
@@ -541,25 +597,23 @@ class LM:
         if hit is not None:
             return hit
         attempt = 0
+        sent = False
         while True:
-            timeout = self.request_timeout_s
-            if deadline is not None:
-                timeout = min(timeout, deadline - time.monotonic())
-                if timeout <= 0:
-                    raise BudgetExceeded(
-                        f"max_wall_time_s reached before a {role} call to {model!r} could be "
-                        "made. Raise max_wall_time_s on the asset.",
-                        limit="max_wall_time_s",
-                    )
-            await self.limiter.acquire()
-            started = time.monotonic()
+            self._time_left(deadline, role, model)  # not worth queueing for once it is up
+            await self.limiter.acquire(retry=sent)
+            sent = True
             try:
+                # The wait for a slot may have been long: the attempt gets what is left then.
+                timeout = self._time_left(deadline, role, model)
+                started = time.monotonic()
                 message = await asyncio.wait_for(self._aclient.messages.create(**kwargs), timeout)
             except (*_TRANSIENT, TimeoutError) as err:
                 retry_after = _retry_after(err) if isinstance(err, anthropic.APIError) else None
-                # An overload answer that lowered our concurrency was about us sending too much
-                # at once: it is retried without spending one of the request's retries. Once
-                # the limit is down to what the provider takes, overloads count.
+                # Only an overload answer (429/529) is about how much we send at once: it lowers
+                # the limit (a long retry-after also pauses new requests), and while it does, it
+                # is retried without spending one of the request's retries. Any other transient
+                # fault (5xx, timeout, reset) is this request's own: it backs off alone, and the
+                # others keep their slots and the limit.
                 adapting = self.limiter.release(
                     overloaded=isinstance(err, _OVERLOAD), retry_after=retry_after
                 )
@@ -594,6 +648,20 @@ class LM:
             self.limiter.release()
             latency = time.monotonic() - started
             return self._completion(role, model, message, latency, meter, key, depth)
+
+    def _time_left(self, deadline: float | None, role: str, model: str) -> float:
+        """An attempt's timeout: ``request_timeout_s``, cut to what is left before
+        ``deadline``; :class:`BudgetExceeded` if nothing is."""
+        if deadline is None:
+            return self.request_timeout_s
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise BudgetExceeded(
+                f"max_wall_time_s reached before a {role} call to {model!r} could be made. "
+                "Raise max_wall_time_s on the asset.",
+                limit="max_wall_time_s",
+            )
+        return min(self.request_timeout_s, left)
 
     def run_async(self, coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
         """Run ``coro_fn()`` on the LM's background event loop and wait for its result."""
