@@ -412,13 +412,31 @@ class Semantic:
             return reply.text
 
         async def run() -> list[str]:
-            # Every prompt runs to its end (each success is cached), then the first provider
-            # failure ends the call: a retried run pays only for what failed.
-            results = await asyncio.gather(*(one(p) for p in distinct), return_exceptions=True)
-            for result in results:
-                if isinstance(result, BaseException):
-                    raise result
-            return [str(r) for r in results]
+            # A fixed pool of workers pulls prompts in order (memory and reservations stay
+            # bounded by the concurrency, not the fan-out). The breaker: once a prompt fails
+            # at the provider (after the LM's retries), no new prompt starts; those in flight
+            # finish and are cached, then the error ends the call: a retry pays only for the
+            # rest.
+            results: list[str] = [""] * len(distinct)
+            pending = iter(range(len(distinct)))
+            failures: list[BaseException] = []
+
+            async def worker() -> None:
+                for i in pending:
+                    if failures:
+                        return
+                    try:
+                        results[i] = await one(distinct[i])
+                    except BaseException as err:
+                        failures.append(err)
+                        return
+
+            await asyncio.gather(
+                *(worker() for _ in range(min(len(distinct), self.lm.max_concurrency)))
+            )
+            if failures:
+                raise failures[0]
+            return results
 
         replies = dict(zip(distinct, self.lm.run_async(run), strict=True))
         return [replies[t] for t in texts]

@@ -14,7 +14,7 @@ from rlm_dagster.engine.budget import Budget, Limits
 from rlm_dagster.errors import BudgetExceeded, ConfigError, ModelError
 from rlm_dagster.models import prices
 from rlm_dagster.models.client import LM, Accounting, CallRecord, Usage, cached_system
-from rlm_dagster.testing import FakeAnthropic, FakeReply, Fault, ToolUse
+from rlm_dagster.testing import FakeAnthropic, FakeReply, FakeRequest, Fault, ToolUse
 
 HAIKU = "claude-haiku-4-5"
 MESSAGES = [{"role": "user", "content": "Is ticket 7 urgent?"}]
@@ -468,3 +468,21 @@ def test_identical_prompts_in_one_llm_query_batched_are_sent_once(
     assert len(set(replies)) == 10
     assert all(replies[i] == replies[i % 10] for i in range(1_000))
     assert budget.sub_calls_started == 10
+
+
+def test_a_failing_prompt_stops_llm_query_batched_from_starting_the_rest() -> None:
+    """The breaker: 200 prompts at concurrency 2, the first one fails for good; the prompts
+    in flight finish, no new one starts, and the provider error ends the call."""
+    from rlm_dagster import Limits, ProviderServerError, Warehouse
+    from rlm_dagster.semantic import Semantic
+
+    def sub(req: FakeRequest) -> object:
+        return Fault(status=500) if req.prompt == "prompt 0" else "fine"
+
+    with FakeAnthropic(sub=sub, latency_s=0.02) as server:
+        lm = make_lm(server, max_concurrency=2, max_retries=0)
+        sem = Semantic(lm, Warehouse.from_frames({}), Budget(Limits(), lm.accounting))
+        with pytest.raises(ProviderServerError):
+            sem.query_batched([f"prompt {i}" for i in range(200)])
+        assert server.count("sub", include_faulted=True) < 10
+        lm.close()
