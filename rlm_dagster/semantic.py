@@ -17,6 +17,14 @@ missing, duplicated or malformed ids is re-asked for those rows in a smaller bat
 row alone; a row that still fails, or that the model refuses, is NULL with its error, never
 silently true or false.
 The plan is priced before anything is sent, and refused when it cannot fit the budget.
+
+Rows, distinct values, cached verdicts, the values to judge and the verdicts judged live in
+working tables of the run's DuckDB, read and written a chunk at a time: memory does not grow
+with the table. Verdicts carry reasons for matches only by default (:data:`REASONS`). Three
+opt-ins change how values get judged, never what a verdict means: ``calibrate`` measures the
+batch size on a sample, ``batches`` sends the requests as message batches (resumed after a
+kill), and a ``recall`` target lets a local proxy decide the values it is sure of, with the
+target certified on a sample (:mod:`rlm_dagster.cascade`).
 """
 
 from __future__ import annotations
