@@ -970,6 +970,20 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _take_queued(queue: list[list[Any]], wanted: str) -> Fault | None:
+    """The first queued ``[fault, times, scope]`` entry whose scope is None or ``wanted``,
+    used once (removed when its times are spent); None if none applies."""
+    for entry in queue:
+        fault, remaining, scope = entry
+        if scope is None or scope == wanted:
+            if remaining <= 1:
+                queue.remove(entry)
+            else:
+                entry[1] = remaining - 1
+            return cast(Fault, fault)
+    return None
+
+
 def _verdict_schema(request: FakeRequest) -> Mapping[str, Any]:
     """The JSON schema a where-request asks its verdicts in: the structured-output schema, or
     the ``record_verdicts`` tool's input schema."""
@@ -1926,14 +1940,9 @@ class FakeAnthropic:
 
     def _pick_fault(self, kind: Kind) -> Fault | None:
         """Called with the lock held: the queued fault for this request, else a random one."""
-        for entry in self._faults:
-            fault, remaining, fault_kind = entry
-            if fault_kind is None or fault_kind == kind:
-                if remaining <= 1:
-                    self._faults.remove(entry)
-                else:
-                    entry[1] = remaining - 1
-                return cast(Fault, fault)
+        queued = _take_queued(self._faults, kind)
+        if queued is not None:
+            return queued
         if self.fault_rate > 0 and self._rng.random() < self.fault_rate:
             status = self._rng.choice(self.fault_statuses)
             return Fault(
@@ -2196,15 +2205,7 @@ class FakeAnthropic:
 
     def _pick_batch_fault(self, operation: str) -> Fault | None:
         """Called with the batch lock held: the queued fault for this batch call, if any."""
-        for entry in self._batch_faults:
-            fault, remaining, wanted = entry
-            if wanted is None or wanted == operation:
-                if remaining <= 1:
-                    self._batch_faults.remove(entry)
-                else:
-                    entry[1] = remaining - 1
-                return cast(Fault, fault)
-        return None
+        return _take_queued(self._batch_faults, operation)
 
     def _create_batch(self, raw_headers: dict[str, str], raw: bytes) -> tuple[_Out, str | None]:
         if len(raw) > self.max_batch_bytes:
