@@ -14,7 +14,7 @@ import resource
 import socket
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,8 @@ from rlm_dagster.errors import (
     SQLPolicyError,
     UnknownTableError,
 )
-from rlm_dagster.repl.host import CellResult, Worker
+from rlm_dagster.repl.forkserver import ForkServer
+from rlm_dagster.repl.host import CellResult, FramedREPL, Worker
 from rlm_dagster.repl.protocol import (
     ProtocolError,
     arrow_to_frame,
@@ -103,19 +104,36 @@ def host() -> Iterator[Host]:
     h.wh.close()
 
 
+@pytest.fixture(scope="module", params=["worker", "forked"])
+def make_repl(request: pytest.FixtureRequest) -> Iterator[Callable[..., FramedREPL]]:
+    """Every test of ``shared`` and ``fragile`` runs against a worker process of its own and
+    against a fork of a fork server (what child runs use): they must behave alike."""
+    if request.param == "worker":
+        yield Worker
+        return
+    with ForkServer() as server:
+
+        def forked(handlers: Any, **kwargs: Any) -> FramedREPL:
+            kwargs.setdefault("cell_timeout_s", 300.0)
+            kwargs.setdefault("max_capture_chars", 1_000_000)
+            return server(handlers, context=None, **kwargs)
+
+        yield forked
+
+
 @pytest.fixture(scope="module")
-def shared(host: Host) -> Iterator[Worker]:
-    with Worker(host.handlers(), tables=host.tables, max_capture_chars=MAX_CAPTURE) as worker:
+def shared(host: Host, make_repl: Callable[..., FramedREPL]) -> Iterator[FramedREPL]:
+    with make_repl(host.handlers(), tables=host.tables, max_capture_chars=MAX_CAPTURE) as worker:
         yield worker
 
 
 @pytest.fixture(scope="module")
-def fragile(host: Host) -> Iterator[Worker]:
-    with Worker(host.handlers(), tables=host.tables, cell_timeout_s=1.0) as worker:
+def fragile(host: Host, make_repl: Callable[..., FramedREPL]) -> Iterator[FramedREPL]:
+    with make_repl(host.handlers(), tables=host.tables, cell_timeout_s=1.0) as worker:
         yield worker
 
 
-def ok(worker: Worker, code: str) -> CellResult:
+def ok(worker: FramedREPL, code: str) -> CellResult:
     result = worker.execute(code)
     assert result.error is None, result.error
     assert not result.restarted
@@ -125,14 +143,14 @@ def ok(worker: Worker, code: str) -> CellResult:
 # -- namespace, echo, capture --------------------------------------------------------------
 
 
-def test_namespace_persists_across_cells(shared: Worker) -> None:
+def test_namespace_persists_across_cells(shared: FramedREPL) -> None:
     ok(shared, "import math\npersist_a = 20\ndef persist_inc(v):\n    return v + 1")
     ok(shared, "persist_b = persist_inc(persist_a)")
     assert ok(shared, "persist_b * 2").output == "42\n"
     assert ok(shared, "math.floor(persist_b / 2)").output == "10\n"
 
 
-def test_last_expression_is_echoed_with_repr(shared: Worker) -> None:
+def test_last_expression_is_echoed_with_repr(shared: FramedREPL) -> None:
     assert ok(shared, "echo_x = 5\necho_x").output == "5\n"
     assert ok(shared, "'hi'").output == "'hi'\n"
     assert ok(shared, "print('first')\n[1, 2]").output == "first\n[1, 2]\n"
@@ -141,7 +159,7 @@ def test_last_expression_is_echoed_with_repr(shared: Worker) -> None:
     assert ok(shared, "for i in range(2):\n    i").output == ""  # nor a loop's body
 
 
-def test_stdout_and_stderr_are_captured(shared: Worker) -> None:
+def test_stdout_and_stderr_are_captured(shared: FramedREPL) -> None:
     result = ok(
         shared,
         "import sys\nfor i in range(3):\n    print('line', i)\nprint('warn', file=sys.stderr)",
@@ -150,7 +168,7 @@ def test_stdout_and_stderr_are_captured(shared: Worker) -> None:
     assert result.dropped_chars == 0
 
 
-def test_output_beyond_max_capture_is_cut_and_counted(shared: Worker) -> None:
+def test_output_beyond_max_capture_is_cut_and_counted(shared: FramedREPL) -> None:
     result = ok(shared, "print('x' * 5000)\nprint('tail')")
     assert result.output == "x" * MAX_CAPTURE
     assert result.dropped_chars == 5000 + 1 + len("tail\n") - MAX_CAPTURE
@@ -158,7 +176,7 @@ def test_output_beyond_max_capture_is_cut_and_counted(shared: Worker) -> None:
     assert (small.output, small.dropped_chars) == ("small\n", 0)
 
 
-def test_show_vars_lists_only_user_variables(shared: Worker) -> None:
+def test_show_vars_lists_only_user_variables(shared: FramedREPL) -> None:
     ok(shared, "showvars_frame = pd.DataFrame({'a': [1]})\n_private = 1")
     out = ok(shared, "SHOW_VARS()").output
     assert "'showvars_frame': 'DataFrame'" in out
@@ -170,7 +188,7 @@ def test_show_vars_lists_only_user_variables(shared: Worker) -> None:
 # -- errors --------------------------------------------------------------------------------
 
 
-def test_error_shows_cell_source_and_exception_without_worker_frames(shared: Worker) -> None:
+def test_error_shows_cell_source_and_exception_without_worker_frames(shared: FramedREPL) -> None:
     ok(shared, "def err_div(x):\n    return 1 / x")
     result = shared.execute("err_total = 1\nerr_div(0)")
     assert not result.restarted
@@ -185,7 +203,7 @@ def test_error_shows_cell_source_and_exception_without_worker_frames(shared: Wor
     assert ok(shared, "err_total").output == "1\n"  # statements before the error ran
 
 
-def test_long_traceback_keeps_the_tail(shared: Worker) -> None:
+def test_long_traceback_keeps_the_tail(shared: FramedREPL) -> None:
     result = shared.execute("def deep(n):\n    return deep(n - 1) if n else 1 / 0\ndeep(50)")
     assert result.error is not None
     lines = result.error.splitlines()
@@ -194,7 +212,7 @@ def test_long_traceback_keeps_the_tail(shared: Worker) -> None:
     assert len(lines) <= 14
 
 
-def test_syntax_error_shows_no_internal_frames(shared: Worker) -> None:
+def test_syntax_error_shows_no_internal_frames(shared: FramedREPL) -> None:
     result = shared.execute("syntax_x = 1 +")
     assert result.error is not None
     assert "SyntaxError" in result.error
@@ -202,7 +220,7 @@ def test_syntax_error_shows_no_internal_frames(shared: Worker) -> None:
     assert ".py" not in result.error
 
 
-def test_sys_exit_is_an_error_not_a_dead_worker(shared: Worker) -> None:
+def test_sys_exit_is_an_error_not_a_dead_worker(shared: FramedREPL) -> None:
     ok(shared, "exit_kept = 'still here'")
     result = shared.execute("import sys\nsys.exit(3)")
     assert not result.restarted
@@ -211,7 +229,7 @@ def test_sys_exit_is_an_error_not_a_dead_worker(shared: Worker) -> None:
     assert ok(shared, "exit_kept").output == "'still here'\n"
 
 
-def test_writes_to_fd_1_do_not_corrupt_the_channel(shared: Worker) -> None:
+def test_writes_to_fd_1_do_not_corrupt_the_channel(shared: FramedREPL) -> None:
     result = ok(
         shared,
         "import os, sys\n"
@@ -225,7 +243,7 @@ def test_writes_to_fd_1_do_not_corrupt_the_channel(shared: Worker) -> None:
     assert ok(shared, "6 * 7").output == "42\n"
 
 
-def test_printing_a_lone_surrogate_does_not_kill_the_worker(fragile: Worker) -> None:
+def test_printing_a_lone_surrogate_does_not_kill_the_worker(fragile: FramedREPL) -> None:
     fragile.execute("surrogate_kept = 1")
     result = fragile.execute("print('bad \\udcff byte')")
     assert not result.restarted, result.error
@@ -235,7 +253,7 @@ def test_printing_a_lone_surrogate_does_not_kill_the_worker(fragile: Worker) -> 
 # -- RPC -----------------------------------------------------------------------------------
 
 
-def test_sql_round_trips_a_dataframe(shared: Worker) -> None:
+def test_sql_round_trips_a_dataframe(shared: FramedREPL) -> None:
     out = ok(
         shared,
         "rpc_df = sql('SELECT ticket_id FROM tickets ORDER BY 1')\nrpc_df['ticket_id'].tolist()",
@@ -244,7 +262,7 @@ def test_sql_round_trips_a_dataframe(shared: Worker) -> None:
     assert ok(shared, "type(rpc_df).__name__").output == "'DataFrame'\n"
 
 
-def test_host_policy_error_is_catchable_by_its_class_name(shared: Worker) -> None:
+def test_host_policy_error_is_catchable_by_its_class_name(shared: FramedREPL) -> None:
     code = (
         "try:\n"
         "    sql('DROP TABLE tickets')\n"
@@ -261,7 +279,7 @@ def test_host_policy_error_is_catchable_by_its_class_name(shared: Worker) -> Non
     assert "worker.py" not in uncaught.error
 
 
-def test_host_query_error_is_catchable_and_distinct(shared: Worker) -> None:
+def test_host_query_error_is_catchable_and_distinct(shared: FramedREPL) -> None:
     code = (
         "try:\n"
         "    sql('SELECT * FROM range(100)')\n"
@@ -306,14 +324,14 @@ def test_any_rlm_error_from_a_handler_keeps_its_class_name() -> None:
         assert ok(worker, code).output == repr("ModelRefused") + "\n"
 
 
-def test_host_value_error_is_catchable_as_value_error(shared: Worker) -> None:
+def test_host_value_error_is_catchable_as_value_error(shared: FramedREPL) -> None:
     code = "try:\n    llm_query('')\nexcept ValueError as exc:\n    got = str(exc)\ngot"
     result = shared.execute(code)
     assert result.error is None, result.error
     assert result.output == "'llm_query() needs a non-empty prompt'\n"
 
 
-def test_unknown_rpc_function_is_a_host_error(shared: Worker) -> None:
+def test_unknown_rpc_function_is_a_host_error(shared: FramedREPL) -> None:
     result = shared.execute("llm_where(tickets, 'the customer is angry')")
     assert not result.restarted
     assert result.error is not None
@@ -321,7 +339,7 @@ def test_unknown_rpc_function_is_a_host_error(shared: Worker) -> None:
     assert ok(shared, "'alive'").output == "'alive'\n"
 
 
-def test_unexpected_handler_failure_is_a_host_error(shared: Worker) -> None:
+def test_unexpected_handler_failure_is_a_host_error(shared: FramedREPL) -> None:
     result = shared.execute("llm_query_batched(['a', 'b'])")
     assert result.error is not None
     assert (
@@ -330,12 +348,12 @@ def test_unexpected_handler_failure_is_a_host_error(shared: Worker) -> None:
     )
 
 
-def test_llm_query_reaches_the_host(shared: Worker, host: Host) -> None:
+def test_llm_query_reaches_the_host(shared: FramedREPL, host: Host) -> None:
     assert ok(shared, "llm_query('is 7 urgent?')").output == "'answer to is 7 urgent?'\n"
     assert host.prompts[-1] == "is 7 urgent?"
 
 
-def test_final_sends_text_frames_and_table_handles(shared: Worker, host: Host) -> None:
+def test_final_sends_text_frames_and_table_handles(shared: FramedREPL, host: Host) -> None:
     ok(shared, "FINAL('done')")
     ok(shared, "FINAL(pd.DataFrame({'customer_id': [7], 'reason': ['price']}))")
     ok(shared, "FINAL(tickets)")
@@ -346,7 +364,7 @@ def test_final_sends_text_frames_and_table_handles(shared: Worker, host: Host) -
     assert table == {"kind": "table", "name": "tickets"}
 
 
-def test_answer_ready_is_reported_once(shared: Worker) -> None:
+def test_answer_ready_is_reported_once(shared: FramedREPL) -> None:
     result = ok(shared, "answer['content'] = '42 customers'\nanswer['ready'] = True")
     assert result.answer == {"kind": "text", "text": "42 customers"}
     assert ok(shared, "answer_after = 1").answer is None  # ready was reset
@@ -355,7 +373,7 @@ def test_answer_ready_is_reported_once(shared: Worker) -> None:
     assert decode_arrow(frame.answer["arrow"]).to_pydict() == {"n": [1, 2]}
 
 
-def test_get_var(shared: Worker) -> None:
+def test_get_var(shared: FramedREPL) -> None:
     ok(shared, "gv_text = 'hello'\ngv_frame = pd.DataFrame({'a': [1, 2]})\ngv_list = [1, 2]")
     assert shared.get_var("gv_text") == {"kind": "text", "text": "hello"}
     assert shared.get_var("gv_list") == {"kind": "text", "text": "[1, 2]"}
@@ -368,7 +386,7 @@ def test_get_var(shared: Worker) -> None:
     assert ok(shared, "gv_text").output == "'hello'\n"  # the channel is still in step
 
 
-def test_table_handle(shared: Worker) -> None:
+def test_table_handle(shared: FramedREPL) -> None:
     out = ok(shared, "str(tickets), len(tickets), tickets.name, tickets.columns").output
     assert out == "('tickets', 3, 'tickets', ['ticket_id', 'body'])\n"
     assert (
@@ -408,7 +426,7 @@ def test_worker_environment_holds_no_host_secrets(
     assert not Path(cwd).exists()
 
 
-def test_worker_cwd_is_private(shared: Worker) -> None:
+def test_worker_cwd_is_private(shared: FramedREPL) -> None:
     cwd = ok(shared, "import os\nos.getcwd()").output.strip().strip("'")
     mode = stat.S_IMODE(os.stat(cwd).st_mode)
     assert mode == 0o700
@@ -416,7 +434,7 @@ def test_worker_cwd_is_private(shared: Worker) -> None:
     assert (Path(cwd) / "scratch.txt").read_text() == "ok"
 
 
-def test_worker_has_no_network(shared: Worker) -> None:
+def test_worker_has_no_network(shared: FramedREPL) -> None:
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(1)
@@ -427,7 +445,7 @@ def test_worker_has_no_network(shared: Worker) -> None:
     assert result.error is not None
 
 
-def test_worker_has_resource_limits_of_its_own(shared: Worker) -> None:
+def test_worker_has_resource_limits_of_its_own(shared: FramedREPL) -> None:
     names = ("RLIMIT_AS", "RLIMIT_DATA", "RLIMIT_CPU")
     host_limits = repr([resource.getrlimit(getattr(resource, n)) for n in names])
     code = f"import resource\n[resource.getrlimit(getattr(resource, n)) for n in {names!r}]"
@@ -438,7 +456,7 @@ def test_worker_has_resource_limits_of_its_own(shared: Worker) -> None:
 # -- timeouts and crashes ------------------------------------------------------------------
 
 
-def test_infinite_loop_is_stopped_and_the_worker_restarted(fragile: Worker) -> None:
+def test_infinite_loop_is_stopped_and_the_worker_restarted(fragile: FramedREPL) -> None:
     ok(fragile, "loop_kept = 41")
     restarts = fragile.restarts
     result = fragile.execute("while True:\n    pass")
@@ -455,7 +473,7 @@ def test_infinite_loop_is_stopped_and_the_worker_restarted(fragile: Worker) -> N
     )
 
 
-def test_time_spent_in_host_handlers_does_not_count(fragile: Worker, host: Host) -> None:
+def test_time_spent_in_host_handlers_does_not_count(fragile: FramedREPL, host: Host) -> None:
     host.host_sleep_s = 0.6
     try:
         result = ok(fragile, "[llm_query(f'q{i}') for i in range(3)][-1]")  # 1.8 s in the host
@@ -465,7 +483,7 @@ def test_time_spent_in_host_handlers_does_not_count(fragile: Worker, host: Host)
 
 
 @pytest.mark.parametrize("suicide", ["os._exit(1)", "os.kill(os.getpid(), 9)"])
-def test_dead_worker_is_restarted_with_a_clear_error(fragile: Worker, suicide: str) -> None:
+def test_dead_worker_is_restarted_with_a_clear_error(fragile: FramedREPL, suicide: str) -> None:
     ok(fragile, "import os\ndead_kept = 1")
     restarts = fragile.restarts
     result = fragile.execute(f"import os\n{suicide}")
@@ -490,7 +508,7 @@ def plain(value: Any) -> Any:
     return None if not isinstance(value, dict) and pd.isna(value) else value
 
 
-def test_frames_keep_duckdb_types_through_the_worker(shared: Worker, host: Host) -> None:
+def test_frames_keep_duckdb_types_through_the_worker(shared: FramedREPL, host: Host) -> None:
     query = (
         "SELECT 1::INT AS i, NULL::BIGINT AS missing, 9007199254740993::BIGINT AS big, "
         "1.5::DOUBLE AS d, 3.14::DECIMAL(10, 2) AS dec, 'héllo' AS s, TRUE AS b, "
@@ -529,7 +547,7 @@ def test_malformed_frames_are_protocol_errors(payload: Any) -> None:
         decode_frame(payload)
 
 
-def test_namespace_calls_from_threads_are_serialised(shared: Worker, host: Host) -> None:
+def test_namespace_calls_from_threads_are_serialised(shared: FramedREPL, host: Host) -> None:
     out = ok(
         shared,
         "from concurrent.futures import ThreadPoolExecutor\n"

@@ -1,4 +1,5 @@
-"""A REPL worker dies with its host, and the scratch a killed host left behind is removed."""
+"""A REPL worker (and a fork server with its forks) dies with its host, and the scratch a
+killed host left behind is removed."""
 
 from __future__ import annotations
 
@@ -20,13 +21,25 @@ HOST = textwrap.dedent(
     """
     import sys, threading, time
     from rlm_dagster.repl import Worker
-    worker = Worker({}, tables=lambda: [], sandbox=sys.argv[1], cell_timeout_s=600)
+    from rlm_dagster.repl.forkserver import ForkServer
+    if sys.argv[2] == "forked":
+        # a child run's REPL, forked by a fork server started from a thread that has ended
+        server = ForkServer(sandbox=sys.argv[1])
+        starter = threading.Thread(target=server.warm)
+        starter.start()
+        starter.join()
+        worker = server({}, tables=lambda: [], cell_timeout_s=600, max_capture_chars=10_000,
+                        context=None)
+        scratch = server._scratch.name
+    else:
+        worker = Worker({}, tables=lambda: [], sandbox=sys.argv[1], cell_timeout_s=600)
+        scratch = worker._scratch.name
     cell = worker.execute("import os\\nprint(os.getpid())")
     # the worker is now busy in a loop, not reading its channel: only the kernel can tell it
     # that its host is gone
     threading.Thread(target=worker.execute, args=("while True:\\n    pass",), daemon=True).start()
     time.sleep(0.5)
-    print(cell.output.strip(), worker._scratch.name, flush=True)
+    print(cell.output.strip(), scratch, flush=True)
     time.sleep(60)
     """
 )
@@ -64,9 +77,12 @@ def alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="parent-death signal is Linux-only")
+@pytest.mark.parametrize("kind", ["worker", "forked"])
 @pytest.mark.parametrize("level", ["process", resolve_level("auto")])
-def test_worker_dies_with_its_host_and_its_scratch_is_removed(level: str) -> None:
-    host = subprocess.Popen([sys.executable, "-c", HOST, level], stdout=subprocess.PIPE, text=True)
+def test_worker_dies_with_its_host_and_its_scratch_is_removed(level: str, kind: str) -> None:
+    host = subprocess.Popen(
+        [sys.executable, "-c", HOST, level, kind], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert host.stdout is not None
         line = host.stdout.readline().split()

@@ -368,24 +368,6 @@ class Worker(FramedREPL):
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    def _env(self) -> dict[str, str]:
-        """The worker's whole environment: nothing inherited from the host."""
-        return {
-            "PATH": os.defpath,
-            "HOME": self._scratch.name,
-            "TMPDIR": self._scratch.name,
-            "LANG": "C.UTF-8",
-            "LC_ALL": "C.UTF-8",
-            "PYTHONPATH": _PACKAGE_PARENT,
-            "PYTHONDONTWRITEBYTECODE": "1",
-            "PYTHONUNBUFFERED": "1",
-            # One BLAS/OpenMP thread: the worker's numpy needs no more, and per-thread
-            # buffers would eat into the address-space limit.
-            "OPENBLAS_NUM_THREADS": "1",
-            "OMP_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1",
-        }
-
     def start(self) -> None:
         if self._proc is not None:
             return
@@ -397,7 +379,7 @@ class Worker(FramedREPL):
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd=self._scratch.name,
-            env=self._env(),
+            env=worker_env(self._scratch.name),
             start_new_session=True,
             close_fds=True,
         )
@@ -474,25 +456,53 @@ class Worker(FramedREPL):
         if self._proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 returncode = self._proc.wait(timeout=2)
-        signum = -returncode if returncode is not None and returncode < 0 else None
-        if signum is None and self.level == "namespace" and returncode and returncode > 128:
-            signum = returncode - 128  # bubblewrap reports its child's signal this way
-        causes = {
-            signal.SIGKILL: "killed by SIGKILL: out of memory, or killed from outside",
-            signal.SIGXCPU: f"its CPU-time limit of {self.limits.cpu_seconds:,} s",
-            signal.SIGSEGV: "a crash (SIGSEGV), e.g. recursion too deep for the C stack",
-            signal.SIGXFSZ: "its file-size limit",
-            signal.SIGSYS: "a system call the sandbox forbids",
-        }
-        if signum is not None:
-            try:
-                name = signal.Signals(signum).name
-            except ValueError:
-                name = f"signal {signum}"
-            cause = causes.get(signum, f"signal {name}")  # type: ignore[call-overload]
-        else:
-            cause = f"exit code {returncode}"
-        return f"WorkerDied: the REPL process ended ({cause})."
+        if self.level == "namespace" and returncode and returncode > 128:
+            returncode = -(returncode - 128)  # bubblewrap reports its child's signal this way
+        return death_reason(returncode, self.limits)
+
+
+def worker_env(scratch: str) -> dict[str, str]:
+    """A worker's whole environment: nothing inherited from the host; ``scratch`` is its
+    home and temporary directory."""
+    return {
+        "PATH": os.defpath,
+        "HOME": scratch,
+        "TMPDIR": scratch,
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "PYTHONPATH": _PACKAGE_PARENT,
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONUNBUFFERED": "1",
+        # One BLAS/OpenMP thread: the worker's numpy needs no more, and per-thread
+        # buffers would eat into the address-space limit.
+        "OPENBLAS_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+
+
+def death_reason(returncode: int | None, limits: WorkerLimits) -> str:
+    """Why a worker process ended, in words for the model; ``returncode`` as ``Popen`` gives
+    it (minus the signal number), ``None`` when unknown."""
+    signum = -returncode if returncode is not None and returncode < 0 else None
+    causes = {
+        signal.SIGKILL: "killed by SIGKILL: out of memory, or killed from outside",
+        signal.SIGXCPU: f"its CPU-time limit of {limits.cpu_seconds:,} s",
+        signal.SIGSEGV: "a crash (SIGSEGV), e.g. recursion too deep for the C stack",
+        signal.SIGXFSZ: "its file-size limit",
+        signal.SIGSYS: "a system call the sandbox forbids",
+    }
+    if signum is not None:
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
+        cause = causes.get(signum, f"signal {name}")  # type: ignore[call-overload]
+    elif returncode is None:
+        cause = "exit status unknown"
+    else:
+        cause = f"exit code {returncode}"
+    return f"WorkerDied: the REPL process ended ({cause})."
 
 
 def cut_middle(text: str, limit: int) -> str:

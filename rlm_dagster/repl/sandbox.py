@@ -152,6 +152,10 @@ class Policy:
     deny_roots: tuple[str, ...]
     limits: WorkerLimits = field(default_factory=WorkerLimits)
     applied: tuple[str, ...] = ()
+    zygote: bool = False
+    """A fork server's policy (:mod:`rlm_dagster.repl.forkserver`): stage 1's filter lets the
+    process fork and signal its children, and its Landlock ruleset lets it read procfs; every
+    child takes both back (:func:`seal_forked_child`) before it runs any model code."""
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -166,6 +170,7 @@ class Policy:
             deny_roots=tuple(data["deny_roots"]),
             limits=WorkerLimits(**data["limits"]),
             applied=tuple(data.get("applied", ())),
+            zygote=bool(data.get("zygote", False)),
         )
 
 
@@ -492,13 +497,18 @@ _RET_ALLOW = 0x7FFF0000
 _RET_ERRNO = 0x00050000
 
 
-def _seccomp_program(arch: str, pid: int, exec_fd: int) -> bytes:
+def _seccomp_program(arch: str, pid: int, exec_fd: int, *, zygote: bool = False) -> bytes:
     """A classic-BPF seccomp filter: allow everything except the calls listed above.
 
     ``clone`` is allowed only for threads (``CLONE_THREAD``), ``clone3`` answers ENOSYS so
     libc falls back to ``clone``, ``kill``/``tgkill`` only target this process,
     ``prlimit64`` and ``sched_setaffinity`` only this process, and ``execveat`` only the
     descriptor ``exec_fd`` (stage 1 execs the worker through it).
+
+    ``zygote``: a fork server's filter, which also allows ``fork``/``clone`` and ``kill`` of
+    any process it can see (its children). It runs no model code: each child stacks the
+    strict filter (:func:`child_filter`) right after the fork, and filters stack with the
+    strictest answer winning.
     """
     col = 0 if arch == "x86_64" else 1
     ld_nr = (0x20, 0, 0, 0)  # A = seccomp_data.nr
@@ -518,9 +528,9 @@ def _seccomp_program(arch: str, pid: int, exec_fd: int) -> bytes:
     ]
     if arch == "x86_64":
         prog += [(0x35, 0, 1, 0x40000000), deny]  # x32 system calls
-    for numbers in _SYSCALLS.values():
+    for name, numbers in _SYSCALLS.items():
         nr = numbers[col]
-        if nr is not None:
+        if nr is not None and not (zygote and name in ("fork", "vfork")):
             prog += [(0x15, 0, 1, nr), deny]
     prog += [(0x15, 0, 1, _CLONE3[col]), ret(_RET_ERRNO | _ENOSYS)]
 
@@ -528,8 +538,9 @@ def _seccomp_program(arch: str, pid: int, exec_fd: int) -> bytes:
         # if nr: A = arg0; allow when `test` holds, else deny; otherwise fall through
         return [(0x15, 0, 4, nr), ld_arg0(), test, ret(_RET_ALLOW), deny]
 
-    prog += only_if(_CLONE[col], (0x45, 0, 1, _CLONE_THREAD))
-    prog += only_if(_KILL[col], (0x15, 0, 1, pid))
+    if not zygote:
+        prog += only_if(_CLONE[col], (0x45, 0, 1, _CLONE_THREAD))
+        prog += only_if(_KILL[col], (0x15, 0, 1, pid))
     prog += only_if(_TGKILL[col], (0x15, 0, 1, pid))
     prog += only_if(_EXECVEAT[col], (0x15, 0, 1, exec_fd))
     for nr in (_PRLIMIT64[col], _SCHED_SETAFFINITY[col]):
@@ -565,6 +576,27 @@ def _no_exec_program(arch: str) -> bytes:
         (0x06, 0, 0, _RET_ALLOW),
     ]
     return b"".join(struct.pack("=HBBI", *ins) for ins in prog)
+
+
+def seal_forked_child(kernel: _Kernel | None, policy: Policy) -> list[str]:
+    """In a child a fork server (``policy.zygote``) just forked, before anything else runs:
+    die with the fork server, stack a Landlock ruleset whose procfs is this process's own
+    directory, and stack the strict seccomp filter with this process's own pid (no new
+    processes, no exec, signals only to itself). Together they take back all the fork
+    server's layers allowed beyond a worker's. Returns the layers the child reports."""
+    applied = [layer for layer in policy.applied if layer != "seccomp"]
+    if kernel is None:
+        return [*applied, "forked from a fork server that ran no model code"]
+    kernel.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, "parent-death signal")
+    if any(layer.startswith("landlock") for layer in policy.applied):
+        # The fork server's ruleset let it read procfs; this one allows only our own pid's.
+        kernel.landlock(landlock_abi(), policy, _interpreter_paths())
+    if "seccomp" in policy.applied:
+        arch = platform.machine()
+        # The exec descriptor is the number the open-files limit keeps free: nothing to exec.
+        kernel.seccomp(_seccomp_program(arch, os.getpid(), policy.limits.open_files))
+        applied.append("seccomp")
+    return [*applied, "forked from a fork server that ran no model code"]
 
 
 class _Kernel:
@@ -610,7 +642,11 @@ class _Kernel:
         result = self.libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0)
         self._check(result, "seccomp")
 
-    def landlock(self, abi: int, policy: Policy, interpreter: Sequence[str]) -> None:
+    def landlock(
+        self, abi: int, policy: Policy, interpreter: Sequence[str], proc: str | None = None
+    ) -> None:
+        """Restrict this process to ``policy``; ``proc`` is the procfs directory it may read
+        (its own, ``/proc/PID``, by default)."""
         handled_fs = (1 << 13) - 1  # ABI 1: execute ... make_sym
         if abi >= 2:
             handled_fs |= _FS_REFER
@@ -630,7 +666,7 @@ class _Kernel:
             rules: list[tuple[str, int]] = [(p, read) for p in policy.read_roots]
             # procfs: this process's own directory only (the pid survives the exec), plus
             # the machine-wide files runtimes read for CPU and memory sizes
-            rules += [(f"/proc/{os.getpid()}", read), ("/sys/devices/system/cpu", read)]
+            rules += [(proc or f"/proc/{os.getpid()}", read), ("/sys/devices/system/cpu", read)]
             rules += [(p, _FS_READ_FILE) for p in _PROC_FILES]
             rules += [(p, _FS_READ_FILE) for p in _DEVICES_READ]
             rules += [("/dev/null", _FS_READ_FILE | _FS_WRITE_FILE | (handled_fs & _FS_TRUNCATE))]
@@ -680,6 +716,14 @@ def _elf_interpreter(executable: str) -> str | None:
     except (OSError, struct.error, UnicodeDecodeError):
         return None
     return None
+
+
+def _interpreter_paths() -> list[str]:
+    """The Python executable and its ELF loader: the files the worker may execute."""
+    interpreter = [os.path.realpath(sys.executable)]
+    if loader := _elf_interpreter(interpreter[0]):
+        interpreter.append(os.path.realpath(loader))
+    return interpreter
 
 
 def _set_limits(policy: Policy) -> list[str]:
@@ -757,9 +801,7 @@ def confine(policy: Policy) -> tuple[str, ...]:
     applied: list[str] = []
     if policy.level == "namespace":
         applied.append("namespaces (bubblewrap)")
-    interpreter = [os.path.realpath(sys.executable)]
-    if loader := _elf_interpreter(interpreter[0]):
-        interpreter.append(os.path.realpath(loader))
+    interpreter = _interpreter_paths()
     if sys.platform == "linux":
         kernel = _Kernel()
         # The worker dies with its host (it is kept across execve); bubblewrap does the same
@@ -774,7 +816,9 @@ def confine(policy: Policy) -> tuple[str, ...]:
             applied.append("no capabilities")
         abi = landlock_abi()
         if policy.level == "landlock" or (policy.level == "namespace" and abi):
-            kernel.landlock(abi, policy, interpreter)
+            # A fork server's children are new pids: it keeps procfs readable, and each
+            # child stacks a ruleset with its own directory (seal_forked_child).
+            kernel.landlock(abi, policy, interpreter, "/proc" if policy.zygote else None)
             applied.append(f"landlock (ABI {abi})")
         arch = platform.machine()
         if arch in _AUDIT_ARCH:
@@ -783,7 +827,8 @@ def confine(policy: Policy) -> tuple[str, ...]:
             os.dup2(fd, exec_fd, inheritable=False)
             os.close(fd)
             try:
-                kernel.seccomp(_seccomp_program(arch, os.getpid(), exec_fd))
+                program = _seccomp_program(arch, os.getpid(), exec_fd, zygote=policy.zygote)
+                kernel.seccomp(program)
                 applied.append("seccomp")
             except OSError as exc:
                 if exc.errno not in (errno.EINVAL, errno.ENOSYS):

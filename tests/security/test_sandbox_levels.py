@@ -8,6 +8,7 @@ pin down the README's table: what every level stops, and what only ``landlock`` 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -44,6 +45,7 @@ attempt("unix-socket", lambda: socket.socket(socket.AF_UNIX))
 attempt("fork", fork)
 attempt("exec", lambda: os.execv("/bin/true", ["true"]))
 attempt("kill-host", lambda: os.kill(targets["host_pid"], 0))
+attempt("kill-parent", lambda: os.kill(os.getppid(), 0))
 def execveat(path):
     # the kernel ignores the descriptor when the path is absolute: stage 1's own exec
     # descriptor number must not open a way to run another program (or Python again)
@@ -60,6 +62,7 @@ attempt("execveat-python", lambda: execveat(os.path.realpath(sys.executable)))
 attempt("read-proc-cpuinfo", lambda: open("/proc/cpuinfo").read())
 attempt("read-host-environ", lambda: open(f"/proc/{targets['host_pid']}/environ").read())
 attempt("read-host-cmdline", lambda: open(f"/proc/{targets['host_pid']}/cmdline").read())
+attempt("read-parent-environ", lambda: open(f"/proc/{os.getppid()}/environ").read())
 attempt("read-home-secret", lambda: open(targets["secret"]).read())
 attempt("read-warehouse", lambda: open(targets["warehouse"], "rb").read(16))
 attempt("write-outside", lambda: open(targets["outside"], "w").write("x"))
@@ -85,6 +88,32 @@ results["applied"] = json.loads(sys.argv[1])["applied"]
 print(json.dumps(results))
 """
 
+# The same attacks in a child of a fork server (rlm_dagster.repl.zygote), right after the
+# step every forked worker takes first: the fork server's own filter allows fork and kill,
+# and the child's must take both away again (its parent is the fork server).
+FORKED_ATTACKS = f"""
+import json, os, sys
+from rlm_dagster.repl import sandbox, zygote
+policy = sandbox.Policy.from_json(sys.argv[-1])
+zygote._load_kernel()
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.close(r)
+    os.dup2(w, 1)
+    layers = zygote._seal_child(policy)
+    sys.argv = [sys.argv[0], json.dumps({{"applied": layers}})]
+    try:
+        exec({ATTACKS!r})
+    finally:
+        sys.stdout.flush()
+        os._exit(0)
+os.close(w)
+out = b"".join(iter(lambda: os.read(r, 65536), b""))
+os.waitpid(pid, 0)
+sys.stdout.write(out.decode())
+"""
+
 
 @pytest.fixture(scope="module")
 def targets(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
@@ -104,16 +133,19 @@ def targets(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     }
 
 
-def run_attacks(level: str, targets: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
+def run_attacks(
+    level: str, targets: dict[str, Any], tmp_path: Path, *, forked: bool = False
+) -> dict[str, Any]:
     scratch = tmp_path / "scratch"
     scratch.mkdir(mode=0o700)
     policy = build_policy(
         level, str(scratch), WorkerLimits(memory_bytes=1024**3), home=targets["home"]
     )
+    policy = dataclasses.replace(policy, zygote=forked)
     env = {"PATH": os.defpath, "RLM_TEST_TARGETS": json.dumps(targets), "LANG": "C.UTF-8"}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
     done = subprocess.run(
-        worker_command(policy, "-c", ATTACKS),
+        worker_command(policy, "-c", FORKED_ATTACKS if forked else ATTACKS),
         cwd=scratch,
         env=env,
         capture_output=True,
@@ -127,9 +159,12 @@ def run_attacks(level: str, targets: dict[str, Any], tmp_path: Path) -> dict[str
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the kernel layers are Linux-only")
+@pytest.mark.parametrize("forked", [False, True], ids=["worker", "forked-worker"])
 @pytest.mark.parametrize("level", each_level())
-def test_kernel_layers_of_each_level(level: str, targets: dict[str, Any], tmp_path: Path) -> None:
-    got = run_attacks(level, targets, tmp_path)
+def test_kernel_layers_of_each_level(
+    level: str, forked: bool, targets: dict[str, Any], tmp_path: Path
+) -> None:
+    got = run_attacks(level, targets, tmp_path, forked=forked)
     # Every level: seccomp, no_new_privs, rlimits.
     assert "seccomp" in got["applied"]
     assert "rlimits (memory, cpu, open files, file size, core" in " ".join(got["applied"])
@@ -141,6 +176,7 @@ def test_kernel_layers_of_each_level(level: str, targets: dict[str, Any], tmp_pa
         "execveat-absolute",
         "execveat-python",
         "kill-host",
+        "kill-parent",
     ):
         assert got[attack] == "EPERM", (attack, got)
     assert got["write-scratch"] == "allowed"
@@ -173,7 +209,13 @@ def test_kernel_layers_of_each_level(level: str, targets: dict[str, Any], tmp_pa
         assert got["write-outside"] == "allowed"
         Path(targets["outside"]).unlink()
         return
-    for attack in ("read-home-secret", "read-warehouse", "write-outside", "read-host-environ"):
+    for attack in (
+        "read-home-secret",
+        "read-warehouse",
+        "write-outside",
+        "read-host-environ",
+        "read-parent-environ",
+    ):
         assert got[attack] in ("EACCES", "ENOENT", "EPERM", "EROFS"), (attack, got)
     assert not Path(targets["outside"]).exists()
     # /proc shows the worker its own directory only
