@@ -115,15 +115,14 @@ def test_a_fork_over_its_cpu_limit_says_so() -> None:
 
 
 def test_a_fork_server_killed_from_outside_is_replaced() -> None:
-    with ForkServer(sandbox="process") as own:
-        with fork(own) as first:
-            out(first, "x = 1")
-            assert own._proc is not None
-            os.killpg(own._proc.pid, signal.SIGKILL)  # the server and every fork it made
-            result = first.execute("x")
-            assert result.restarted and result.error is not None
-            assert result.error.startswith("WorkerDied"), result.error
-            assert out(first, "'x' in globals()") == "False"
+    with ForkServer(sandbox="process") as own, fork(own) as first:
+        out(first, "x = 1")
+        assert own._proc is not None
+        os.killpg(own._proc.pid, signal.SIGKILL)  # the server and every fork it made
+        result = first.execute("x")
+        assert result.restarted and result.error is not None
+        assert result.error.startswith("WorkerDied"), result.error
+        assert out(first, "'x' in globals()") == "False"
 
 
 def test_children_run_in_forks_and_the_run_cleans_up(
