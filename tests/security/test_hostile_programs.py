@@ -11,6 +11,7 @@ polices them the same at every level).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import socket
 from pathlib import Path
@@ -475,3 +476,46 @@ def test_background_thread_writing_frames_between_cells(hostile: Hostile, level:
 def test_signalling_the_host_process_group_is_blocked(hostile: Hostile, level: str) -> None:
     outcome = hostile.run(level, f"import os, signal\nos.killpg({os.getpgid(0)}, signal.SIGTERM)")
     assert "SandboxViolation: sending signals to other processes" in outcome.observation
+
+
+# In a child run: its REPL is a fork of the run's fork server, whose own seccomp filter and
+# Landlock ruleset allow more than a worker's (it forks and signals its forks). The same
+# programs must be refused there too, and a fork must not be able to reach its server.
+IN_A_CHILD = [
+    "environment-variables",
+    "ssh-key-in-home",
+    "etc-shadow",
+    "host-environ-via-proc",
+    "fork-bomb",
+    "kill-the-host",
+]
+KILL_THE_FORK_SERVER = (
+    "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)",
+    ("SandboxViolation",),
+)
+
+
+@at_each_level
+@pytest.mark.parametrize("name", [*IN_A_CHILD, "kill-the-fork-server"])
+def test_hostile_program_in_a_child_run_is_blocked(
+    hostile: Hostile, level: str, name: str, fake_home: Path
+) -> None:
+    code, markers = BLOCKED.get(name, KILL_THE_FORK_SERVER)
+    code = code.replace("{HOME}", repr(str(fake_home)))
+    # root turn 1 starts a child; the child's turn 1 runs the program and its turn 2 answers;
+    # the root prints the child's answer and (turn 2) answers "done"
+    outcome = hostile.run(
+        level,
+        "print(rlm_query('look around'))",
+        code,
+        "FINAL('child done')",
+        limits=dataclasses.replace(LIMITS, max_depth=2),
+    )
+    roots = [r for r in outcome.requests if r.kind == "root"]
+    seen = roots[2].last_user_text  # the child's turn 2: what its program printed
+    for marker in markers:  # "a|b": either
+        assert any(m in seen for m in marker.split("|")), seen
+    assert SSH_KEY_TEXT not in outcome.bodies()
+    (child,) = [c for turn in outcome.result.turns for c in turn.children]
+    assert "forked from a fork server" in child.sandbox
+    assert child.answer_text == "child done"
