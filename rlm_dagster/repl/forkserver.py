@@ -47,6 +47,7 @@ from rlm_dagster.repl.host import (
     Worker,
     _remove_stale_scratch,
     death_reason,
+    drain_stderr,
     worker_env,
 )
 from rlm_dagster.repl.protocol import MAX_WORKER_FRAME_BYTES, FrameReader, write_frame
@@ -101,24 +102,15 @@ class ForkServer:
         sandbox: str = "auto",
         limits: WorkerLimits | None = None,
     ) -> FramedREPL:
+        common: dict[str, Any] = {
+            "tables": tables,
+            "cell_timeout_s": cell_timeout_s,
+            "max_capture_chars": max_capture_chars,
+            "context": context,
+        }
         if self._failed is not None:
-            return Worker(
-                handlers,
-                tables=tables,
-                cell_timeout_s=cell_timeout_s,
-                max_capture_chars=max_capture_chars,
-                context=context,
-                sandbox=self.sandbox,
-                limits=self.limits,
-            )
-        return ForkedWorker(
-            self,
-            handlers,
-            tables=tables,
-            cell_timeout_s=cell_timeout_s,
-            max_capture_chars=max_capture_chars,
-            context=context,
-        )
+            return Worker(handlers, sandbox=self.sandbox, limits=self.limits, **common)
+        return ForkedWorker(self, handlers, **common)
 
     # -- the fork server process ----------------------------------------------------------
 
@@ -146,7 +138,8 @@ class ForkServer:
             )
         finally:
             server_end.close()
-        threading.Thread(target=self._drain, args=(self._proc,), daemon=True).start()
+        drain = threading.Thread(target=drain_stderr, args=(self._proc, self._stderr), daemon=True)
+        drain.start()
         self._control = host_end
         host_end.settimeout(_STARTUP_TIMEOUT_S)
         try:
@@ -170,13 +163,6 @@ class ForkServer:
         background as it starts, so the first child does not wait for it)."""
         with self._lock, contextlib.suppress(WorkerError):
             self._start()
-
-    def _drain(self, proc: subprocess.Popen[bytes]) -> None:
-        stream = proc.stderr
-        assert stream is not None
-        with contextlib.suppress(OSError, ValueError):
-            for line in iter(lambda: stream.readline(8192), b""):
-                self._stderr.append(line.decode("utf-8", "replace").rstrip())
 
     def _receive(self) -> dict[str, Any]:
         assert self._control is not None

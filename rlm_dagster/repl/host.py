@@ -388,7 +388,7 @@ class Worker(FramedREPL):
         # Non-blocking, so that a worker that stops reading cannot hang the host.
         os.set_blocking(self._proc.stdin.fileno(), False)
         self._reader = FrameReader(self._proc.stdout.fileno(), MAX_WORKER_FRAME_BYTES)
-        drain = threading.Thread(target=self._drain_stderr, args=(self._proc,), daemon=True)
+        drain = threading.Thread(target=drain_stderr, args=(self._proc, self._stderr), daemon=True)
         drain.start()
         self._drain = drain
         try:
@@ -404,14 +404,6 @@ class Worker(FramedREPL):
             self.kill()
             raise WorkerError(f"REPL worker did not start: {reply}. {self._stderr_tail()}")
         log.debug("REPL worker started: sandbox %s (%s)", self.level, ", ".join(self.layers))
-
-    def _drain_stderr(self, proc: subprocess.Popen[bytes]) -> None:
-        stream = proc.stderr
-        assert stream is not None
-        # Bounded lines: the worker's stderr is model-controlled and may never send "\n".
-        with contextlib.suppress(OSError, ValueError):
-            for line in iter(lambda: stream.readline(8192), b""):
-                self._stderr.append(line.decode("utf-8", "replace").rstrip())
 
     def _stderr_tail(self) -> str:
         tail = "\n".join(list(self._stderr)[-10:])
@@ -459,6 +451,16 @@ class Worker(FramedREPL):
         if self.level == "namespace" and returncode and returncode > 128:
             returncode = -(returncode - 128)  # bubblewrap reports its child's signal this way
         return death_reason(returncode, self.limits)
+
+
+def drain_stderr(proc: subprocess.Popen[bytes], lines: collections.deque[str]) -> None:
+    """Keep the last lines of a worker's stderr in ``lines`` until it closes (a thread)."""
+    stream = proc.stderr
+    assert stream is not None
+    # Bounded lines: the worker's stderr is model-controlled and may never send "\n".
+    with contextlib.suppress(OSError, ValueError):
+        for line in iter(lambda: stream.readline(8192), b""):
+            lines.append(line.decode("utf-8", "replace").rstrip())
 
 
 def worker_env(scratch: str) -> dict[str, str]:
