@@ -607,12 +607,9 @@ class Semantic:
         the same values with the same predicate, model and prompt (their cache keys)."""
         if self.cache is None or not job.batches:
             return None
-        # An order-independent digest of the values to judge, computed in the engine.
-        (summary,) = self._scalars(
-            f"SELECT count(*)::VARCHAR || ':' || coalesce(sum(hash(h))::HUGEINT, 0)::VARCHAR "
-            f"FROM {job.todo}"
-        )
-        digest = hashlib.sha256(job.scope + str(summary).encode())
+        # An order-independent digest of the values to judge, computed in the engine with
+        # the plan's counts (the todo table has not changed since).
+        digest = hashlib.sha256(job.scope + job.todo_digest.encode())
         return f"llm_where:{digest.hexdigest()}"
 
     def _wait_for_lease(self, name: str) -> bool:
@@ -726,9 +723,7 @@ class Semantic:
         wh.trusted_execute(
             f"CREATE TABLE {job.vals} AS SELECT unhex(left(sha256({_KEY}), 32)) AS h, "
             f"{_KEY} AS v, count(*)::BIGINT AS n, min(rowid) AS first "
-            f"FROM {job.rows} GROUP BY {_KEY}"
-        )
-        wh.trusted_execute(
+            f"FROM {job.rows} GROUP BY {_KEY}; "
             f"CREATE TABLE {job.hits} (h BLOB PRIMARY KEY, match BOOLEAN, reason VARCHAR)"
         )
         if self.cache is not None and self.budget.replay:
@@ -751,9 +746,7 @@ class Semantic:
         wh.trusted_execute(
             f"CREATE TABLE {job.todo} AS SELECT row_number() OVER (ORDER BY {order}) - 1 AS seq, "
             f"v.h, v.v, v.n FROM {job.vals} AS v WHERE NOT EXISTS "
-            f"(SELECT 1 FROM {job.hits} AS c WHERE c.h = v.h) ORDER BY seq"
-        )
-        wh.trusted_execute(
+            f"(SELECT 1 FROM {job.hits} AS c WHERE c.h = v.h) ORDER BY seq; "
             f"CREATE TABLE {job.judged} (h BLOB, match BOOLEAN, reason VARCHAR, "
             "decided_by VARCHAR, batch VARCHAR, cost DOUBLE, error VARCHAR)"
         )
@@ -786,10 +779,17 @@ class Semantic:
         )
         job.packing = (prefix_tokens, batch_tokens, thinking_est)
         to_judge, est_in, est_out, est_cost = self._pack(job)
-        after_where, distinct, cached = self._scalars(
+        # One round trip for every count the call needs before it sends anything: the plan's,
+        # the lease's digest of the values to judge, and the rows the cache already matched.
+        after_where, distinct, cached, todo_digest, cached_matches = self._scalars(
             f"SELECT (SELECT count(*) FROM {job.rows}), (SELECT count(*) FROM {job.vals}), "
-            f"(SELECT count(*) FROM {job.hits})"
+            f"(SELECT count(*) FROM {job.hits}), "
+            f"(SELECT count(*)::VARCHAR || ':' || coalesce(sum(hash(h))::HUGEINT, 0)::VARCHAR "
+            f"FROM {job.todo}), "
+            f"(SELECT coalesce(sum(v.n), 0) FROM {job.vals} AS v JOIN {job.hits} AS c "
+            "ON c.h = v.h WHERE c.match)"
         )
+        job.todo_digest, job.cached_match_rows = str(todo_digest), int(cached_matches)
         concurrency = max(1, int(self.lm.limiter.limit))
         latencies = [r.latency_s for r in self.budget.accounting.records if r.role == "where"]
         latency = sum(latencies) / len(latencies) if latencies else self.config.default_latency_s
@@ -877,11 +877,7 @@ class Semantic:
         flight."""
         if not job.batches:
             return
-        (matched_rows,) = self._scalars(
-            f"SELECT coalesce(sum(v.n), 0) FROM {job.vals} AS v JOIN {job.hits} AS c "
-            "ON c.h = v.h WHERE c.match"
-        )
-        matched_rows = int(matched_rows)
+        matched_rows = job.cached_match_rows
         total = len(job.batches)
         progress = {"done": 0, "last": time.monotonic(), "start": time.monotonic()}
         spent_before = self.budget.accounting.cost_usd
@@ -1516,6 +1512,8 @@ class _Job:
     batch_rows: int = 40  # rows per request: the configured number, or the calibrated one
     reason_in_input: bool = False
     packing: tuple[int, int, int] = (0, 1, 0)  # prefix tokens, tokens per request, thinking
+    todo_digest: str = ""  # count and hash sum of the values to judge, as planned
+    cached_match_rows: int = 0  # input rows whose value the cache already matched
     prefix: str = field(default_factory=lambda: f"__rlm_where_{uuid.uuid4().hex[:12]}")
 
     @property
@@ -1558,8 +1556,12 @@ class _Job:
 
     def drop(self) -> None:
         names = (self.per_value, self.judged, self.subset, self.selected, self.todo_all)
-        for name in (*names, self.hits, self.vals, self.rows):
-            self.warehouse.trusted_execute(f"DROP TABLE IF EXISTS {name}")
+        # One round trip: a statement costs the engine about as much as dropping a table.
+        self.warehouse.trusted_execute(
+            "; ".join(
+                f"DROP TABLE IF EXISTS {name}" for name in (*names, self.hits, self.vals, self.rows)
+            )
+        )
 
 
 class _FlushFirst:

@@ -185,6 +185,27 @@ def test_limit_stops_early_and_cancels_the_rest(make_lm: MakeLM) -> None:
     assert skipped["n"][0] >= 2_000 - sent * 10
 
 
+def test_rows_the_cache_already_matched_count_toward_the_limit(
+    make_lm: MakeLM, tmp_path: Path
+) -> None:
+    """The count of cached matching rows is taken with the plan's counts: a limit that the
+    cache nearly satisfies stops after the first request instead of judging for the limit
+    from zero."""
+    frame = pd.DataFrame({"n": range(2_000), "text": [f"row {i}" for i in range(2_000)]})
+    wh = Warehouse.from_frames({"t": frame})
+    cache = Cache(tmp_path / "c.sqlite3")
+    with FakeAnthropic(where=lambda p, r: True) as fake:
+        lm = make_lm(fake, max_concurrency=1)
+        semantic(lm, wh, cache, batch_rows=10).where("t", "anything", where="n < 30")
+        fake.reset()
+        info, _, stats = semantic(lm, wh, cache, batch_rows=10).where("t", "anything", limit=25)
+        sent = fake.count("where")
+    assert stats.cached == 30 and stats.stopped_early
+    assert sent == 1  # 30 cached matches >= 25: the first request's verdicts end the call
+    assert info.rows == 25
+    assert _working_tables(wh) == []
+
+
 def test_budget_refusal_happens_before_any_request(
     make_lm: MakeLM, warehouse_file: str, judge: Any
 ) -> None:
