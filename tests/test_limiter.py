@@ -245,6 +245,23 @@ def test_a_short_retry_after_does_not_pause() -> None:
     run(main)
 
 
+def test_the_limit_where_the_provider_refused_is_probed_slowly() -> None:
+    limiter = AdaptiveLimiter(32)
+    limiter.limit = 17.0
+    limiter.in_flight = 17
+    limiter.release(overloaded=True)  # refused at 17 with 16 still in flight: down to 16
+    assert limiter.limit == 16.0
+    for _ in range(16):  # one round of successes: a round's step was enough to reach 17
+        limiter.on_success()
+    assert 16.0 < limiter.limit < 17.0
+    for _ in range(8 * 16):  # eight rounds: then it tries 17 again
+        limiter.on_success()
+    assert limiter.limit >= 17.0
+    for _ in range(40 * 17):  # past the refused limit, it grows a step per round again
+        limiter.on_success()
+    assert limiter.limit == 32.0
+
+
 # -- through the LM: which answers lower the limit ---------------------------------------------
 
 

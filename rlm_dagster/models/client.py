@@ -227,7 +227,9 @@ class AdaptiveLimiter:
     by one if that is higher, but never by more than half at once. So a burst of 32 of which
     16 are refused lands on 16, and refused requests wait for a free slot instead of being
     refused again. Each success raises the limit by ``1/limit`` (one step per round of
-    successes), up to ``max_limit``. A ``retry-after`` of a second or more pauses all new
+    successes), up to ``max_limit``; near the limit where the provider last refused, by an
+    eighth of that, so a provider that holds exactly 16 is probed with a 17th request every
+    eight rounds, not every round (each probe costs a refusal and a retry). A ``retry-after`` of a second or more pauses all new
     requests until then, as a quota reset requires.
 
     Waiting requests queue first come, first served (a retry re-enters at the head: it has
@@ -241,6 +243,7 @@ class AdaptiveLimiter:
         self.in_flight = 0
         self.peak_in_flight = 0
         self.overloads = 0
+        self._refused_at: float | None = None  # the limit when the provider last refused
         self._paused_until = 0.0
         # Futures of waiting acquirers, in the order they are served. A cancelled waiter's
         # future stays until it reaches the head and is dropped there: removing it at once
@@ -279,6 +282,7 @@ class AdaptiveLimiter:
         if overloaded:
             self.overloads += 1
             before = self.limit
+            self._refused_at = before
             self.limit = max(1.0, min(self.limit - 1.0, max(float(self.in_flight), self.limit / 2)))
             # Only an overload while others were in flight can be blamed on our concurrency.
             lowered = self.in_flight > 0 and int(self.limit) < int(before)
@@ -288,7 +292,10 @@ class AdaptiveLimiter:
         return lowered
 
     def on_success(self) -> None:
-        self.limit = min(float(self.max_limit), self.limit + 1.0 / self.limit)
+        step = 1.0 / self.limit
+        if self._refused_at is not None and abs(self.limit - self._refused_at) < 1.0:
+            step /= 8  # at the edge of what the provider held last time: probe it slowly
+        self.limit = min(float(self.max_limit), self.limit + step)
         self._wake()
 
     def _free(self) -> int:
