@@ -16,7 +16,10 @@ wall time; "CPU us/row" is this process's CPU time per input
 row (planning, dedupe, the SDK's HTTP client, parsing, result tables) and "engine us/row" the
 same pipeline's CPU time per row with an in-process instant model instead of HTTP (what the
 engine itself costs: planning, dedupe, packing, verdict parsing, cache, result tables);
-"rerun req" is the requests of the same call repeated with the warm verdict cache. Each
+"floor s" is the wall time of the very request bodies llm_where sent, sent again by the bare
+SDK with exactly SERVER_LIMIT in flight and no engine (``transport_floor_s``): what the fake,
+the SDK and this machine allow for the workload; "(% of it)" is that floor over llm_where's
+wall time. "rerun req" is the requests of the same call repeated with the warm verdict cache. Each
 measurement's client is warmed by one unmeasured request first (see ``lm_for``). The naive plan at 100k rows runs on the
 first 10k rows and its wall time is scaled by 10 (marked "est."); its requests and tokens
 scale exactly.
@@ -128,6 +131,7 @@ class Measure:
     matches: frozenset[int]
     rerun_requests: int | None = None
     engine_cpu_s: float | None = None
+    floor_s: float | None = None
     scaled: float = 1.0
 
     @property
@@ -224,12 +228,59 @@ def bound_s(lm: LM) -> float:
     return max(sum(latencies) / SERVER_LIMIT, max(latencies), waves * min(latencies))
 
 
+def record_requests(lm: LM) -> list[dict[str, Any]]:
+    """The request bodies ``lm`` gets answers to from now on (a 429'd attempt is not one)."""
+    client = lm._aclient
+    assert client is not None, "warm the LM first (lm_for does)"
+    create = client.messages.create
+    answered: list[dict[str, Any]] = []
+
+    async def recording(**kwargs: Any) -> Any:
+        message = await create(**kwargs)
+        answered.append(kwargs)
+        return message
+
+    client.messages.create = recording  # type: ignore[method-assign]
+    return answered
+
+
+def transport_floor_s(base_url: str, bodies: list[dict[str, Any]]) -> float:
+    """Wall time of the same request bodies sent by the bare SDK (a warmed client, exactly
+    SERVER_LIMIT in flight, so no 429), with no engine at all: what this fake, the SDK and
+    this machine allow for the workload, below which no client can go."""
+    import asyncio
+
+    import anthropic
+
+    async def send() -> float:
+        client = anthropic.AsyncAnthropic(api_key="bench", base_url=base_url, max_retries=5)
+        await client.messages.create(
+            model="claude-haiku-5-5",
+            max_tokens=16,
+            messages=[{"role": "user", "content": "warm-up"}],
+        )
+        slots = asyncio.Semaphore(SERVER_LIMIT)
+
+        async def one(body: dict[str, Any]) -> None:
+            async with slots:
+                await client.messages.create(**body)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(b) for b in bodies))
+        wall = time.perf_counter() - t0
+        await client.close()
+        return wall
+
+    return asyncio.run(send())
+
+
 def run_ours(base_url: str, frame: pd.DataFrame, cache_dir: Path) -> Measure:
     wh = Warehouse.from_frames({"t": frame})
     lm = lm_for(base_url)
     cache = Cache(cache_dir / f"bench-{time.monotonic_ns()}.sqlite3")
     limits = Limits(max_sub_calls=10_000_000, max_cost_usd=None)
     sem = Semantic(lm, wh, Budget(limits, lm.accounting), cache=cache)
+    bodies = record_requests(lm)
     cpu0, t0 = time.process_time(), time.perf_counter()
     info, _, stats = sem.where("t", PREDICATE, columns=["text"])
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
@@ -250,6 +301,7 @@ def run_ours(base_url: str, frame: pd.DataFrame, cache_dir: Path) -> Measure:
     )
     measure.rerun_requests = rerun.requests
     measure.engine_cpu_s = engine_cpu_s(frame)
+    measure.floor_s = transport_floor_s(base_url, bodies)
     lm.close()
     cache.close()
     wh.close()
@@ -315,10 +367,11 @@ def row(n: int, dup: float, sel: float, plan: str, m: Measure) -> str:
     pct = 100 * m.bound_s / wall if wall else 0.0
     rerun = "" if m.rerun_requests is None else f"{m.rerun_requests:,}"
     engine = "" if m.engine_cpu_s is None else f"{1e6 * m.engine_cpu_s / m.rows:,.1f}"
+    floor = "" if m.floor_s is None else f"{m.floor_s:.2f} ({100 * m.floor_s / wall:.0f}%)"
     return (
         f"| {n:>7,} | {dup:>4.0%} | {sel:>4.0%} | {plan:<9} | {m.requests:>8,} | {m.input_tokens:>11,} | "
         f"{m.output_tokens:>10,} | {wall:>7.1f}{est:<5} | {m.rows / wall:>8,.0f} | {pct:>5.0f}% | "
-        f"{1e6 * m.cpu_s / (m.rows / m.scaled):>7,.0f} | {engine:>6} | {rerun:>9} |"
+        f"{floor:>12} | {1e6 * m.cpu_s / (m.rows / m.scaled):>7,.0f} | {engine:>6} | {rerun:>9} |"
     )
 
 
@@ -334,9 +387,9 @@ def main() -> None:
     )
     print(
         "|       N |  dup |  sel | plan      | requests | input tokens | output tok | wall s       |   rows/s | "
-        "bound | CPU us/row | engine us/row | rerun req |"
+        "bound | floor s (% of it) | CPU us/row | engine us/row | rerun req |"
     )
-    print("|" + "---|" * 13)
+    print("|" + "---|" * 14)
     server = Server()
     clean: frozenset[int] = frozenset()
     with tempfile.TemporaryDirectory() as tmp:
