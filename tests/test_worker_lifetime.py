@@ -34,6 +34,10 @@ HOST = textwrap.dedent(
     else:
         worker = Worker({}, tables=lambda: [], sandbox=sys.argv[1], cell_timeout_s=600)
         scratch = worker._scratch.name
+        if sys.argv[2] == "prestarted":
+            # started by a thread that then ends, as a run starts its REPL
+            worker.prestart()
+            time.sleep(2)
     cell = worker.execute("import os\\nprint(os.getpid())")
     # the worker is now busy in a loop, not reading its channel: only the kernel can tell it
     # that its host is gone
@@ -77,7 +81,7 @@ def alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="parent-death signal is Linux-only")
-@pytest.mark.parametrize("kind", ["worker", "forked"])
+@pytest.mark.parametrize("kind", ["worker", "prestarted", "forked"])
 @pytest.mark.parametrize("level", ["process", resolve_level("auto")])
 def test_worker_dies_with_its_host_and_its_scratch_is_removed(level: str, kind: str) -> None:
     host = subprocess.Popen(

@@ -589,8 +589,9 @@ class RLMRun:
             server = self._child_repl()
             assert isinstance(server, ForkServer)
             threading.Thread(target=server.warm, name="rlm-fork-server", daemon=True).start()
-        if isinstance(self.worker, ForkedWorker):
-            self.worker.prestart()  # a child's REPL: ready by the time its first cell is
+        if isinstance(self.worker, (Worker, ForkedWorker)):
+            # Start the REPL while the root model thinks: ready by the time its first cell is.
+            self.worker.prestart()
         output_instructions = "\n" + (
             snippet("answer_table.md", columns=self.output.describe())
             if self.output

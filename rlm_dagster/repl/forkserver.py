@@ -48,6 +48,7 @@ from rlm_dagster.repl.host import (
     _remove_stale_scratch,
     death_reason,
     drain_stderr,
+    popen_from_keeper,
     worker_env,
 )
 from rlm_dagster.repl.protocol import MAX_WORKER_FRAME_BYTES, FrameReader, write_frame
@@ -125,7 +126,7 @@ class ForkServer:
         self._stderr.clear()
         try:
             args = ["-m", "rlm_dagster.repl.zygote", str(server_end.fileno())]
-            self._proc = _popen_from_keeper(
+            self._proc = popen_from_keeper(
                 worker_command(policy, *args),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -252,31 +253,6 @@ class ForkServer:
         self.close()
 
 
-def _popen_from_keeper(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-    """``Popen`` from a thread that lives as long as the process: the sandbox's "dies with
-    its host" (``PR_SET_PDEATHSIG``, and bubblewrap's ``--die-with-parent``) fires when the
-    *thread* that started it ends, and the first child may be started from a pool thread."""
-    started: list[subprocess.Popen[bytes] | BaseException] = []
-    ready = threading.Event()
-
-    def keeper() -> None:
-        try:
-            proc = subprocess.Popen(argv, **kwargs)
-        except BaseException as exc:
-            started.append(exc)
-            ready.set()
-            return
-        started.append(proc)
-        ready.set()
-        proc.wait()
-
-    threading.Thread(target=keeper, name="rlm-fork-server", daemon=True).start()
-    ready.wait()
-    if isinstance(started[0], BaseException):
-        raise started[0]
-    return started[0]
-
-
 class ForkedWorker(FramedREPL):
     """A REPL in a process forked by a :class:`ForkServer`; it behaves as a
     :class:`~rlm_dagster.repl.host.Worker` does (a cell that times out or kills it ends in a
@@ -306,17 +282,6 @@ class ForkedWorker(FramedREPL):
         self._returncode: int | None = None
         self._reaped = False
         self._start_lock = threading.RLock()
-
-    def prestart(self) -> None:
-        """Fork and initialise the worker in the background (while the child's first model
-        call is in flight); the first cell waits for it. A failure here is raised again by
-        that cell's own start."""
-
-        def start() -> None:
-            with contextlib.suppress(WorkerError):
-                self.start()
-
-        threading.Thread(target=start, name="rlm-child-repl", daemon=True).start()
 
     def start(self) -> None:
         with self._start_lock:

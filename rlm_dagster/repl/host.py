@@ -137,6 +137,17 @@ class FramedREPL:
     def _send(self, message: dict[str, Any], timeout: float | None) -> None:
         raise NotImplementedError
 
+    def prestart(self) -> None:
+        """Start the REPL in a background thread (while the run's first model call is in
+        flight), for a transport whose ``start`` and ``kill`` are thread-safe; the first cell
+        waits for it. A failure here is raised again by that cell's own start."""
+
+        def start() -> None:
+            with contextlib.suppress(WorkerError):
+                self.start()
+
+        threading.Thread(target=start, name="rlm-repl-start", daemon=True).start()
+
     def _read(self, timeout: float | None) -> dict[str, Any]:
         assert self._reader is not None
         return self._reader.read(timeout)
@@ -363,17 +374,22 @@ class Worker(FramedREPL):
         self._proc: subprocess.Popen[bytes] | None = None
         self._drain: threading.Thread | None = None
         self._stderr: collections.deque[str] = collections.deque(maxlen=50)
+        self._lifecycle = threading.RLock()  # start and kill, from prestart's thread too
         _remove_stale_scratch()
         self._scratch = tempfile.TemporaryDirectory(prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-")
 
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
+        with self._lifecycle:
+            self._start()
+
+    def _start(self) -> None:
         if self._proc is not None:
             return
         policy = build_policy(self.level, self._scratch.name, self.limits)
         self._stderr.clear()
-        self._proc = subprocess.Popen(
+        self._proc = popen_from_keeper(
             worker_command(policy, "-m", "rlm_dagster.repl"),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -414,6 +430,10 @@ class Worker(FramedREPL):
         write_frame(self._proc.stdin.fileno(), message, timeout=timeout)
 
     def kill(self) -> None:
+        with self._lifecycle:
+            self._kill()
+
+    def _kill(self) -> None:
         proc, self._proc = self._proc, None
         self._reader = None
         if proc is None:
@@ -451,6 +471,32 @@ class Worker(FramedREPL):
         if self.level == "namespace" and returncode and returncode > 128:
             returncode = -(returncode - 128)  # bubblewrap reports its child's signal this way
         return death_reason(returncode, self.limits)
+
+
+def popen_from_keeper(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    """``Popen`` from a thread that lives as long as the process: the sandbox's "dies with
+    its host" (``PR_SET_PDEATHSIG``, and bubblewrap's ``--die-with-parent``) fires when the
+    *thread* that started it ends, and a worker may be started from a short-lived thread (a
+    prestart, a pool thread of ``rlm_query_batched``)."""
+    started: list[subprocess.Popen[bytes] | BaseException] = []
+    ready = threading.Event()
+
+    def keeper() -> None:
+        try:
+            proc = subprocess.Popen(argv, **kwargs)
+        except BaseException as exc:
+            started.append(exc)
+            ready.set()
+            return
+        started.append(proc)
+        ready.set()
+        proc.wait()
+
+    threading.Thread(target=keeper, name="rlm-worker-keeper", daemon=True).start()
+    ready.wait()
+    if isinstance(started[0], BaseException):
+        raise started[0]
+    return started[0]
 
 
 def drain_stderr(proc: subprocess.Popen[bytes], lines: collections.deque[str]) -> None:
