@@ -391,6 +391,7 @@ _NET_TCP = (1 << 0) | (1 << 1)  # bind, connect
 _SCOPES = (1 << 0) | (1 << 1)  # abstract unix sockets, signals
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_DUMPABLE = 4
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_CAPBSET_DROP = 24
 _PR_CAP_AMBIENT = 47
@@ -580,7 +581,7 @@ def _no_exec_program(arch: str) -> bytes:
 
 def seal_forked_child(kernel: _Kernel | None, policy: Policy) -> list[str]:
     """In a child a fork server (``policy.zygote``) just forked, before anything else runs:
-    die with the fork server, stack a Landlock ruleset whose procfs is this process's own
+    die with the fork server, become not dumpable, stack a Landlock ruleset whose procfs is this process's own
     directory, and stack the strict seccomp filter with this process's own pid (no new
     processes, no exec, signals only to itself). Together they take back all the fork
     server's layers allowed beyond a worker's. Returns the layers the child reports."""
@@ -588,6 +589,9 @@ def seal_forked_child(kernel: _Kernel | None, policy: Policy) -> list[str]:
     if kernel is None:
         return [*applied, "forked from a fork server that ran no model code"]
     kernel.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, "parent-death signal")
+    # Forks of one run share the fork server's namespaces: not dumpable, so no sibling can
+    # open this one's /proc/<pid>/mem (where Landlock does not hide it already).
+    kernel.prctl(_PR_SET_DUMPABLE, 0, "not dumpable")
     if any(layer.startswith("landlock") for layer in policy.applied):
         # The fork server's ruleset let it read procfs; this one allows only our own pid's.
         kernel.landlock(landlock_abi(), policy, _interpreter_paths())

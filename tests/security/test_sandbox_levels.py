@@ -83,6 +83,8 @@ results["caps"] = status.split("CapEff:")[1].split()[0]
 results["no_new_privs"] = status.split("NoNewPrivs:")[1].split()[0]
 results["as"] = resource.getrlimit(resource.RLIMIT_AS)[0]
 results["nofile"] = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+import ctypes as _c
+results["dumpable"] = _c.CDLL(None).prctl(3, 0, 0, 0, 0)  # PR_GET_DUMPABLE
 results["hostname"] = socket.gethostname()
 results["applied"] = json.loads(sys.argv[1])["applied"]
 print(json.dumps(results))
@@ -200,6 +202,8 @@ def test_kernel_layers_of_each_level(
     assert got["no_new_privs"] == "1"
     assert got["as"] == 1024**3
     assert got["nofile"] == WorkerLimits().open_files
+    if forked:  # a sibling fork in the same namespaces cannot open its /proc/<pid>/mem
+        assert got["dumpable"] == 0, got
     if os.geteuid() == 0:
         assert got["caps"] == "0000000000000000"
     if level == "process":
