@@ -311,3 +311,34 @@ def test_the_host_never_decodes_arrow_sent_by_model_code(make_lm: MakeLM) -> Non
     with FakeAnthropic(root=root) as fake:
         result = run("q", lm=make_lm(fake), limits=Limits(max_depth=2))
     assert result.turns[0].cells[0].output.strip().endswith("2")
+
+
+def test_a_child_without_an_answer_is_an_error_in_the_parents_code(make_lm: MakeLM) -> None:
+    """A child that never answers raises NoFinalAnswer in the parent's cell (catchable),
+    never a placeholder text the parent could pass off as an answer."""
+    parent = [
+        code(
+            "try:\n    part = rlm_query('Count the needles.')\nexcept Exception as e:\n"
+            "    part = None\n    print(type(e).__name__, '|', e)"
+        ),
+        code("FINAL('no part' if part is None else part)"),
+    ]
+
+    def root(request: FakeRequest) -> str:
+        if "Count the needles" in question_of(request):
+            return code("print('still looking')")  # the child never calls FINAL
+        return parent[min(turn_of(request), len(parent) - 1)]
+
+    with FakeAnthropic(root=root, sub=count_needles) as fake:
+        lm = make_lm(fake)
+        result = run("q", lm=lm, limits=Limits(max_depth=2, max_iterations=2))
+        parent_turns = [
+            r
+            for r in fake.requests
+            if r.kind == "root" and "Count the needles" not in question_of(r)
+        ]
+    seen = parent_turns[1].last_user_text
+    assert "NoFinalAnswer | child RLM r0.1 gave no final answer in 2 iterations" in seen, seen
+    assert "ERROR:" not in seen
+    assert result.answer_text == "no part"
+    assert "child RLM r0.1" in result.trajectory_markdown()  # its turns are kept

@@ -529,8 +529,16 @@ class RLMRun:
         try:
             result = child.run()
         except NoFinalAnswer as err:
-            result = err.trajectory
-            result.answer = Answer(text=f"ERROR: child RLM {child.run_id} gave no final answer")
+            # Not a text that looks like an answer: an error the parent's code must handle
+            # (or let end its cell), so no placeholder can reach a final answer unnoticed.
+            self._turn_children.append(err.trajectory)
+            raise NoFinalAnswer(
+                f"child RLM {child.run_id} gave no final answer in "
+                f"{self.limits.max_iterations} iterations (its turns are in the trajectory). "
+                "Ask it something narrower, split its part into smaller questions, or work "
+                "that part out in this REPL.",
+                trajectory=err.trajectory,
+            ) from None
         self._turn_children.append(result)
         return result.answer_text
 
