@@ -294,19 +294,7 @@ class ForkedWorker(FramedREPL):
         self._reaped = False
         os.set_blocking(self._child.write_fd, False)
         self._reader = FrameReader(self._child.read_fd, MAX_WORKER_FRAME_BYTES)
-        try:
-            reply = self._handshake(_STARTUP_TIMEOUT_S)
-        except (OSError, EOFError, TimeoutError, ValueError) as exc:
-            reason = self._death_reason()
-            self.kill()
-            raise WorkerError(
-                f"A forked REPL worker did not start at sandbox level {self.level!r} "
-                f"({type(exc).__name__}; {reason}). If the sandbox is the cause, try "
-                "sandbox='process'."
-            ) from None
-        if reply.get("op") != "ready":
-            self.kill()
-            raise WorkerError(f"A forked REPL worker did not start: {str(reply)[:200]}")
+        self._ready_or_fail("A forked REPL worker", self._death_reason)
 
     def _send(self, message: dict[str, Any], timeout: float | None) -> None:
         assert self._child is not None

@@ -178,6 +178,24 @@ class FramedREPL:
             self.layers = [str(x) for x in layers] if isinstance(layers, list) else []
         return reply
 
+    def _ready_or_fail(self, what: str, diagnostics: Callable[[], str]) -> None:
+        """Handshake with a worker just started; if it does not answer ``ready``, stop it and
+        raise :class:`WorkerError` with ``diagnostics()`` (its stderr, or how it ended)."""
+        try:
+            reply = self._handshake(_STARTUP_TIMEOUT_S)
+        except (OSError, EOFError, TimeoutError, ValueError) as exc:
+            detail = diagnostics()
+            self.kill()
+            raise WorkerError(
+                f"{what} did not start at sandbox level {self.level!r} "
+                f"({type(exc).__name__}). {detail} If the sandbox is the cause, try "
+                "sandbox='process'."
+            ) from None
+        if reply.get("op") != "ready":
+            detail = diagnostics()
+            self.kill()
+            raise WorkerError(f"{what} did not start: {str(reply)[:200]}. {detail}")
+
     def __enter__(self) -> Self:
         return self
 
@@ -407,18 +425,7 @@ class Worker(FramedREPL):
         drain = threading.Thread(target=drain_stderr, args=(self._proc, self._stderr), daemon=True)
         drain.start()
         self._drain = drain
-        try:
-            reply = self._handshake(_STARTUP_TIMEOUT_S)
-        except (OSError, EOFError, TimeoutError, ValueError) as exc:
-            self.kill()
-            raise WorkerError(
-                f"The REPL worker did not start at sandbox level {self.level!r} "
-                f"({type(exc).__name__}). {self._stderr_tail()} If the sandbox is the cause, "
-                "try sandbox='process'."
-            ) from None
-        if reply.get("op") != "ready":
-            self.kill()
-            raise WorkerError(f"REPL worker did not start: {reply}. {self._stderr_tail()}")
+        self._ready_or_fail("The REPL worker", self._stderr_tail)
         log.debug("REPL worker started: sandbox %s (%s)", self.level, ", ".join(self.layers))
 
     def _stderr_tail(self) -> str:
