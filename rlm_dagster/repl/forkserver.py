@@ -281,11 +281,6 @@ class ForkedWorker(FramedREPL):
         self._child: _Child | None = None
         self._returncode: int | None = None
         self._reaped = False
-        self._start_lock = threading.RLock()
-
-    def start(self) -> None:
-        with self._start_lock:
-            self._start()
 
     def _start(self) -> None:
         if self._child is not None:
@@ -305,10 +300,6 @@ class ForkedWorker(FramedREPL):
             self._returncode = self.server.reap(self._child)
             self._reaped = True
         return self._returncode
-
-    def kill(self) -> None:
-        with self._start_lock:
-            self._kill()
 
     def _kill(self) -> None:
         child = self._child

@@ -93,7 +93,7 @@ class FramedREPL:
     """The host's side of the frame protocol: sends cells, serves the worker's RPC calls with
     the handlers and checks every frame it gets, whatever runs the worker's loop.
 
-    A subclass is the transport: :meth:`start` (which calls :meth:`_handshake`), :meth:`kill`,
+    A subclass is the transport: :meth:`_start` (which calls :meth:`_handshake`), :meth:`_kill`,
     :meth:`close`, :meth:`_send`, :meth:`_has_pending_frame` and :meth:`_death_reason`; it
     sets ``_reader`` when it starts the worker.
     """
@@ -119,15 +119,25 @@ class FramedREPL:
         self.layers: list[str] = []
         self._reader: FrameReader | None = None
         self._cells = 0
-
-    # -- the transport (subclasses) -------------------------------------------------------
+        # start and kill, from the caller's thread and from prestart's
+        self._lifecycle = threading.RLock()
 
     def start(self) -> None:
         """Start the worker unless it runs, then :meth:`_handshake` with it."""
-        raise NotImplementedError
+        with self._lifecycle:
+            self._start()
 
     def kill(self) -> None:
         """Stop the worker now; :meth:`start` starts a fresh one."""
+        with self._lifecycle:
+            self._kill()
+
+    # -- the transport (subclasses) -------------------------------------------------------
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def _kill(self) -> None:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -392,15 +402,10 @@ class Worker(FramedREPL):
         self._proc: subprocess.Popen[bytes] | None = None
         self._drain: threading.Thread | None = None
         self._stderr: collections.deque[str] = collections.deque(maxlen=50)
-        self._lifecycle = threading.RLock()  # start and kill, from prestart's thread too
         _remove_stale_scratch()
         self._scratch = tempfile.TemporaryDirectory(prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-")
 
     # -- lifecycle ------------------------------------------------------------------------
-
-    def start(self) -> None:
-        with self._lifecycle:
-            self._start()
 
     def _start(self) -> None:
         if self._proc is not None:
@@ -435,10 +440,6 @@ class Worker(FramedREPL):
     def _send(self, message: dict[str, Any], timeout: float | None) -> None:
         assert self._proc is not None and self._proc.stdin is not None
         write_frame(self._proc.stdin.fileno(), message, timeout=timeout)
-
-    def kill(self) -> None:
-        with self._lifecycle:
-            self._kill()
 
     def _kill(self) -> None:
         proc, self._proc = self._proc, None

@@ -101,7 +101,7 @@ class InProcessREPL(FramedREPL):
 
     # -- the transport --------------------------------------------------------------------
 
-    def start(self) -> None:
+    def _start(self) -> None:
         if self._thread is not None:
             return
         host_in, worker_out = os.pipe()
@@ -126,7 +126,7 @@ class InProcessREPL(FramedREPL):
             self.kill()
             raise RuntimeError(f"the in-process REPL did not start: {reply}")
 
-    def kill(self) -> None:
+    def _kill(self) -> None:
         """Close the host's ends of the pipes: an idle cell loop ends; a running cell is left
         to finish (it cannot be stopped) and its thread ends when it next uses the channel."""
         thread, self._thread = self._thread, None

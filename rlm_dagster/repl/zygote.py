@@ -40,6 +40,7 @@ from rlm_dagster.repl import sandbox
 # The ctypes handle each child needs once, for its Landlock ruleset and seccomp filter; a
 # child drops it and collects it before model code runs.
 _KERNEL: list[Any] = []
+_CTYPES = ("ctypes", "_ctypes")
 
 
 def _load_kernel() -> None:
@@ -58,9 +59,6 @@ def _load_kernel() -> None:
             del sys.modules[name]
         sys.modules.update(saved)
         sys.meta_path[:0] = blockers
-
-
-_CTYPES = ("ctypes", "_ctypes")
 
 
 def main(argv: list[str]) -> None:
