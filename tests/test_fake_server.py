@@ -293,6 +293,24 @@ def test_latency_per_request() -> None:
         assert time.monotonic() - started >= 0.2
 
 
+def test_latency_counts_the_fakes_own_work_inside_it() -> None:
+    """The modelled latency runs from the request's arrival: a handler that works for a second
+    under a one-second latency answers after about one second, not two (a burst on a busy
+    machine is answered on time, as a provider with that latency would)."""
+
+    def slow(request: FakeRequest) -> str:
+        time.sleep(1.0)
+        return "done"
+
+    with FakeAnthropic(sub=slow, latency_s=1.0) as fake, client_for(fake) as client:
+        started = time.monotonic()
+        client.messages.create(
+            model="sub", max_tokens=10, messages=[{"role": "user", "content": "x"}]
+        )
+        took = time.monotonic() - started
+    assert 1.0 <= took < 1.9
+
+
 def test_max_concurrency_rejects_excess_requests() -> None:
     async def run(fake: FakeAnthropic) -> list[Any]:
         async with anthropic.AsyncAnthropic(

@@ -1326,9 +1326,10 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(length) if length > 0 else b""
 
     def _dispatch(self, method: str) -> None:
+        arrived = time.monotonic()  # the request line and headers are in: latency runs from here
         body = self._read_body()
         fake = cast(_Server, self.server).fake
-        out = fake._dispatch(method, self.path, dict(self.headers.items()), body)
+        out = fake._dispatch(method, self.path, dict(self.headers.items()), body, arrived)
         self.send_response(out.status)
         self.send_header("Content-Type", out.content_type)
         self.send_header("Content-Length", str(len(out.body)))
@@ -1370,7 +1371,9 @@ class FakeAnthropic:
             :class:`ToolUse` with malformed verdicts).
         handler: when given, answers every ``/v1/messages`` request (full override).
         root_model: requests whose ``model`` equals this are root turns.
-        latency_s, latency_per_output_token_s: simulated latency of every answered request.
+        latency_s, latency_per_output_token_s: simulated latency of every answered request,
+            counted from the request's arrival (headers read) to its answer: the fake's own
+            processing is part of it, so a burst of requests is answered on time.
         max_concurrency: more requests in flight than this are answered 429 with
             ``retry-after = rate_limit_retry_after_s``.
         fault_rate, fault_statuses, seed: random fault injection; each request faults with
@@ -1725,7 +1728,14 @@ class FakeAnthropic:
 
     # ------------------------------------------------------------------ request handling
 
-    def _dispatch(self, method: str, raw_path: str, headers: dict[str, str], body: bytes) -> _Out:
+    def _dispatch(
+        self,
+        method: str,
+        raw_path: str,
+        headers: dict[str, str],
+        body: bytes,
+        arrived: float | None = None,
+    ) -> _Out:
         path = urlsplit(raw_path).path.rstrip("/") or "/"
         if path == "/health":
             if method != "GET":
@@ -1742,7 +1752,7 @@ class FakeAnthropic:
                 )
             if path.endswith("count_tokens"):
                 return self._count_tokens(body)
-            return self._messages(headers, body)
+            return self._messages(headers, body, time.monotonic() if arrived is None else arrived)
         return _error_out(404, f"FakeAnthropic does not serve {method} {path}", "not_found_error")
 
     def _count_tokens(self, raw: bytes) -> _Out:
@@ -1855,7 +1865,7 @@ class FakeAnthropic:
         }
         return fields, problem
 
-    def _messages(self, raw_headers: dict[str, str], raw: bytes) -> _Out:
+    def _messages(self, raw_headers: dict[str, str], raw: bytes, arrived: float) -> _Out:
         try:
             body = json.loads(raw or b"null")
         except ValueError as exc:
@@ -1925,9 +1935,12 @@ class FakeAnthropic:
             except _UserCodeError as exc:
                 self._finish(request, 400)
                 return _error_out(400, str(exc))
+            # The modelled latency is the request's whole time in the server: the fake's own
+            # work (parsing, validating, judging) happens inside it, not on top of it.
             delay = self.latency_s + self.latency_per_output_token_s * output_tokens
-            if delay > 0:
-                time.sleep(delay)
+            remaining = arrived + delay - time.monotonic()
+            if remaining > 0:
+                time.sleep(remaining)
             self._finish(request, 200)
             return _Out(
                 200,
