@@ -152,6 +152,17 @@ _HASH_BYTES = 16  # the value hash: a verdict key's tail
 # batch is marked finished): the batch, not the flush interval, is what a killed run resumes.
 _BATCH_FLUSH_VERDICTS = 50_000
 VERDICT_REASON = "_verdict_reason"
+# The columns a provenance table adds to the input rows besides the reason, which the
+# matches table keeps.
+_PROVENANCE_ONLY = (
+    "_verdict",
+    "_decided_by",
+    "_model",
+    "_batch",
+    "_cost_usd",
+    "_error",
+    "_clipped",
+)
 # Token estimates (4 characters a token) for planning; replies are billed as reported.
 _TOOL_OVERHEAD_TOKENS = 400  # tool definition + the API's tool-use preamble
 _ROW_OVERHEAD_TOKENS = 8  # <row id="K"></row>
@@ -585,7 +596,7 @@ class Semantic:
             name = f"{s.name}_provenance"
             if name not in self.warehouse.tables:
                 continue
-            added = {*verdict_columns, "_batch"}  # what _results appended to the input rows
+            added = {*_PROVENANCE_ONLY, VERDICT_REASON}  # what _results appended to the rows
             columns = [c for c in self.warehouse.info(name).columns if c not in added]
             row = exp.Struct(
                 expressions=[
@@ -656,7 +667,7 @@ class Semantic:
         def select(*expressions: str | exp.Expr) -> exp.Select:
             return exp.select(*expressions, dialect=dialect).from_(source.copy())
 
-        all_columns = self.warehouse.trusted_arrow(select("*").limit(0).sql(dialect)).column_names
+        all_columns = self.warehouse.trusted_columns(select("*").sql(dialect))
         user_columns = [c for c in all_columns if c != VERDICT_REASON]
         projected = list(columns) if columns is not None else user_columns
         unknown = [c for c in projected if c not in user_columns]
@@ -664,8 +675,10 @@ class Semantic:
             raise QueryError(
                 f"llm_where columns {unknown} do not exist; columns are: {', '.join(user_columns)}"
             )
-        count = select(exp.alias_(exp.func("count", exp.Star()), "n"))
-        (rows_in,) = self._scalars(count.sql(dialect))
+        rows_in: int | None = None  # without a filter, the rows judged are all the input
+        if where:
+            count = select(exp.alias_(exp.func("count", exp.Star()), "n"))
+            (rows_in,) = self._scalars(count.sql(dialect))
         # The value the sub-model reads (compact JSON of the projected columns) is built and
         # deduplicated in the engine, not row by row in Python. '<' and '>' are written as
         # JSON escapes, so no row can contain the wire format's delimiters (<row id="K">,
@@ -751,7 +764,7 @@ class Semantic:
             "decided_by VARCHAR, batch VARCHAR, cost DOUBLE, error VARCHAR)"
         )
 
-    def _plan(self, job: _Job, profile: ModelProfile, predicate: str, rows_in: int) -> None:
+    def _plan(self, job: _Job, profile: ModelProfile, predicate: str, rows_in: int | None) -> None:
         """Pack the values to judge into requests (streaming their lengths) and price them."""
         model = self.lm.sub_model
         answer_format = render(
@@ -794,7 +807,7 @@ class Semantic:
         latencies = [r.latency_s for r in self.budget.accounting.records if r.role == "where"]
         latency = sum(latencies) / len(latencies) if latencies else self.config.default_latency_s
         job.plan = WherePlan(
-            rows_in=int(rows_in),
+            rows_in=int(after_where if rows_in is None else rows_in),
             rows_after_where=int(after_where),
             distinct=int(distinct),
             cached=int(cached),
@@ -1427,15 +1440,18 @@ class Semantic:
     def _results(
         self, job: _Job, stats: WhereStats, limit: int | None
     ) -> tuple[TableInfo, TableInfo]:
-        """The matching rows and the provenance of every row, as scratch tables: one verdict
-        per distinct value (cached, judged, or not evaluated), joined back to the rows in the
-        engine, in the input's order."""
+        """The matching rows and the provenance of every row, as scratch tables: each row
+        joined in the engine to its value's verdict (cached, judged, or not evaluated), in the
+        input's order. The provenance is built once and becomes its scratch table by a rename;
+        the matches are read from it, so the rows are joined once, not twice."""
         model = _sql_string(self.lm.sub_model)
         wh = self.warehouse
+        excluded = [_KEY, "__rlm_row", *([VERDICT_REASON] if job.reason_in_input else [])]
+        verdict = "coalesce(c.match, j.match)"
         wh.trusted_execute(
-            f"CREATE TABLE {job.per_value} AS SELECT v.v, v.n, "
-            "coalesce(c.match, j.match) AS _verdict, "
-            "CASE WHEN coalesce(c.match, j.match) IS NOT NULL "
+            f"CREATE TABLE {job.provenance} AS SELECT i.* EXCLUDE ({', '.join(excluded)}), "
+            f"{verdict} AS _verdict, "
+            f"CASE WHEN {verdict} IS NOT NULL "
             f"THEN nullif(coalesce(c.reason, j.reason), '') END AS {VERDICT_REASON}, "
             "CASE WHEN c.h IS NOT NULL THEN 'cache' WHEN j.h IS NOT NULL THEN j.decided_by "
             "ELSE 'not evaluated' END AS _decided_by, "
@@ -1445,37 +1461,24 @@ class Semantic:
             "CASE WHEN c.h IS NULL AND j.h IS NULL THEN 'not evaluated: limit reached' "
             "ELSE j.error END AS _error, "
             f"length(v.v) > {int(self.config.max_row_chars)} AS _clipped "
-            f"FROM {job.vals} AS v LEFT JOIN {job.hits} AS c ON c.h = v.h "
-            f"LEFT JOIN {job.judged} AS j ON j.h = v.h"
-        )
-        excluded = [_KEY, "__rlm_row", *([VERDICT_REASON] if job.reason_in_input else [])]
-        hidden = f"EXCLUDE ({', '.join(excluded)})"
-        verdict_columns = (
-            f"p._verdict, p.{VERDICT_REASON}, p._decided_by, p._model, p._batch, "
-            "p._cost_usd, p._error, p._clipped"
-        )
-        joined = (
             f"FROM (SELECT rowid AS __rlm_row, * FROM {job.rows}) AS i "
-            f"JOIN {job.per_value} AS p ON p.v = i.{_KEY}"
+            f"JOIN {job.vals} AS v ON v.v = i.{_KEY} "
+            f"LEFT JOIN {job.hits} AS c ON c.h = v.h LEFT JOIN {job.judged} AS j ON j.h = v.h "
+            "ORDER BY i.__rlm_row"
         )
+        # The engine keeps a table's insertion order, so the matches keep the input's order.
         matches = wh.create_scratch_from(
             "where",
-            f"SELECT i.* {hidden}, p.{VERDICT_REASON} {joined} "
-            f"WHERE p._verdict ORDER BY i.__rlm_row"
-            + (f" LIMIT {int(limit)}" if limit is not None else ""),
+            f"SELECT * EXCLUDE ({', '.join(_PROVENANCE_ONLY)}) FROM {job.provenance} "
+            "WHERE _verdict" + (f" LIMIT {int(limit)}" if limit is not None else ""),
         )
-        provenance = wh.create_scratch_from(
-            "where",
-            f"SELECT i.* {hidden}, {verdict_columns} {joined} ORDER BY i.__rlm_row",
-            name=f"{matches.name}_provenance",
+        failed, clipped = self._scalars(
+            "SELECT count(*) FILTER (WHERE _decided_by IN ('failed', 'refused')), "
+            f"count(*) FILTER (WHERE _clipped AND _verdict IS NOT NULL) FROM {job.provenance}"
         )
+        provenance = wh.adopt_scratch(job.provenance, "where", name=f"{matches.name}_provenance")
         stats.name = matches.name
         stats.matches = matches.rows
-        failed, clipped = self._scalars(
-            "SELECT coalesce(sum(n) FILTER (WHERE _decided_by IN ('failed', 'refused')), 0), "
-            "coalesce(sum(n) FILTER (WHERE _clipped AND _verdict IS NOT NULL), 0) "
-            f"FROM {job.per_value}"
-        )
         stats.failed, stats.clipped = int(failed), int(clipped)
         return matches, provenance
 
@@ -1551,11 +1554,12 @@ class _Job:
         return f"{self.prefix}_judged"
 
     @property
-    def per_value(self) -> str:
-        return f"{self.prefix}_verdicts"
+    def provenance(self) -> str:
+        """Every row with its verdict: the provenance table, until it is adopted as one."""
+        return f"{self.prefix}_provenance"
 
     def drop(self) -> None:
-        names = (self.per_value, self.judged, self.subset, self.selected, self.todo_all)
+        names = (self.provenance, self.judged, self.subset, self.selected, self.todo_all)
         # One round trip: a statement costs the engine about as much as dropping a table.
         self.warehouse.trusted_execute(
             "; ".join(

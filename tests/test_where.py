@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 import textwrap
@@ -402,6 +403,33 @@ def test_working_tables_are_unreachable_and_dropped_after_success_and_failure(
             sem.where("t", "ends in 7 (second predicate)")
     assert _working_tables(wh) == []
     wh.close()
+
+
+def test_matches_and_provenance_keep_the_input_order(make_lm: MakeLM) -> None:
+    """The results follow the input's row order, not the order values were judged in (key
+    order) or answered in, nor the order of the engine's parallel join (the input spans
+    several of its row groups); duplicated values get their verdict on every row; the
+    provenance is a scratch table named after the matches, with the input's columns then the
+    verdict's."""
+    rng = random.Random(5)
+    keys = [rng.randrange(10**9) for _ in range(300_000)]
+    frame = pd.DataFrame({"k": keys, "body": [f"ticket {k % 40}" for k in keys]})
+    wh = Warehouse.from_frames({"t": frame})
+    hit = lambda body: int(body.split()[1]) % 3 == 0  # noqa: E731
+    with FakeAnthropic(where=lambda p, r: (hit(r["body"]), "div 3"), max_concurrency=3) as fake:
+        sem = semantic(make_lm(fake, max_concurrency=6), wh, batch_rows=7)
+        info, prov, stats = sem.where("t", "divisible by 3", columns=["body"])
+        first, _, _ = sem.where("t", "divisible by 3", columns=["body"], limit=5)
+    expected = [k for k, b in zip(keys, frame["body"], strict=True) if hit(b)]
+    rows = 10**6
+    assert wh.query(f"SELECT k FROM {info.name}", max_rows=rows).to_pydict()["k"] == expected
+    assert wh.query(f"SELECT k FROM {first.name}").to_pydict()["k"] == expected[:5]
+    got = wh.query(f"SELECT k, _verdict FROM {prov.name}", max_rows=rows).to_pydict()
+    assert got["k"] == keys and got["_verdict"] == [hit(b) for b in frame["body"]]
+    assert prov.name == f"{info.name}_provenance" and prov.scratch and prov.rows == 300_000
+    assert list(info.columns) == ["k", "body", "_verdict_reason"]
+    assert list(prov.columns[:3]) == ["k", "body", "_verdict"]
+    assert stats.matches == len(expected) and _working_tables(wh) == []
 
 
 def test_values_are_judged_in_key_order_unless_a_limit_asks_for_first_seen(

@@ -55,6 +55,10 @@ class TableSource(Protocol):
         """SQL the host built itself (no policy)."""
         ...
 
+    def trusted_columns(self, sql: str) -> list[str]:
+        """The column names of a host-built query, from binding it (nothing runs)."""
+        ...
+
     def trusted_execute(self, sql: str) -> None:
         """A statement the host built: creates and drops its working tables."""
         ...
@@ -77,6 +81,10 @@ class TableSource(Protocol):
 
     def create_scratch_from(self, prefix: str, query: str, *, name: str | None = None) -> TableInfo:
         """Store a host-built query's result as a scratch result, inside the engine."""
+        ...
+
+    def adopt_scratch(self, working: str, prefix: str, *, name: str | None = None) -> TableInfo:
+        """Make the host's working table ``working`` a scratch result (renamed, not copied)."""
         ...
 
     def close(self) -> None: ...

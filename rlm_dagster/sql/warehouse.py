@@ -259,6 +259,11 @@ class Warehouse:
         with self._lock:
             return self._con.sql(sql).to_arrow_table()
 
+    def trusted_columns(self, sql: str) -> list[str]:
+        """The column names of a host-built query, from binding it: nothing is executed."""
+        with self._cursor() as cur:
+            return list(cur.sql(sql).columns)
+
     def input_query(self, source: str) -> str:
         """A bound/scratch table name or a model-written query as a policy-checked subquery."""
         if source in self._tables:
@@ -331,6 +336,14 @@ class Warehouse:
         with self._lock:
             name = self._scratch_name(prefix, name)
             self._con.execute(f"CREATE TABLE {quote_ident(name)} AS {query}")
+            return self._register(name, scratch=True)
+
+    def adopt_scratch(self, working: str, prefix: str, *, name: str | None = None) -> TableInfo:
+        """Make the host's working table ``working`` (an unquoted name the host chose) the new
+        scratch table ``name`` (or ``{prefix}_{n}``): a rename in the catalog, no copy."""
+        with self._lock:
+            name = self._scratch_name(prefix, name)
+            self._con.execute(f"ALTER TABLE {working} RENAME TO {quote_ident(name)}")
             return self._register(name, scratch=True)
 
     def close(self) -> None:
