@@ -236,6 +236,8 @@ class CacheStore(Protocol):
 
     def try_lease(self, name: str, owner: str, ttl_s: float) -> bool: ...
 
+    def lease_holder(self, name: str) -> str | None: ...
+
     def release_lease(self, name: str, owner: str) -> None: ...
 
     def ledger(self, run_id: str | None = None) -> list[dict[str, Any]]: ...
@@ -391,7 +393,17 @@ class Cache:
             row = self._con.execute("SELECT owner FROM leases WHERE name = ?", (name,)).fetchone()
         return bool(row) and row[0] == owner
 
+    def lease_holder(self, name: str) -> str | None:
+        """The owner of the unexpired lease ``name``, if anyone holds it."""
+        with self._lock, self._guard("read a lease in"):
+            row = self._con.execute(
+                "SELECT owner FROM leases WHERE name = ? AND expires >= ?", (name, time.time())
+            ).fetchone()
+        return None if row is None else str(row[0])
+
     def release_lease(self, name: str, owner: str) -> None:
+        """Give up the lease ``name`` if ``owner`` holds it (a run's own, or one whose
+        holder is known to be gone); another owner's lease is left alone."""
         with self._lock, self._guard("release a lease in"), self._con:
             self._con.execute("DELETE FROM leases WHERE name = ? AND owner = ?", (name, owner))
 

@@ -334,6 +334,18 @@ class PostgresCache:
 
         return self._run("take a lease in", work)
 
+    def lease_holder(self, name: str) -> str | None:
+        """The owner of the unexpired lease ``name``, if anyone holds it."""
+
+        def work(cursor: psycopg.Cursor[Any]) -> str | None:
+            row = cursor.execute(
+                "SELECT owner FROM leases WHERE name = %s AND expires >= clock_timestamp()",
+                (name,),
+            ).fetchone()
+            return None if row is None else str(row[0])
+
+        return self._run("read a lease in", work)
+
     def release_lease(self, name: str, owner: str) -> None:
         self._run(
             "release a lease in",

@@ -50,6 +50,7 @@ from rlm_dagster.cascade import CascadeTargets, EmbeddingProxy, estimate_cascade
 from rlm_dagster.engine.budget import Budget
 from rlm_dagster.engine.events import (
     Event,
+    RunWarning,
     WhereBatchProgress,
     WhereCalibrated,
     WhereCascaded,
@@ -176,7 +177,8 @@ _THINKING_TOKENS_PER_REQUEST = {
     "max": 6_000,
 }
 # Leases on llm_where work in the shared cache: held while judging, renewed every quarter of
-# their life, so a run that dies frees them within a minute.
+# their life, so a run that dies frees them within a minute (at once for a run on this host:
+# see _lease_holder_is_gone).
 _LEASE_TTL_S = 60.0
 _LEASE_POLL_S = 0.5
 # Room kept under a long-prompt price threshold for the tokenizer's variance from our estimate.
@@ -370,7 +372,7 @@ class Semantic:
         self.cache = cache
         self.config = config or WhereConfig()
         self.on_event = on_event or (lambda event: None)
-        self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        self._owner = f"{_PROCESS_PLACE}|{os.getpid()}|{uuid.uuid4().hex[:12]}"
 
     # -- llm_query / llm_query_batched ----------------------------------------------------
 
@@ -624,10 +626,24 @@ class Semantic:
         return f"llm_where:{digest.hexdigest()}"
 
     def _wait_for_lease(self, name: str) -> bool:
-        """Take the lease, waiting while another live run holds it; whether it waited."""
+        """Take the lease, waiting while another live run holds it; whether it waited. A
+        lease whose holder is a process of this host that no longer exists (a run killed
+        mid-call, whose retry this may be) is taken over at once instead of waiting for it
+        to expire: what the dead run finished is in the cache."""
         assert self.cache is not None
         waited = False
         while not self.cache.try_lease(name, self._owner, _LEASE_TTL_S):
+            holder = self.cache.lease_holder(name)
+            if holder is not None and _lease_holder_is_gone(holder):
+                self.cache.release_lease(name, holder)
+                self.on_event(
+                    RunWarning(
+                        f"llm_where: the run that was judging these rows (process "
+                        f"{holder.split('|')[-2]} on this host) is gone; taking over its work "
+                        "(the verdicts it finished are in the cache, not paid again)"
+                    )
+                )
+                continue
             if not waited:
                 self.on_event(WhereProgress(waiting=True))
             waited = True
@@ -1584,6 +1600,42 @@ class _FlushFirst:
     def finish_batch(self, batch_id: str) -> None:
         self._before_finish()
         self._store.finish_batch(batch_id)
+
+
+def _process_place() -> str:
+    """Where a process id names a process: this host, this boot of its kernel and its pid
+    namespace (two machines can share a host name, and every machine's first pid namespace
+    has the same id). Empty after the host name when they cannot be read (e.g. off Linux)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        namespace = f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        namespace = ""
+    return f"{socket.gethostname()}|{namespace}"
+
+
+_PROCESS_PLACE = _process_place()
+
+
+def _lease_holder_is_gone(owner: str) -> bool:
+    """Whether a lease's owner (``host|boot/pid namespace|pid|nonce``) is a process known to no
+    longer exist: only for owners in this host's pid namespace; a live process, another host,
+    a process of another user or an unreadable owner counts as alive (the lease then expires
+    on its own). A reused pid makes a dead owner look alive, never the reverse."""
+    place, _, rest = owner.rpartition("|")[0].rpartition("|")
+    if place != _PROCESS_PLACE or place.endswith("|") or not rest.isdigit():
+        return False
+    pid = int(rest)
+    if pid == os.getpid():
+        return False  # another call of this process: alive
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _sql_string(text: str) -> str:

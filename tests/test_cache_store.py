@@ -223,8 +223,10 @@ def test_many_verdicts_in_one_commit_and_one_lookup(store: CacheStore, other: Ca
 
 
 def test_leases_are_exclusive_renewable_and_expire(store: CacheStore, other: CacheStore) -> None:
+    assert store.lease_holder("llm_where:x") is None
     assert store.try_lease("llm_where:x", "host-a", 30)
     assert not other.try_lease("llm_where:x", "host-b", 30)
+    assert other.lease_holder("llm_where:x") == "host-a"  # who to wait for (or take over from)
     assert store.try_lease("llm_where:x", "host-a", 30)  # the owner renews it
     other.release_lease("llm_where:x", "host-b")  # not host-b's: nothing happens
     assert not other.try_lease("llm_where:x", "host-b", 30)
@@ -233,6 +235,7 @@ def test_leases_are_exclusive_renewable_and_expire(store: CacheStore, other: Cac
     assert other.try_lease("llm_where:x", "host-b", 0.3)
     assert not store.try_lease("llm_where:x", "host-a", 30)
     time.sleep(0.5)  # host-b's lease expires: host-a takes it over
+    assert store.lease_holder("llm_where:x") is None  # an expired lease has no holder
     assert store.try_lease("llm_where:x", "host-a", 30)
     assert not other.try_lease("llm_where:x", "host-b", 30)
 

@@ -359,6 +359,63 @@ def test_concurrent_runs_do_not_judge_the_same_values_twice(
     assert judged == 120  # each value judged once, not once per run
 
 
+class _HeldBy(Cache):
+    """A cache in which another run already holds the lease of the first llm_where call."""
+
+    def __init__(self, path: Path, holder: str) -> None:
+        super().__init__(path)
+        self.holder = holder
+        self.planted: str | None = None
+
+    def try_lease(self, name: str, owner: str, ttl_s: float) -> bool:
+        if self.planted is None:
+            self.planted = name
+            assert super().try_lease(name, self.holder, 60.0)
+        return super().try_lease(name, owner, ttl_s)
+
+
+def test_a_lease_held_by_a_run_that_died_on_this_host_is_taken_over_at_once(
+    make_lm: MakeLM, tmp_path: Path
+) -> None:
+    """A run killed mid-call leaves its lease for up to a minute; its retry on the same host
+    sees that the holder's process is gone and takes over at once, saying so. A holder that
+    is alive is waited for (here until the run's wall limit), never taken over."""
+    from rlm_dagster.engine.events import RunWarning
+    from rlm_dagster.semantic import _PROCESS_PLACE
+
+    rows = pd.DataFrame({"text": [f"ticket {i}: we may cancel" for i in range(30)]})
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with FakeAnthropic(where=lambda p, r: True) as fake:
+        cache = _HeldBy(tmp_path / "c.sqlite3", f"{_PROCESS_PLACE}|{dead.pid}|killed")
+        sem = semantic(make_lm(fake), Warehouse.from_frames({"t": rows}), cache, batch_rows=10)
+        info, _, stats = sem.where("t", "threatens to cancel")
+        assert info.rows == 30 and stats.seconds < 30
+        assert cache.planted is not None and cache.lease_holder(cache.planted) is None
+        events = sem.events  # type: ignore[attr-defined]
+        assert not any(isinstance(e, WhereProgress) and e.waiting for e in events)
+        (warning,) = [e for e in events if isinstance(e, RunWarning)]
+        assert f"process {dead.pid} on this host) is gone" in warning.describe()
+
+        alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        try:
+            cache = _HeldBy(tmp_path / "d.sqlite3", f"{_PROCESS_PLACE}|{alive.pid}|running")
+            sem = semantic(
+                make_lm(fake),
+                Warehouse.from_frames({"t": rows}),
+                cache,
+                Limits(max_wall_time_s=1.5),
+                batch_rows=10,
+            )
+            with pytest.raises(BudgetExceeded, match="waiting for another run"):
+                sem.where("t", "threatens to cancel, again")
+            assert cache.planted is not None
+            assert cache.lease_holder(cache.planted) == cache.holder
+        finally:
+            alive.kill()
+            alive.wait()
+
+
 def _working_tables(wh: Warehouse) -> list[str]:
     return [
         r[0]
