@@ -64,6 +64,7 @@ from rlm_dagster.models.prices import BATCH_PRICE_FACTOR
 from rlm_dagster.models.profiles import ModelProfile, VerdictChannel
 from rlm_dagster.prompts import render
 from rlm_dagster.sql.policy import check_sql
+from rlm_dagster.sql.spool import SpooledTable
 from rlm_dagster.sql.tables import TableSource
 from rlm_dagster.sql.warehouse import TableInfo
 
@@ -579,12 +580,12 @@ class Semantic:
         stats.seconds = time.monotonic() - started
         return info, prov, stats
 
-    def verdicts(self, stats: Sequence[WhereStats]) -> pa.Table | None:
+    def verdicts(self, stats: Sequence[WhereStats]) -> SpooledTable | None:
         """Every row the ``llm_where`` calls of ``stats`` judged, in one shape whatever the
         tables were: the call's result name, its predicate, the row as JSON, and the verdict,
         reason, how it was decided, the model, the cost share, the error and whether the
-        value was clipped. ``None`` when there were none."""
-        parts = []
+        value was clipped. Streamed from the engine to a Parquet file a batch at a time, so
+        memory does not grow with the rows; ``None`` when there were none."""
         verdict_columns = [
             "_verdict",
             VERDICT_REASON,
@@ -594,6 +595,7 @@ class Semantic:
             "_error",
             "_clipped",
         ]
+        parts: list[exp.Query] = []
         for s in stats:
             name = f"{s.name}_provenance"
             if name not in self.warehouse.tables:
@@ -606,14 +608,27 @@ class Semantic:
                     for c in columns
                 ]
             )
-            query = exp.select(
-                exp.alias_(exp.Literal.string(s.name), "llm_where"),
-                exp.alias_(exp.Literal.string(s.predicate), "predicate"),
-                exp.alias_(exp.cast(exp.func("to_json", row), "VARCHAR"), "row"),
-                *(exp.column(c, quoted=True) for c in verdict_columns),
-            ).from_(exp.to_identifier(name, quoted=True))
-            parts.append(self.warehouse.trusted_arrow(query.sql(self.warehouse.dialect)))
-        return pa.concat_tables(parts) if parts else None
+            parts.append(
+                exp.select(
+                    exp.alias_(exp.Literal.string(s.name), "llm_where"),
+                    exp.alias_(exp.Literal.string(s.predicate), "predicate"),
+                    exp.alias_(exp.cast(exp.func("to_json", row), "VARCHAR"), "row"),
+                    *(exp.column(c, quoted=True) for c in verdict_columns),
+                ).from_(exp.to_identifier(name, quoted=True))
+            )
+        if not parts:
+            return None
+        query = parts[0]
+        for part in parts[1:]:
+            query = exp.union(query, part, distinct=False)
+        spooled = SpooledTable(
+            self.warehouse.trusted_batches(query.sql(self.warehouse.dialect), _WORK_ROWS),
+            prefix="rlm-verdicts-",
+        )
+        if not spooled.num_rows:
+            spooled.close()
+            return None
+        return spooled
 
     def _lease_name(self, job: _Job) -> str | None:
         """The lease on the values this call must judge, shared by every run that would judge

@@ -27,6 +27,7 @@ from sqlglot import exp
 
 from rlm_dagster.dagster.definition import DEFAULT_RETRY_POLICY, RLMAssetArgs, digest
 from rlm_dagster.dagster.metadata import (
+    VERDICTS_PREVIEW_ROWS,
     answer_preview,
     answer_table,
     column_schema,
@@ -176,12 +177,14 @@ def build_rlm_asset(
             table = pa.table({"question": [args.question], "answer": [answer.text]})
         sink = translator.get_answer_sink(args, duckdb)
         verdicts = None
+        verdicts_head = None
         try:
             written = sink.write(key.path, table, partition)
-            if result.verdicts is not None and result.verdicts.num_rows:
-                # every judged row, queryable beside the answer
+            if result.verdicts is not None:
+                # every judged row, queryable beside the answer, streamed from the run's file
                 verdicts_path = [*key.path[:-1], f"{key.path[-1]}_llm_where_verdicts"]
-                verdicts = sink.write(verdicts_path, result.verdicts, partition)
+                verdicts = sink.write(verdicts_path, result.verdicts.reader(), partition)
+                verdicts_head = result.verdicts.head(VERDICTS_PREVIEW_ROWS)
             # the whole trajectory, unclipped (the Markdown on the page clips long pieces)
             steps = result.trajectory_table()
             trajectory = sink.write(
@@ -189,6 +192,9 @@ def build_rlm_asset(
             )
         except RLMError as err:
             raise failure(err) from err
+        finally:
+            if result.verdicts is not None:
+                result.verdicts.close()
         context.log.info(
             run_summary(
                 result, written=(written.table, table.num_rows), cache_path=rlm.cache_location()
@@ -205,8 +211,8 @@ def build_rlm_asset(
         metadata["rlm/answer"] = dg.MetadataValue.md(
             redact(_answer_markdown(answer.text, answer.form))
         )
-        if verdicts is not None and result.verdicts is not None:
-            metadata["rlm/verdicts"] = verdicts_preview(result.verdicts)
+        if verdicts is not None and verdicts_head is not None and result.verdicts is not None:
+            metadata["rlm/verdicts"] = verdicts_preview(verdicts_head)
             metadata["rlm/verdicts_table"] = (
                 f"{verdicts.table} ({result.verdicts.num_rows:,} rows: every row llm_where "
                 "judged, with its verdict, reason, how it was decided and its cost share)"

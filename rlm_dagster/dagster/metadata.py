@@ -213,7 +213,10 @@ def _cell(value: Any) -> Any:
     return redact(str(value))[:500]
 
 
-def verdicts_preview(verdicts: pa.Table, rows: int = 50) -> Any:
+VERDICTS_PREVIEW_ROWS = 50
+
+
+def verdicts_preview(verdicts: pa.Table, rows: int = VERDICTS_PREVIEW_ROWS) -> Any:
     """The first ``rows`` judged rows of the run's ``llm_where`` calls, as a table on the
     asset's page (the whole set is the ``<asset>_llm_where_verdicts`` table)."""
     columns = {

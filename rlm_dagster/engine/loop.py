@@ -60,6 +60,7 @@ from rlm_dagster.repl.sandbox import WorkerLimits
 from rlm_dagster.repl.seam import REPL, REPLFactory
 from rlm_dagster.semantic import Semantic, WhereConfig, WhereStats
 from rlm_dagster.sql.output import OutputSchema
+from rlm_dagster.sql.spool import SpooledTable
 from rlm_dagster.sql.tables import TableSource
 from rlm_dagster.sql.warehouse import TableInfo, Warehouse
 
@@ -171,8 +172,9 @@ class RLMResult:
     sandbox: str = ""
     # Content fingerprints of the bound tables (what a data version is computed from).
     inputs: dict[str, str] = field(default_factory=dict)
-    # Every row the run's llm_where calls judged, with its verdict (Semantic.verdicts).
-    verdicts: pa.Table | None = None
+    # Every row the run's llm_where calls judged, with its verdict (Semantic.verdicts), in a
+    # file: read it with .reader() or .read_all(); .close() deletes it.
+    verdicts: SpooledTable | None = None
 
     @property
     def answer_text(self) -> str:

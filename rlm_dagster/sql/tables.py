@@ -101,9 +101,12 @@ class Written:
 class AnswerSink(Protocol):
     """Writes an asset's answer table."""
 
-    def write(self, key_path: Sequence[str], table: pa.Table, partition: str | None) -> Written:
+    def write(
+        self, key_path: Sequence[str], table: pa.Table | pa.RecordBatchReader, partition: str | None
+    ) -> Written:
         """Replace the answer table named by ``key_path`` (the asset key's path), or only the
-        rows of ``partition`` in it; one transaction."""
+        rows of ``partition`` in it; one transaction. ``table`` is in memory, or a stream of
+        record batches (a large result: read once, never held whole)."""
         ...
 
 
@@ -124,14 +127,15 @@ class DuckDBSink:
     def __init__(self, resource: DuckDBConnections) -> None:
         self.resource = resource
 
-    def write(self, key_path: Sequence[str], table: pa.Table, partition: str | None) -> Written:
+    def write(
+        self, key_path: Sequence[str], table: pa.Table | pa.RecordBatchReader, partition: str | None
+    ) -> Written:
         *schema_parts, name = key_path
         schema = schema_parts[-1] if schema_parts else "main"
         qualified = f"{quote_ident(schema)}.{quote_ident(name)}"
         if partition is not None:
-            table = table.append_column(
-                "_partition", pa.array([partition] * table.num_rows, pa.string())
-            )
+            table = _with_partition(table, partition)
+        empty = table.schema.empty_table()  # the columns, for a table that does not exist yet
         stack = ExitStack()
         try:
             con = stack.enter_context(self.resource.get_connection())
@@ -154,10 +158,11 @@ class DuckDBSink:
                         f"CREATE OR REPLACE TABLE {qualified} AS SELECT * FROM __rlm_answer"
                     )
                 else:
+                    con.register("__rlm_columns", empty)
                     con.execute(
-                        f"CREATE TABLE IF NOT EXISTS {qualified} AS "
-                        "SELECT * FROM __rlm_answer LIMIT 0"
+                        f"CREATE TABLE IF NOT EXISTS {qualified} AS SELECT * FROM __rlm_columns"
                     )
+                    con.unregister("__rlm_columns")
                     con.execute(f"DELETE FROM {qualified} WHERE _partition = ?", [partition])
                     con.execute(f"INSERT INTO {qualified} BY NAME SELECT * FROM __rlm_answer")
                 con.unregister("__rlm_answer")
@@ -173,3 +178,21 @@ class DuckDBSink:
                 con.execute("ROLLBACK")
                 raise
         return Written(f"{schema}.{name}", columns)
+
+
+def _with_partition(
+    table: pa.Table | pa.RecordBatchReader, partition: str
+) -> pa.Table | pa.RecordBatchReader:
+    """``table`` with a ``_partition`` column holding ``partition`` (a stream stays one)."""
+    if isinstance(table, pa.Table):
+        return table.append_column(
+            "_partition", pa.array([partition] * table.num_rows, pa.string())
+        )
+    schema = table.schema.append(pa.field("_partition", pa.string()))
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        for batch in table:
+            column = pa.array([partition] * batch.num_rows, pa.string())
+            yield pa.RecordBatch.from_arrays([*batch.columns, column], schema=schema)
+
+    return pa.RecordBatchReader.from_batches(schema, batches())
