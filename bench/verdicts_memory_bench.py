@@ -19,22 +19,20 @@ sink's connection is the user's ``DuckDBResource``, with its own memory limit).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import multiprocessing as mp
 import os
 import platform
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from datetime import date
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import pandas as pd
 import pyarrow as pa
+from dagster_duckdb import DuckDBResource
 from sqlglot import exp
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -72,21 +70,6 @@ def collect(sem: Semantic, stats: list[WhereStats]) -> pa.Table:
     return pa.concat_tables(parts)
 
 
-class Resource:
-    """What DuckDBSink needs of a dagster_duckdb.DuckDBResource: a file and connections."""
-
-    def __init__(self, database: str) -> None:
-        self.database = database
-
-    @contextlib.contextmanager
-    def get_connection(self) -> Iterator[Any]:
-        con = duckdb.connect(self.database)
-        try:
-            yield con
-        finally:
-            con.close()
-
-
 def rss_mb(field: str = "VmRSS:") -> float:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
@@ -108,7 +91,7 @@ def child(conn: Connection, plan: str, n: int, out: str) -> None:
         f.write("5")  # VmHWM := VmRSS: the peak from here on
     base = rss_mb()
     started = time.perf_counter()
-    sink = DuckDBSink(Resource(out))
+    sink = DuckDBSink(DuckDBResource(database=out))
     if plan == "collect":
         table = collect(sem, [stats])
         rows = table.num_rows

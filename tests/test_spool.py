@@ -3,12 +3,10 @@ batch at a time: SpooledTable, the sink's streamed writes, and the run's llm_whe
 
 from __future__ import annotations
 
-import contextlib
 import doctest
 import gc
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import duckdb
 import pandas as pd
@@ -16,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from dagster_duckdb import DuckDBResource
 
 import rlm_dagster.sql.spool as spool_module
 from rlm_dagster import Limits, Warehouse
@@ -77,24 +76,11 @@ def test_a_spooled_table_needs_a_batch_and_leaves_nothing_when_it_fails(tmp_path
     assert set(Path(tempfile.gettempdir()).glob("rlm-spool-*")) == before
 
 
-class _Resource:
-    def __init__(self, database: str) -> None:
-        self.database = database
-
-    @contextlib.contextmanager
-    def get_connection(self) -> Iterator[Any]:
-        con = duckdb.connect(self.database)
-        try:
-            yield con
-        finally:
-            con.close()
-
-
 def test_the_duckdb_sink_writes_a_stream_once_whole_or_by_partition(tmp_path: Path) -> None:
     """A stream is written without being collected, including a partitioned write (whose
     table is created from the stream's schema, not by reading it twice)."""
     database = str(tmp_path / "out.duckdb")
-    sink = DuckDBSink(_Resource(database))
+    sink = DuckDBSink(DuckDBResource(database=database))
     spooled = SpooledTable(_batches(3, 1_000))
     written = sink.write(["analytics", "whole"], spooled.reader(batch_rows=500), None)
     assert written.table == "analytics.whole" and written.columns["n"] == "BIGINT"
