@@ -1109,7 +1109,9 @@ class Semantic:
                 flush()
                 self._restage(job)
                 if job.batches:
-                    async for result in runner.astream(key, requests(), **options):
+                    # The function, not its requests: the runner reads them twice (bound
+                    # everything, then submit batch by batch), never holding them all.
+                    async for result in runner.astream(key, requests, **options):
                         take(result)
             finally:
                 if beat is not None:

@@ -375,6 +375,58 @@ def test_requests_are_split_by_count_size_and_model(
         assert by_model["s1"] == "claude-sonnet-4-5" and by_model["r8"] == MODEL
 
 
+class _Tracked(dict):  # type: ignore[type-arg]
+    """Request params that count how many of them are alive at once."""
+
+    alive = 0
+    peak = 0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _Tracked.alive += 1
+        _Tracked.peak = max(_Tracked.peak, _Tracked.alive)
+
+    def __del__(self) -> None:
+        _Tracked.alive -= 1
+
+
+def test_a_request_source_is_read_twice_and_never_held_whole(
+    make_lm: Callable[..., LM], runner_for: Callable[..., BatchRunner]
+) -> None:
+    """Given a function, the runner bounds every request first (a budget that cannot hold
+    the run still refuses it before anything is sent), then builds and submits the batches
+    one at a time: at most the batches being filled are in memory, not the run. A source
+    that gives other requests the second time is an error, not a silent mix."""
+    with FakeAnthropic(sub=echo, max_batch_requests=10) as fake:
+        lm = make_lm(fake)
+        calls = 0
+
+        def source() -> Any:
+            nonlocal calls
+            calls += 1
+            for i in range(95):
+                yield BatchRequest(f"r{i}", _Tracked(params(lm, f"q{i}")), f"row-{i}".encode())
+
+        _Tracked.alive = _Tracked.peak = 0
+        results = runner_for(lm, max_requests=10).run("stream", source)
+        assert calls == 2 and len(by_id(results)) == 95 and all(r.ok for r in results)
+        assert [len(b.custom_ids) for b in fake.batches] == [10] * 9 + [5]
+        assert _Tracked.peak <= 10 + 1  # a batch and the request being read; not all 95
+
+        with pytest.raises(BudgetExceeded):
+            runner_for(lm, max_requests=10).run(
+                "refused", source, meter=Budget(Limits(max_cost_usd=1e-9))
+            )
+        assert len(fake.batches) == 10  # nothing more was sent
+
+        shifting = iter(
+            [[("a", params(lm, "a")), ("b", params(lm, "b"))], [("a", params(lm, "a"))]]
+        )
+        with pytest.raises(ConfigError, match="changed between the two passes"):
+            runner_for(lm).run("shifting", lambda: next(shifting))
+        assert len(fake.batches) == 10
+
+
 def test_a_request_too_big_for_any_batch_is_an_error_and_not_sent(
     make_lm: Callable[..., LM], runner_for: Callable[..., BatchRunner]
 ) -> None:

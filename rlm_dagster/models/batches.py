@@ -40,7 +40,7 @@ import json
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, NamedTuple, Protocol, TypeVar, cast
@@ -204,6 +204,27 @@ class _Open:
     created: float | None = None  # time.time() of its creation, once known
 
 
+Requests = Iterable[BatchRequest | tuple[str, Mapping[str, Any]]]
+"""A run's requests: :class:`BatchRequest` or ``(custom_id, params)`` (blob empty)."""
+RequestSource = Requests | Callable[[], Requests]
+"""The requests, or a function that gives the same requests each time it is called (then
+they are read twice, never all held: see :meth:`BatchRunner.astream`)."""
+
+
+@dataclass
+class _Plan:
+    """What the first pass over a run's requests keeps: per request its custom_id and batch
+    (in order; -1: too big for any batch), its model and bound; per batch its model and size;
+    the oversized requests' blobs. Not the requests themselves."""
+
+    order: list[tuple[str, int]] = field(default_factory=list)
+    bounds: list[tuple[str, str, int, float | None]] = field(default_factory=list)
+    chunk_models: list[str] = field(default_factory=list)
+    chunk_sizes: list[int] = field(default_factory=list)
+    oversized: list[tuple[str, bytes]] = field(default_factory=list)
+    requests: int = 0  # all of them, oversized included
+
+
 class _Discard:
     """A meter that keeps nothing: the LM builds a completion, the runner meters it."""
 
@@ -264,7 +285,7 @@ class BatchRunner:
     def run(
         self,
         job: str,
-        requests: Iterable[BatchRequest | tuple[str, Mapping[str, Any]]],
+        requests: RequestSource,
         *,
         role: str = "sub",
         depth: int = 0,
@@ -328,7 +349,7 @@ class BatchRunner:
     async def astream(
         self,
         job: str,
-        requests: Iterable[BatchRequest | tuple[str, Mapping[str, Any]]],
+        requests: RequestSource,
         *,
         role: str = "sub",
         depth: int = 0,
@@ -345,7 +366,11 @@ class BatchRunner:
         :class:`ModelBadRequest` (ask it online). Before anything is submitted, the whole
         run's upper bound at the batch price is reserved with ``meter`` (one reservation per
         request, so each counts as a sub-call): a run that cannot fit raises
-        :class:`BudgetExceeded` and sends nothing. Each reservation is released once its
+        :class:`BudgetExceeded` and sends nothing. ``requests`` may be a function that gives
+        the same requests each time it is called: they are then read twice (first to check,
+        size, bound and assign each to a batch, keeping only those facts; then to submit each
+        batch as soon as it is complete), so memory holds the batches being filled, not the
+        whole run. An iterable is kept in a list instead. Each reservation is released once its
         result is recorded. Each batch is recorded in the store (``job``, its id, model, and
         each request's blob) right after the API made it, and finished once all its results
         were yielded.
@@ -360,9 +385,9 @@ class BatchRunner:
         ``model`` or ``max_tokens``, or if ``job`` still has recorded batches (call
         :meth:`aresume` first, so that nothing is paid twice)."""
         self._check_loop(role)
-        items = [BatchRequest(*item) for item in requests]
-        _check_requests(items)
-        if not items:
+        source = requests if callable(requests) else _replayable(requests)
+        plan = self._plan(source())
+        if not plan.requests:
             return
         recorded = self.store.open_batches(job)
         if recorded:
@@ -373,23 +398,22 @@ class BatchRunner:
                 "are not paid for twice."
             )
         meter = meter or _Unmetered(self.lm.accounting, self.lm.cache)
-        chunks, oversized = self._split(items)
         started = time.monotonic()
-        reservations = self._reserve(job, chunks, meter, role, depth)
+        reservations = self._reserve(job, plan, meter, role, depth)
         opened: list[_Open] = []
         try:
-            for request in oversized:
+            for custom_id, blob in plan.oversized:
                 yield BatchResult(
-                    request.custom_id,
+                    custom_id,
                     "",
-                    request.blob,
+                    blob,
                     error=ModelBadRequest(
-                        f"Request {request.custom_id} is larger than a message batch may be "
+                        f"Request {custom_id} is larger than a message batch may be "
                         f"({self.max_bytes:,} bytes); send it as an online request."
                     ),
                 )
-            total = sum(len(chunk) for _, chunk in chunks)
-            for model, chunk in chunks:
+            total = sum(plan.chunk_sizes)
+            for model, chunk in self._chunks(source(), plan):
                 if deadline is not None and time.monotonic() >= deadline:
                     if opened:
                         raise self._pending(job, opened)
@@ -412,6 +436,7 @@ class BatchRunner:
                 held = {r.custom_id: reservations.pop(r.custom_id) for r in chunk}
                 opened.append(_Open(batch.id, {r.custom_id: r.blob for r in chunk}, model, held))
                 self._report(on_progress, opened[-1], batch, 0, total, len(opened), started)
+                del chunk, body  # sent and recorded: not held while the next one is built
             async for result in self._drain(
                 job, opened, total, role, depth, meter, deadline, on_progress, started
             ):
@@ -471,61 +496,82 @@ class BatchRunner:
             raise ConfigError(f"role must be one of {ROLES}, not {role!r}")
         assert self.lm._aclient is not None, "iterate BatchRunner streams through LM.run_async"
 
-    def _split(
-        self, items: list[BatchRequest]
-    ) -> tuple[list[tuple[str, list[BatchRequest]]], list[BatchRequest]]:
-        """Batches of one model each within the limits (request order kept per model), and
-        the requests too big for any batch."""
-        by_model: dict[str, list[BatchRequest]] = {}
-        for item in items:
-            by_model.setdefault(str(item.params["model"]), []).append(item)
-        chunks: list[tuple[str, list[BatchRequest]]] = []
-        oversized: list[BatchRequest] = []
-        for model, group in by_model.items():
-            chunk: list[BatchRequest] = []
-            size = _ENVELOPE_BYTES
-            for item in group:
-                item_bytes = _request_bytes(item)
-                if _ENVELOPE_BYTES + item_bytes > self.max_bytes:
-                    oversized.append(item)
-                    continue
-                if chunk and (
-                    len(chunk) >= self.max_requests or size + item_bytes > self.max_bytes
-                ):
-                    chunks.append((model, chunk))
-                    chunk, size = [], _ENVELOPE_BYTES
-                chunk.append(item)
-                size += item_bytes
-            if chunk:
-                chunks.append((model, chunk))
-        return chunks, oversized
+    def _plan(self, requests: Requests) -> _Plan:
+        """The first pass over the requests: each is checked, sized and bounded, and assigned
+        to a batch of its model within the limits (request order kept per model); only these
+        facts are kept, not the requests."""
+        plan = _Plan()
+        seen: set[str] = set()
+        open_chunk: dict[str, tuple[int, int]] = {}  # model -> (chunk index, its bytes)
+        for raw in requests:
+            item = BatchRequest(*raw)
+            _check_request(item, seen)
+            plan.requests += 1
+            model = str(item.params["model"])
+            item_bytes = _request_bytes(item)
+            if _ENVELOPE_BYTES + item_bytes > self.max_bytes:
+                plan.oversized.append((item.custom_id, item.blob))
+                plan.order.append((item.custom_id, -1))
+                continue
+            index, size = open_chunk.get(model, (-1, 0))
+            if index < 0 or (
+                plan.chunk_sizes[index] >= self.max_requests or size + item_bytes > self.max_bytes
+            ):
+                index, size = len(plan.chunk_sizes), _ENVELOPE_BYTES
+                plan.chunk_sizes.append(0)
+                plan.chunk_models.append(model)
+            plan.chunk_sizes[index] += 1
+            open_chunk[model] = (index, size + item_bytes)
+            plan.order.append((item.custom_id, index))
+            tokens, usd = self.upper_bound(item.params)
+            plan.bounds.append((model, item.custom_id, tokens, usd))
+        return plan
+
+    def _chunks(self, requests: Requests, plan: _Plan) -> Iterator[tuple[str, list[BatchRequest]]]:
+        """The second pass: the requests again, each batch given as soon as its last request
+        is read, so memory holds the batches being filled (one per model), not the run."""
+        filling: dict[int, list[BatchRequest]] = {}
+        position = 0
+        for raw in requests:
+            item = BatchRequest(*raw)
+            if position >= len(plan.order) or plan.order[position][0] != item.custom_id:
+                raise ConfigError(
+                    "The batch requests changed between the two passes over them (request "
+                    f"{position}: {item.custom_id!r}); a request source must give the same "
+                    "requests each time it is called."
+                )
+            index = plan.order[position][1]
+            position += 1
+            if index < 0:
+                continue  # too big for any batch: already answered
+            chunk = filling.setdefault(index, [])
+            chunk.append(item)
+            if len(chunk) == plan.chunk_sizes[index]:
+                del filling[index]
+                yield plan.chunk_models[index], chunk
+        if position != len(plan.order) or filling:
+            raise ConfigError(
+                f"The batch requests changed between the two passes over them ({position:,} "
+                f"requests the second time, {len(plan.order):,} the first); a request source "
+                "must give the same requests each time it is called."
+            )
 
     def _reserve(
-        self,
-        job: str,
-        chunks: list[tuple[str, list[BatchRequest]]],
-        meter: Meter,
-        role: str,
-        depth: int,
+        self, job: str, plan: _Plan, meter: Meter, role: str, depth: int
     ) -> dict[str, Reservation]:
         """Reserve every request's upper bound at the batch price, all or nothing."""
-        bounds = [
-            (model, item.custom_id, *self.upper_bound(item.params))
-            for model, chunk in chunks
-            for item in chunk
-        ]
         held: dict[str, Reservation] = {}
         try:
-            for model, custom_id, tokens, usd in bounds:
+            for model, custom_id, tokens, usd in plan.bounds:
                 held[custom_id] = meter.reserve(
                     role=role, depth=depth, model=model, tokens=tokens, usd=usd
                 )
         except BudgetExceeded as err:
             for reservation in held.values():
                 reservation.release()
-            usd_total = sum(usd or 0.0 for *_, usd in bounds)
+            usd_total = sum(usd or 0.0 for *_, usd in plan.bounds)
             raise BudgetExceeded(
-                f"Message batches for {job!r} were not submitted: their {len(bounds):,} "
+                f"Message batches for {job!r} were not submitted: their {len(plan.bounds):,} "
                 f"requests can cost up to ${usd_total:.4f} at the batch price "
                 f"({BATCH_PRICE_FACTOR:.0%} of standard), and the budget refused it: {err}",
                 limit=err.limit,
@@ -774,25 +820,32 @@ class BatchRunner:
                 raise _model_error(err, model, lm.base_url) from err
 
 
-def _check_requests(items: list[BatchRequest]) -> None:
-    seen: set[str] = set()
-    for item in items:
-        if not isinstance(item.custom_id, str) or not CUSTOM_ID.match(item.custom_id):
-            raise ConfigError(
-                f"custom_id {item.custom_id!r} is not valid for a message batch: use 1-64 "
-                "letters, digits, '_' or '-'."
-            )
-        if item.custom_id in seen:
-            raise ConfigError(
-                f"custom_id {item.custom_id!r} is used twice; each request of a batch run "
-                "needs its own."
-            )
-        seen.add(item.custom_id)
-        if not isinstance(item.params.get("model"), str) or "max_tokens" not in item.params:
-            raise ConfigError(
-                f"Request {item.custom_id}: params need 'model' and 'max_tokens' (build them "
-                "with LM._request)."
-            )
+def _check_request(item: BatchRequest, seen: set[str]) -> None:
+    """One request of a run: a valid custom_id not ``seen`` before (added), and params with
+    a model and max_tokens."""
+    if not isinstance(item.custom_id, str) or not CUSTOM_ID.match(item.custom_id):
+        raise ConfigError(
+            f"custom_id {item.custom_id!r} is not valid for a message batch: use 1-64 "
+            "letters, digits, '_' or '-'."
+        )
+    if item.custom_id in seen:
+        raise ConfigError(
+            f"custom_id {item.custom_id!r} is used twice; each request of a batch run "
+            "needs its own."
+        )
+    seen.add(item.custom_id)
+    if not isinstance(item.params.get("model"), str) or "max_tokens" not in item.params:
+        raise ConfigError(
+            f"Request {item.custom_id}: params need 'model' and 'max_tokens' (build them "
+            "with LM._request)."
+        )
+
+
+def _replayable(requests: Requests) -> Callable[[], Requests]:
+    """A source that gives the same requests each time: ``requests`` kept in a list (a
+    caller that wants memory not to grow with the run passes a callable instead)."""
+    items = list(requests)
+    return lambda: items
 
 
 def _request_bytes(item: BatchRequest) -> int:
