@@ -486,3 +486,26 @@ def test_a_failing_prompt_stops_llm_query_batched_from_starting_the_rest() -> No
             sem.query_batched([f"prompt {i}" for i in range(200)])
         assert server.count("sub", include_faulted=True) < 10
         lm.close()
+
+
+def test_every_client_of_the_process_shares_one_verifying_tls_context(fake: FakeAnthropic) -> None:
+    """Building a TLS context loads the CA bundle (35-70 ms of CPU): the process builds one,
+    verifying certificates and host names, and each new LM's client uses it (reached through
+    httpx2's transport, which has no public accessor)."""
+    import ssl
+
+    from rlm_dagster.models.client import _ssl_context
+
+    context = _ssl_context()
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+    assert context.cert_store_stats()["x509_ca"] > 0  # the CA bundle is loaded
+    for _ in range(2):
+        lm = LM(api_key="k", base_url=fake.base_url, root_model="r", sub_model="s")
+        try:
+            lm.complete(
+                role="sub", model="s", system="s", messages=[{"role": "user", "content": "hi"}]
+            )
+            assert lm._aclient is not None
+            assert lm._aclient._client._transport._pool._ssl_context is context  # type: ignore[attr-defined]
+        finally:
+            lm.close()
