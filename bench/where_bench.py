@@ -144,9 +144,9 @@ class Measure:
 def lm_for(base_url: str) -> LM:
     """A client for one measurement, warmed by one request that is not measured: in a run,
     llm_where is called after the root's turns, through a client whose event loop, SDK
-    client and connection exist (a cold client costs 25-40 ms and the fake's first request
-    about 130 ms more, which would weigh on the 0.4 s bound of 1,000 rows). Both plans are
-    warmed alike."""
+    client and connection exist (a cold client costs a few ms, the process's first one
+    35-70 ms more for its TLS context, and the fake's first request about 130 ms, which
+    would weigh on the 0.4 s bound of 1,000 rows). Both plans are warmed alike."""
     lm = LM(
         api_key="bench",
         base_url=base_url,
