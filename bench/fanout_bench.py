@@ -13,7 +13,11 @@ limiter and the SDK's HTTP client). Both limiters run in this process, on the sa
 "old" is the ``AdaptiveLimiter`` this one replaced, kept below as :class:`OldLimiter` and
 swapped in with ``lm.limiter = OldLimiter(16)``; "new" is :class:`AdaptiveLimiter`. The old
 one wakes every waiting task on every release, so its CPU grows with the square of the
-queue; it is not run past ``OLD_MAX_PROMPTS``.
+queue; it is not run past ``OLD_MAX_PROMPTS``. Since ``query_batched`` pulls its prompts
+through a fixed pool of ``max_concurrency`` workers, at most that many tasks wait on the
+limiter, so the old one no longer shows that cost here: ``results/fanout_bench.txt`` was
+measured before the pool (its old rows are the old limiter under a gather of every prompt),
+``results/fanout_bench_quick.txt`` after it (both limiters now within a few points).
 
 Columns: requests sent (answered and faulted, as the fake counted them); wall s; "bound s" is
 the least wall time the fake allows, ``ceil(n / 16) x LATENCY_S`` for the n answered
