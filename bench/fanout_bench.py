@@ -237,7 +237,9 @@ def main() -> None:
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     lines += ["", f"peak RSS of the engine process: {peak_mb:,.0f} MB"]
     print(lines[-1])
-    RESULT.write_text("\n".join(lines) + "\n")
+    # A quick run does not overwrite the full table.
+    result = RESULT.with_name("fanout_bench_quick.txt") if args.quick else RESULT
+    result.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
