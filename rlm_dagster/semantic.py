@@ -179,7 +179,7 @@ _THINKING_TOKENS_PER_REQUEST = {
 }
 # Leases on llm_where work in the shared cache: held while judging, renewed every quarter of
 # their life, so a run that dies frees them within a minute (at once for a run on this host:
-# see _lease_holder_is_gone).
+# see _gone_holder_pid).
 _LEASE_TTL_S = 60.0
 _LEASE_POLL_S = 0.5
 # Room kept under a long-prompt price threshold for the tokenizer's variance from our estimate.
@@ -649,13 +649,14 @@ class Semantic:
         waited = False
         while not self.cache.try_lease(name, self._owner, _LEASE_TTL_S):
             holder = self.cache.lease_holder(name)
-            if holder is not None and _lease_holder_is_gone(holder):
+            gone = None if holder is None else _gone_holder_pid(holder)
+            if holder is not None and gone is not None:
                 self.cache.release_lease(name, holder)
                 self.on_event(
                     RunWarning(
-                        f"llm_where: the run that was judging these rows (process "
-                        f"{holder.split('|')[-2]} on this host) is gone; taking over its work "
-                        "(the verdicts it finished are in the cache, not paid again)"
+                        f"llm_where: the run that was judging these rows (process {gone} on "
+                        "this host) is gone; taking over its work (the verdicts it finished "
+                        "are in the cache, not paid again)"
                     )
                 )
                 continue
@@ -1635,24 +1636,25 @@ def _process_place() -> str:
 _PROCESS_PLACE = _process_place()
 
 
-def _lease_holder_is_gone(owner: str) -> bool:
-    """Whether a lease's owner (``host|boot/pid namespace|pid|nonce``) is a process known to no
-    longer exist: only for owners in this host's pid namespace; a live process, another host,
-    a process of another user or an unreadable owner counts as alive (the lease then expires
-    on its own). A reused pid makes a dead owner look alive, never the reverse."""
+def _gone_holder_pid(owner: str) -> int | None:
+    """The pid of a lease's owner (``host|boot/pid namespace|pid|nonce``) if it is a process
+    known to no longer exist, else None: only owners in this host's pid namespace can be
+    told; a live process, another host, a process of another user or an unreadable owner
+    counts as alive (the lease then expires on its own). A reused pid makes a dead owner
+    look alive, never the reverse."""
     place, _, rest = owner.rpartition("|")[0].rpartition("|")
     if place != _PROCESS_PLACE or place.endswith("|") or not rest.isdigit():
-        return False
+        return None
     pid = int(rest)
     if pid == os.getpid():
-        return False  # another call of this process: alive
+        return None  # another call of this process: alive
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return True
+        return pid
     except OSError:
-        return False
-    return False
+        return None
+    return None
 
 
 def _sql_string(text: str) -> str:

@@ -177,7 +177,8 @@ def build_rlm_asset(
             table = pa.table({"question": [args.question], "answer": [answer.text]})
         sink = translator.get_answer_sink(args, duckdb)
         verdicts = None
-        verdicts_head = None
+        verdicts_head: pa.Table | None = None
+        verdicts_rows = 0
         try:
             written = sink.write(key.path, table, partition)
             if result.verdicts is not None:
@@ -185,6 +186,7 @@ def build_rlm_asset(
                 verdicts_path = [*key.path[:-1], f"{key.path[-1]}_llm_where_verdicts"]
                 verdicts = sink.write(verdicts_path, result.verdicts.reader(), partition)
                 verdicts_head = result.verdicts.head(VERDICTS_PREVIEW_ROWS)
+                verdicts_rows = result.verdicts.num_rows
             # the whole trajectory, unclipped (the Markdown on the page clips long pieces)
             steps = result.trajectory_table()
             trajectory = sink.write(
@@ -211,10 +213,10 @@ def build_rlm_asset(
         metadata["rlm/answer"] = dg.MetadataValue.md(
             redact(_answer_markdown(answer.text, answer.form))
         )
-        if verdicts is not None and verdicts_head is not None and result.verdicts is not None:
+        if verdicts is not None and verdicts_head is not None:
             metadata["rlm/verdicts"] = verdicts_preview(verdicts_head)
             metadata["rlm/verdicts_table"] = (
-                f"{verdicts.table} ({result.verdicts.num_rows:,} rows: every row llm_where "
+                f"{verdicts.table} ({verdicts_rows:,} rows: every row llm_where "
                 "judged, with its verdict, reason, how it was decided and its cost share)"
             )
         metadata.update(translator.get_run_metadata(result))

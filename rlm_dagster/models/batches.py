@@ -222,7 +222,6 @@ class _Plan:
     chunk_models: list[str] = field(default_factory=list)
     chunk_sizes: list[int] = field(default_factory=list)
     oversized: list[tuple[str, bytes]] = field(default_factory=list)
-    requests: int = 0  # all of them, oversized included
 
 
 class _Discard:
@@ -387,7 +386,7 @@ class BatchRunner:
         self._check_loop(role)
         source = requests if callable(requests) else _replayable(requests)
         plan = self._plan(source())
-        if not plan.requests:
+        if not plan.order:
             return
         recorded = self.store.open_batches(job)
         if recorded:
@@ -506,7 +505,6 @@ class BatchRunner:
         for raw in requests:
             item = BatchRequest(*raw)
             _check_request(item, seen)
-            plan.requests += 1
             model = str(item.params["model"])
             item_bytes = _request_bytes(item)
             if _ENVELOPE_BYTES + item_bytes > self.max_bytes:

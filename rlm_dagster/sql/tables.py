@@ -135,7 +135,6 @@ class DuckDBSink:
         qualified = f"{quote_ident(schema)}.{quote_ident(name)}"
         if partition is not None:
             table = _with_partition(table, partition)
-        empty = table.schema.empty_table()  # the columns, for a table that does not exist yet
         stack = ExitStack()
         try:
             con = stack.enter_context(self.resource.get_connection())
@@ -158,7 +157,8 @@ class DuckDBSink:
                         f"CREATE OR REPLACE TABLE {qualified} AS SELECT * FROM __rlm_answer"
                     )
                 else:
-                    con.register("__rlm_columns", empty)
+                    # the columns, for a table that does not exist yet (a stream is read once)
+                    con.register("__rlm_columns", table.schema.empty_table())
                     con.execute(
                         f"CREATE TABLE IF NOT EXISTS {qualified} AS SELECT * FROM __rlm_columns"
                     )
