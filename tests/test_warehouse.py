@@ -134,6 +134,21 @@ def test_snapshot_releases_the_file_and_keeps_its_own_copy(tmp_path: Path) -> No
         wh.close()
 
 
+def test_the_private_copy_does_not_wait_for_the_disk(tmp_path: Path) -> None:
+    # The copy is scratch removed at close: a commit (every working-table statement of
+    # llm_where) need not fdatasync. The user's own database is only ever read.
+    path = _make_db(tmp_path / "live.duckdb")
+    for wh in (
+        Warehouse.snapshot(str(path), ["tickets"]),
+        Warehouse.from_frames({"t": pd.DataFrame({"x": [1]})}),
+    ):
+        try:
+            setting = wh.trusted_arrow("SELECT current_setting('fsync_mode') AS m").to_pydict()
+            assert setting == {"m": ["NONE"]}
+        finally:
+            wh.close()
+
+
 def test_snapshot_same_table_name_from_two_schemas_is_a_clear_error(tmp_path: Path) -> None:
     path = _make_db(tmp_path / "two.duckdb")
     con = duckdb.connect(str(path))

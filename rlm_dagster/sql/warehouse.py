@@ -367,6 +367,10 @@ def _open_database(
                 "max_temp_directory_size": f"{spill_limit_mb}MB",
                 "temp_directory": str(workdir / "spill"),
                 "threads": QUERY_THREADS,
+                # The file is this run's private scratch, removed at close and never reopened:
+                # a commit need not wait for the disk (a statement's fdatasync was most of
+                # what a small working-table statement cost).
+                "fsync_mode": "NONE",
             },
         )
     except BaseException:
