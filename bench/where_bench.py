@@ -12,18 +12,21 @@ contains ``MATCH``; the fake judges from the row's content only.
 
 Columns: requests and tokens as billed by the fake; wall time; rows/s; "% of bound" is the
 wall time the fake's latency and concurrency limit allow (see ``bound_s``) over the measured
-wall time; "CPU us/row" is this process's CPU time per input
-row (planning, dedupe, the SDK's HTTP client, parsing, result tables) and "engine us/row" the
-same pipeline's CPU time per row with an in-process instant model instead of HTTP (what the
-engine itself costs: planning, dedupe, packing, verdict parsing, cache, result tables);
-"floor s" is the wall time of the very request bodies llm_where sent, sent again by the bare
-SDK with exactly SERVER_LIMIT in flight and no engine (``transport_floor_s``): what the fake,
-the SDK and this machine allow for the workload; "(% of it)" is that floor over llm_where's
-wall time. "rerun req" is the requests of the same call repeated with the warm verdict cache. The rlm
-row is the median (by wall time) of ``REPEATS[N]`` runs (5 at 1k, 3 at 10k, 1 at 100k). Each
-measurement's client is warmed by one unmeasured request first (see ``lm_for``). The naive plan at 100k rows runs on the
-first 10k rows and its wall time is scaled by 10 (marked "est."); its requests and tokens
-scale exactly.
+wall time; "floor s" is the wall time of the very request bodies llm_where sent, sent again
+by the bare SDK with exactly SERVER_LIMIT in flight and no engine (``transport_floor_s``):
+what the fake, the SDK and this machine allow for the workload; "(% of it)" is that floor
+over llm_where's wall time; "before/after ms" is the engine's time on the call's critical
+path: from the call to its first request (input staging, dedupe, cache lookup, packing,
+plan) and from its last answer to the call's return (verdict tables, provenance, matches);
+"CPU us/row" is this process's CPU time per input row (planning, dedupe, the SDK's HTTP
+client, parsing, result tables) and "engine us/row" the same pipeline's CPU time per row
+with an in-process instant model instead of HTTP (what the engine itself costs: planning,
+dedupe, packing, verdict parsing, cache, result tables); "rerun req" is the requests of
+the same call repeated with the warm verdict cache. The rlm row is the median (by wall
+time) of ``REPEATS[N]`` runs (5 at 1k, 3 at 10k, 1 at 100k). Each measurement's client is
+warmed by one unmeasured request first (see ``lm_for``). The naive plan at 100k rows runs
+on the first 10k rows and its wall time is scaled by 10 (marked "est."); its requests and
+tokens scale exactly.
 """
 
 from __future__ import annotations
@@ -134,6 +137,8 @@ class Measure:
     rerun_requests: int | None = None
     engine_cpu_s: float | None = None
     floor_s: float | None = None
+    # the engine's time before the first send and after the last answer
+    edges_s: tuple[float, float] | None = None
     scaled: float = 1.0
 
     @property
@@ -230,20 +235,27 @@ def bound_s(lm: LM) -> float:
     return max(sum(latencies) / SERVER_LIMIT, max(latencies), waves * min(latencies))
 
 
-def record_requests(lm: LM) -> list[dict[str, Any]]:
-    """The request bodies ``lm`` gets answers to from now on (a 429'd attempt is not one)."""
+def record_requests(lm: LM) -> tuple[list[dict[str, Any]], list[float]]:
+    """The request bodies ``lm`` gets answers to from now on (a 429'd attempt is not one),
+    and when the first attempt was sent and the last one answered (perf_counter seconds)."""
     client = lm._aclient
     assert client is not None, "warm the LM first (lm_for does)"
     create = client.messages.create
     answered: list[dict[str, Any]] = []
+    edges: list[float] = []
 
     async def recording(**kwargs: Any) -> Any:
-        message = await create(**kwargs)
+        if not edges:
+            edges.append(time.perf_counter())
+        try:
+            message = await create(**kwargs)
+        finally:
+            edges[1:] = [time.perf_counter()]
         answered.append(kwargs)
         return message
 
     client.messages.create = recording  # type: ignore[method-assign]
-    return answered
+    return answered, edges
 
 
 def transport_floor_s(base_url: str, bodies: list[dict[str, Any]]) -> float:
@@ -282,10 +294,11 @@ def run_ours(base_url: str, frame: pd.DataFrame, cache_dir: Path) -> Measure:
     cache = Cache(cache_dir / f"bench-{time.monotonic_ns()}.sqlite3")
     limits = Limits(max_sub_calls=10_000_000, max_cost_usd=None)
     sem = Semantic(lm, wh, Budget(limits, lm.accounting), cache=cache)
-    bodies = record_requests(lm)
+    bodies, edges = record_requests(lm)
     cpu0, t0 = time.process_time(), time.perf_counter()
     info, _, stats = sem.where("t", PREDICATE, columns=["text"])
-    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    t1 = time.perf_counter()
+    wall, cpu = t1 - t0, time.process_time() - cpu0
     matches = frozenset(wh.query(f"SELECT id FROM {info.name}", max_rows=10**7).to_pydict()["id"])
     usage = lm.accounting.usage
     measure = Measure(
@@ -301,6 +314,7 @@ def run_ours(base_url: str, frame: pd.DataFrame, cache_dir: Path) -> Measure:
     _, _, rerun = Semantic(lm, wh, Budget(limits, lm.accounting), cache=cache).where(
         "t", PREDICATE, columns=["text"]
     )
+    measure.edges_s = (edges[0] - t0, t1 - edges[1])
     measure.rerun_requests = rerun.requests
     measure.engine_cpu_s = engine_cpu_s(frame)
     measure.floor_s = transport_floor_s(base_url, bodies)
@@ -370,10 +384,11 @@ def row(n: int, dup: float, sel: float, plan: str, m: Measure) -> str:
     rerun = "" if m.rerun_requests is None else f"{m.rerun_requests:,}"
     engine = "" if m.engine_cpu_s is None else f"{1e6 * m.engine_cpu_s / m.rows:,.1f}"
     floor = "" if m.floor_s is None else f"{m.floor_s:.2f} ({100 * m.floor_s / wall:.0f}%)"
+    edges = "" if m.edges_s is None else f"{1e3 * m.edges_s[0]:.0f} / {1e3 * m.edges_s[1]:.0f}"
     return (
         f"| {n:>7,} | {dup:>4.0%} | {sel:>4.0%} | {plan:<9} | {m.requests:>8,} | {m.input_tokens:>11,} | "
         f"{m.output_tokens:>10,} | {wall:>7.1f}{est:<5} | {m.rows / wall:>8,.0f} | {pct:>5.0f}% | "
-        f"{floor:>12} | {1e6 * m.cpu_s / (m.rows / m.scaled):>7,.0f} | {engine:>6} | {rerun:>9} |"
+        f"{floor:>12} | {edges:>9} | {1e6 * m.cpu_s / (m.rows / m.scaled):>7,.0f} | {engine:>6} | {rerun:>9} |"
     )
 
 
@@ -389,9 +404,9 @@ def main() -> None:
     )
     print(
         "|       N |  dup |  sel | plan      | requests | input tokens | output tok | wall s       |   rows/s | "
-        "bound | floor s (% of it) | CPU us/row | engine us/row | rerun req |"
+        "bound | floor s (% of it) | before/after ms | CPU us/row | engine us/row | rerun req |"
     )
-    print("|" + "---|" * 14)
+    print("|" + "---|" * 15)
     server = Server()
     clean: frozenset[int] = frozenset()
     with tempfile.TemporaryDirectory() as tmp:
