@@ -462,6 +462,29 @@ def test_working_tables_are_unreachable_and_dropped_after_success_and_failure(
     wh.close()
 
 
+def test_a_large_call_joins_its_verdicts_within_a_small_memory_limit(make_lm: MakeLM) -> None:
+    """The verdicts reach the rows through one table of distinct values: 400,000 rows with
+    100,000 distinct values are judged and joined back inside a 64 MB engine memory limit.
+    (Joining the rows to the values, the cached and the judged verdicts in one pipeline held
+    three hash tables at once and ran out of memory here, as at 10M rows and 512 MB.)"""
+    n, distinct = 400_000, 100_000
+    rng = random.Random(3)
+    values = [rng.randrange(distinct) for _ in range(n)]
+    frame = pd.DataFrame(
+        {"id": range(n), "text": [f"ticket {v} lorem ipsum dolor lorem ipsum" for v in values]}
+    )
+    wh = Warehouse.from_frames({"t": frame}, memory_limit_mb=64)
+    hit = lambda text: int(text.split()[1]) % 10 == 7  # noqa: E731
+    with FakeAnthropic(where=lambda p, r: (hit(r["text"]), "ends in 7")) as fake:
+        limits = Limits(max_cost_usd=None)
+        sem = semantic(make_lm(fake), wh, None, limits, batch_rows=500, batch_tokens=60_000)
+        info, prov, stats = sem.where("t", "ends in 7", columns=["text"])
+    assert stats.distinct == len(set(values)) and stats.failed == 0
+    assert prov.rows == n
+    assert info.rows == stats.matches == sum(1 for v in values if v % 10 == 7)
+    wh.close()
+
+
 def test_matches_and_provenance_keep_the_input_order(make_lm: MakeLM) -> None:
     """The results follow the input's row order, not the order values were judged in (key
     order) or answered in, nor the order of the engine's parallel join (the input spans
