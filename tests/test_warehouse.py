@@ -149,6 +149,24 @@ def test_the_private_copy_does_not_wait_for_the_disk(tmp_path: Path) -> None:
             wh.close()
 
 
+@pytest.mark.parametrize("method", ["trusted_execute", "trusted_arrow", "trusted_batches"])
+def test_host_sql_out_of_memory_is_a_query_error_naming_the_limit(method: str) -> None:
+    # llm_where's staging and result tables are host-built SQL: past the engine's memory
+    # limit they fail with what to change, not with DuckDB's own exception.
+    wh = Warehouse.from_frames({"t": pd.DataFrame({"x": [1]})}, memory_limit_mb=64)
+    select = "SELECT list(repeat('x', 100)) AS l FROM range(2000000)"
+    run = {
+        "trusted_execute": lambda: wh.trusted_execute(f"CREATE TABLE __x AS {select}"),
+        "trusted_arrow": lambda: wh.trusted_arrow(select),
+        "trusted_batches": lambda: list(wh.trusted_batches(select)),
+    }[method]
+    try:
+        with pytest.raises(QueryError, match=r"ran out of memory.*duckdb_memory_limit_mb"):
+            run()
+    finally:
+        wh.close()
+
+
 def test_snapshot_same_table_name_from_two_schemas_is_a_clear_error(tmp_path: Path) -> None:
     path = _make_db(tmp_path / "two.duckdb")
     con = duckdb.connect(str(path))

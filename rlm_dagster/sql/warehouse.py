@@ -256,7 +256,7 @@ class Warehouse:
 
     def trusted_arrow(self, sql: str) -> pa.Table:
         """Run host-built SQL (no policy): for engines that compose their own queries."""
-        with self._lock:
+        with self._lock, self._host_errors():
             return self._con.sql(sql).to_arrow_table()
 
     def trusted_columns(self, sql: str) -> list[str]:
@@ -326,14 +326,31 @@ class Warehouse:
     def _cursor(self) -> Iterator[duckdb.DuckDBPyConnection]:
         cur = self._con.cursor()
         try:
-            yield cur
+            with self._host_errors():
+                yield cur
         finally:
             cur.close()
+
+    @contextmanager
+    def _host_errors(self) -> Iterator[None]:
+        """Host-built SQL running out of the engine's memory is a :class:`QueryError` that
+        names the limit and what to change, not DuckDB's own exception."""
+        try:
+            yield
+        except duckdb.OutOfMemoryException as err:
+            limit = self._con.sql("SELECT current_setting('memory_limit')").fetchall()[0][0]
+            raise QueryError(
+                f"DuckDB ran out of memory in a query rlm_dagster built (llm_where's working "
+                f"or result tables, or a verdicts export) under its {limit} limit: "
+                f"{str(err).strip().splitlines()[0]}. Raise duckdb_memory_limit_mb on the RLM resource "
+                "(memory_limit_mb= on a Warehouse), or judge fewer rows or columns at once "
+                "(where=, columns=)."
+            ) from None
 
     def create_scratch_from(self, prefix: str, query: str, *, name: str | None = None) -> TableInfo:
         """Store the result of the host-built ``query`` as a new scratch table, inside DuckDB
         (nothing passes through Python, whatever its size)."""
-        with self._lock:
+        with self._lock, self._host_errors():
             name = self._scratch_name(prefix, name)
             self._con.execute(f"CREATE TABLE {quote_ident(name)} AS {query}")
             return self._register(name, scratch=True)
