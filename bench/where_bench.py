@@ -2,6 +2,7 @@
 
     python bench/where_bench.py            # N = 1k, 10k, 100k (about 10 minutes on 2 cores)
     python bench/where_bench.py --quick    # N = 1k, 10k
+    python bench/where_bench.py --sweep    # by number of requests: 12 ... 1,000 (about 4 minutes)
 
 Both plans run in this process, one after the other, against the same fake Messages API,
 which runs in a separate process so that this process's CPU time is the engine's own. The
@@ -392,10 +393,52 @@ def row(n: int, dup: float, sel: float, plan: str, m: Measure) -> str:
     )
 
 
+SWEEP = [480, 1_000, 2_000, 4_000, 10_000, 40_000]  # distinct rows: 12 ... 1,000 requests
+
+
+def sweep() -> None:
+    """llm_where by the number of requests it sends (distinct rows, 5% matching), each
+    against the fake's bound and the bare SDK's floor for the same bodies: where the engine's
+    fixed cost (the before/after ms) and the transport's weigh, and from where on neither does."""
+    print(
+        f"fake server: {FIXED_S * 1000:.0f} ms + {PER_TOKEN_S * 1e6:.0f} us/output token per "
+        f"request, 429 above {SERVER_LIMIT} in flight; LM max_concurrency {LM_LIMIT}; distinct "
+        "rows, 5% matching; median of 5 runs (3 from 250 requests on)\n"
+    )
+    print(
+        "|    rows | requests | bound s | floor s (% of bound) | wall s | % of bound | "
+        "% of floor | before/after ms |"
+    )
+    print("|" + "---|" * 8)
+    server = Server()
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in SWEEP:
+            frame = make_rows(n, 0.0, 0.05)
+            runs = [
+                run_ours(server.base_url, frame, Path(tmp)) for _ in range(5 if n < 10_000 else 3)
+            ]
+            m = sorted(runs, key=lambda r: r.wall_s)[len(runs) // 2]
+            assert m.floor_s is not None and m.edges_s is not None
+            print(
+                f"| {n:>7,} | {m.requests:>8,} | {m.bound_s:>7.2f} | "
+                f"{m.floor_s:>7.2f} ({100 * m.bound_s / m.floor_s:>3.0f}%) | {m.wall_s:>6.2f} | "
+                f"{100 * m.bound_s / m.wall_s:>9.0f}% | {100 * m.floor_s / m.wall_s:>9.0f}% | "
+                f"{1e3 * m.edges_s[0]:>5.0f} / {1e3 * m.edges_s[1]:<5.0f} |",
+                flush=True,
+            )
+    server.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="N = 1k and 10k only")
+    parser.add_argument(
+        "--sweep", action="store_true", help="by number of requests (12 ... 1,000), rlm only"
+    )
     args = parser.parse_args()
+    if args.sweep:
+        sweep()
+        return
     sizes = [1_000, 10_000] if args.quick else [1_000, 10_000, 100_000]
     print(
         f"fake server: {FIXED_S * 1000:.0f} ms + {PER_TOKEN_S * 1e6:.0f} us/output token per request, "
