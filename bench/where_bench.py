@@ -325,6 +325,14 @@ def run_ours(base_url: str, frame: pd.DataFrame, cache_dir: Path) -> Measure:
     return measure
 
 
+def median_run(base_url: str, frame: pd.DataFrame, cache_dir: Path, repeats: int) -> Measure:
+    """The median (by wall time) of ``repeats`` runs of llm_where, each checked to find the
+    same matches as the first."""
+    runs = [run_ours(base_url, frame, cache_dir) for _ in range(repeats)]
+    assert all(m.matches == runs[0].matches for m in runs), "runs differ"
+    return sorted(runs, key=lambda m: m.wall_s)[len(runs) // 2]
+
+
 def run_naive(base_url: str, frame: pd.DataFrame) -> Measure:
     """One request per row, every row, no cache: the default plan of LOTUS and FlockMTL."""
     import asyncio
@@ -414,10 +422,7 @@ def sweep() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for n in SWEEP:
             frame = make_rows(n, 0.0, 0.05)
-            runs = [
-                run_ours(server.base_url, frame, Path(tmp)) for _ in range(5 if n < 10_000 else 3)
-            ]
-            m = sorted(runs, key=lambda r: r.wall_s)[len(runs) // 2]
+            m = median_run(server.base_url, frame, Path(tmp), 5 if n < 10_000 else 3)
             assert m.floor_s is not None and m.edges_s is not None
             print(
                 f"| {n:>7,} | {m.requests:>8,} | {m.bound_s:>7.2f} | "
@@ -464,12 +469,8 @@ def main() -> None:
                     )
                     # Run-to-run noise is 50-100 ms, more than a tenth of a call of a few
                     # waves: the median of REPEATS[n] runs (by wall time) is reported.
-                    runs = [
-                        run_ours(server.base_url, frame, Path(tmp))
-                        for _ in range(REPEATS.get(n, 1))
-                    ]
-                    ours = sorted(runs, key=lambda m: m.wall_s)[len(runs) // 2]
-                    assert all(m.matches == truth for m in runs), "rlm_dagster result differs"
+                    ours = median_run(server.base_url, frame, Path(tmp), REPEATS.get(n, 1))
+                    assert ours.matches == truth, "rlm_dagster result differs"
                     print(row(n, dup, sel, "rlm", ours), flush=True)
                     naive = run_naive(server.base_url, frame)
                     naive_truth = frozenset(i for i in truth if i < NAIVE_MAX_ROWS)
